@@ -1,0 +1,47 @@
+"""Named taps on intermediate MLX tensors.
+
+Our MLX code calls ``tap("layer/name", x)`` at every point worth comparing. With no recorder
+installed, a tap is one attribute lookup and returns ``x`` untouched, so production runs pay
+nothing. A recorder (see ``parity.capture``) receives each tapped tensor in execution order.
+A tap never changes the value flowing through the model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+_recorder: Callable[[str, Any], None] | None = None
+_prefix: list[str] = []
+
+
+def tap(name: str, x: Any) -> Any:
+    """Hand ``x`` to the active recorder under ``name`` (prefixed by any active scopes); return ``x``."""
+    if _recorder is not None:
+        _recorder("/".join([*_prefix, name]), x)
+    return x
+
+
+def recording() -> bool:
+    """True when a recorder is installed (lets callers skip work done only for taps)."""
+    return _recorder is not None
+
+
+@contextmanager
+def tap_scope(name: str) -> Iterator[None]:
+    """Prefix every tap inside the block with ``name/`` (e.g. ``chunk1``)."""
+    _prefix.append(name)
+    try:
+        yield
+    finally:
+        _prefix.pop()
+
+
+@contextmanager
+def recorder(callback: Callable[[str, Any], None]) -> Iterator[None]:
+    """Install ``callback(name, tensor)`` as the recorder for the duration of the block."""
+    global _recorder
+    previous, _recorder = _recorder, callback
+    try:
+        yield
+    finally:
+        _recorder = previous

@@ -1,0 +1,161 @@
+"""Align two captures by layer name, compute metrics, and judge each layer.
+
+The result lists layers in the reference's execution order; the first failing one is the
+*first divergence*. A layer present on one side only, a shape mismatch, a NaN/Inf, or a
+comparison with nothing in it is a failure, never a skip.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from parity.capture import Capture
+from parity.component import Section
+from parity.metrics import precision_budget, tensor_metrics
+from parity.thresholds import Thresholds, Tolerance
+
+PASS, FAIL = "PASS", "FAIL"
+
+
+@dataclass
+class LayerResult:
+    name: str
+    mlx_name: str
+    verdict: str
+    reasons: list[str]
+    metrics: dict[str, Any]
+    shape_ref: tuple[int, ...] | None = None
+    shape_mlx: tuple[int, ...] | None = None
+    dtype_ref: str | None = None
+    dtype_mlx: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """A flat dict for JSON/CSV reports."""
+        return {
+            "layer": self.name,
+            "mlx_layer": self.mlx_name,
+            "verdict": self.verdict,
+            "reasons": "; ".join(self.reasons),
+            "shape_ref": list(self.shape_ref) if self.shape_ref is not None else None,
+            "shape_mlx": list(self.shape_mlx) if self.shape_mlx is not None else None,
+            "dtype_ref": self.dtype_ref,
+            "dtype_mlx": self.dtype_mlx,
+            **self.metrics,
+        }
+
+
+@dataclass
+class Comparison:
+    component: str
+    dtype: str
+    layers: list[LayerResult]
+    sections: list[Section] = field(default_factory=list)
+
+    @property
+    def first_divergence(self) -> str | None:
+        for layer in self.layers:
+            if layer.verdict == FAIL:
+                return layer.name
+        for section in self.sections:
+            if section.passed is False:
+                return section.failing or f"section:{section.name}"
+        return None
+
+    @property
+    def verdict(self) -> str:
+        if not self.layers:
+            return FAIL  # a comparison of nothing must never pass
+        return FAIL if self.first_divergence is not None else PASS
+
+    @property
+    def worst(self) -> LayerResult | None:
+        """The layer with the lowest cosine (failing layers first)."""
+        compared = [l for l in self.layers if "cosine" in l.metrics]
+        if not compared:
+            return None
+        return min(compared, key=lambda l: (l.verdict == PASS, _finite(l.metrics["cosine"])))
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def compare(
+    component: str,
+    dtype: str,
+    ref: Capture,
+    mlx: Capture,
+    thresholds: Thresholds,
+    alignment: dict[str, str] | None = None,
+    truth: Capture | None = None,
+) -> Comparison:
+    """Compare every reference layer with its aligned MLX layer (``alignment``: ref -> mlx name)."""
+    alignment = alignment or {}
+    layers = []
+    matched_mlx = set()
+    for name in ref.order:
+        mlx_name = alignment.get(name, name)
+        tol = thresholds.for_layer(component, dtype, name)
+        exact = thresholds.for_layer(component, "float32", name) if dtype != "float32" else None
+        if mlx_name not in mlx:
+            layers.append(LayerResult(name, mlx_name, FAIL, ["missing on the MLX side"], {},
+                                      ref.shapes[name], None, ref.dtypes[name], None))
+            continue
+        matched_mlx.add(mlx_name)
+        layers.append(_judge(name, mlx_name, ref, mlx, truth, tol, exact))
+    for mlx_name in mlx.order:
+        if mlx_name not in matched_mlx:
+            layers.append(LayerResult(mlx_name, mlx_name, FAIL, ["missing on the reference side"], {},
+                                      None, mlx.shapes[mlx_name], None, mlx.dtypes[mlx_name]))
+    return Comparison(component, dtype, layers)
+
+
+def _judge(name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture | None, tol: Tolerance,
+           exact: Tolerance | None = None) -> LayerResult:
+    """Judge one layer. ``exact`` (the float32 tolerance, in reduced-precision runs) excuses the
+    precision budget when we agree with the reference to float32 precision anyway: then no
+    precision is lost on our side, whatever the budget ratio says (e.g. a layer the reference
+    computes in float32 even in a bf16 run, where its own error against float64 is ~0)."""
+    result = LayerResult(name, mlx_name, PASS, [], {}, ref.shapes[name], mlx.shapes[mlx_name],
+                         ref.dtypes[name], mlx.dtypes[mlx_name])
+    if result.shape_ref != result.shape_mlx:
+        result.verdict = FAIL
+        result.reasons.append(f"shape mismatch: reference {result.shape_ref} vs MLX {result.shape_mlx}")
+        return result
+    a, b = ref[name], mlx[mlx_name]
+    m = tensor_metrics(a, b)
+    result.metrics = m
+    reasons = result.reasons
+    if m["nan_ref"] or m["inf_ref"]:
+        reasons.append(f"reference has {m['nan_ref']} NaN / {m['inf_ref']} Inf")
+    if m["nan_mlx"] or m["inf_mlx"]:
+        reasons.append(f"MLX has {m['nan_mlx']} NaN / {m['inf_mlx']} Inf")
+    if truth is not None and name not in truth:
+        reasons.append("missing in the float64 truth run")
+    elif truth is not None:
+        m.update(precision_budget(truth[name], a, b))
+        over_budget = tol.budget_ratio is not None and not m["budget_ratio"] <= tol.budget_ratio
+        if over_budget and not (exact is not None and _within(m, exact)):
+            reasons.append(f"precision budget {m['budget_ratio']:.3g} > {tol.budget_ratio:g} "
+                           f"(our error {m['err_vs_truth']:.3g} vs reference's {m['ref_err_vs_truth']:.3g})")
+    if tol.atol is not None or tol.rtol is not None:
+        m["abs_limit"] = _abs_limit(m, tol)
+        if not _within(m, tol):
+            reasons.append(f"max abs {m['max_abs']:.3g} > {m['abs_limit']:.3g}")
+    if tol.cosine_min is not None and not m["cosine"] >= tol.cosine_min:
+        reasons.append(f"cosine {m['cosine']:.6f} < {tol.cosine_min}")
+    if tol.max_rel is not None and not m["max_rel"] <= tol.max_rel:
+        reasons.append(f"max rel {m['max_rel']:.3g} > {tol.max_rel:g}")
+    if reasons:
+        result.verdict = FAIL
+    return result
+
+
+def _abs_limit(metrics: dict[str, Any], tol: Tolerance) -> float:
+    return (tol.atol or 0.0) + (tol.rtol or 0.0) * metrics["ref_max_abs"]
+
+
+def _within(metrics: dict[str, Any], tol: Tolerance) -> bool:
+    """max_abs <= atol + rtol * max|ref| (an allclose scaled by the tensor's magnitude)."""
+    return metrics["max_abs"] <= _abs_limit(metrics, tol)

@@ -1,0 +1,1 @@
+"""Registered components: each module here defines ``COMPONENT`` (see ``parity.component``)."""

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures and assertions for running parity comparisons inside a test suite."""

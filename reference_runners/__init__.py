@@ -1,0 +1,1 @@
+"""PyTorch references built on the real diffusers modules (code nobody here wrote)."""
