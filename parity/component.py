@@ -131,11 +131,12 @@ class Component(ABC):
         """
         import torch
 
-        module = copy.deepcopy(reference).to(getattr(torch, dtype))
-        if dtype == "bfloat16" and self.keep_fp32_modules:
-            for name, param in module.named_parameters():
-                if any(keep in name.split(".") for keep in self.keep_fp32_modules):
-                    param.data = param.data.float()
+        module = copy.deepcopy(reference)
+        target = getattr(torch, dtype)
+        keep = self.keep_fp32_modules if dtype == "bfloat16" else ()
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+                tensor.data = tensor.data.to(target)
         return module
 
     @abstractmethod

@@ -1,0 +1,86 @@
+"""Time embedding: Helios' sinusoid -> TimestepEmbedding -> SiLU -> projection, text projection, t=0 history embedding."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from fixtures.inputs import normal
+from parity.capture import Capture, capture_mlx
+from parity.component import Component
+from parity.weights import read_config, select_prefix, strict_load
+
+PREFIX = "condition_embedder."
+
+
+class TimeEmbeddingComponent(Component):
+    name = "time_embedding"
+    description = "HeliosTimeTextEmbedding inside HeliosTransformer3DModel: timestep, t=0 history and text embeddings"
+    weights_prefix = PREFIX
+    keep_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
+
+    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
+        """The tiny default; a given diffusers transformer ``config.json`` replaces its ``transformer`` part."""
+        config = super().load_config()
+        if path:
+            config["transformer"] = {k: v for k, v in read_config(path).items() if not k.startswith("_")}
+        return config
+
+    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+        t = config["transformer"]
+        batch = len(config["timesteps"])
+        latent_shape = (batch, t["in_channels"], config["latent_frames"], config["latent_height"], config["latent_width"])
+        return {
+            "timesteps": np.asarray(config["timesteps"], dtype=np.float32),
+            "text": normal(seed, "time_embedding/text", (batch, config["text_len"], t["text_dim"])),
+            "latents": normal(seed, "time_embedding/latents", latent_shape),
+        }
+
+    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+        from reference_runners import time_embedding as reference
+
+        return reference.build(config["transformer"], seed)
+
+    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+        """The transformer with the checkpoint's condition-embedder weights loaded strictly (the rest unused here)."""
+        import torch
+
+        model = self.build_reference(config, seed=0)
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+        model.condition_embedder.load_state_dict(state, strict=True)
+        return model
+
+    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
+        return select_prefix(super().reference_weights(reference), PREFIX)
+
+    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+        import torch
+
+        from reference_runners import time_embedding as ref_runner
+
+        ref_runner.run(reference, inputs, getattr(torch, dtype), capture)
+
+    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
+        from mlx_impl.time_embedding import TimeTextEmbedding
+
+        t = config["transformer"]
+        dim = t["num_attention_heads"] * t["attention_head_dim"]
+        model = TimeTextEmbedding(dim, t["freq_dim"], 6 * dim, t["text_dim"])
+        strict_load(model, weights, dtype=getattr(mx, dtype), keep_float32=("time_embedder",))
+        return model
+
+    def run_mlx(self, model: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+        from mlx_impl.taps import tap_scope
+
+        mx_dtype = getattr(mx, dtype)
+        with capture_mlx(capture):
+            with tap_scope("t0"):
+                model.history_t0(mx_dtype)
+            with tap_scope("main"):
+                model.embed_time(mx.array(inputs["timesteps"]), mx_dtype)
+                model.embed_text(mx.array(inputs["text"]).astype(mx_dtype))
+
+
+COMPONENT = TimeEmbeddingComponent()

@@ -1,0 +1,77 @@
+"""Metrics on inputs whose answers are known."""
+import math
+
+import numpy as np
+import pytest
+
+from parity import metrics
+from parity.metrics import precision_budget, tensor_metrics
+
+
+def _x(n=1000, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def test_identical_tensors():
+    x = _x()
+    m = tensor_metrics(x, x.copy())
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-15)
+    assert m["max_abs"] == m["max_rel"] == m["mean_abs"] == m["rmse"] == 0.0
+    assert m["snr_db"] == math.inf
+
+
+def test_sign_flip():
+    x = _x()
+    m = tensor_metrics(x, -x)
+    assert m["cosine"] == pytest.approx(-1.0)
+    assert m["max_abs"] == pytest.approx(2 * np.abs(x).max())
+    assert m["snr_db"] == pytest.approx(10 * math.log10(1 / 4))
+
+
+def test_scaled_tensor():
+    x = _x()
+    m = tensor_metrics(x, 1.01 * x)
+    assert m["cosine"] == pytest.approx(1.0)  # cosine is blind to scale...
+    assert m["max_rel"] == pytest.approx(0.01, rel=1e-3)  # ...the relative error is not
+    assert m["snr_db"] == pytest.approx(40.0, abs=0.01)
+
+
+def test_nan_and_inf_are_counted_per_side_and_left_out_of_sums():
+    x = _x()
+    y = x.copy()
+    y[3], y[7] = np.nan, np.inf
+    m = tensor_metrics(x, y)
+    assert (m["nan_mlx"], m["inf_mlx"], m["nan_ref"], m["inf_ref"]) == (1, 1, 0, 0)
+    assert m["max_abs"] == 0.0
+
+
+def test_zeros():
+    z = np.zeros(10, np.float32)
+    assert tensor_metrics(z, z)["cosine"] == 1.0
+    m = tensor_metrics(z, np.full(10, 1e-3, np.float32))
+    assert m["cosine"] == 0.0
+    assert math.isfinite(m["max_rel"])  # the floor keeps a zero reference from exploding
+    assert m["snr_db"] == -math.inf
+
+
+def test_chunked_equals_single_pass(monkeypatch):
+    x, y = _x(10_000, 1), _x(10_000, 2)
+    whole = tensor_metrics(x, y)
+    monkeypatch.setattr(metrics, "CHUNK", 999)
+    chunked = tensor_metrics(x, y)
+    for key, value in whole.items():
+        assert chunked[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_precision_budget_ratio():
+    truth = _x().astype(np.float64)
+    ref = truth + 1e-3
+    ours = truth + 3e-3
+    budget = precision_budget(truth, ref, ours)
+    assert budget["budget_ratio"] == pytest.approx(3.0)
+
+
+def test_precision_budget_floor_when_reference_is_exact():
+    truth = _x().astype(np.float64)
+    budget = precision_budget(truth, truth.copy(), truth.copy())
+    assert budget["budget_ratio"] == 0.0
