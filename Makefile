@@ -1,7 +1,7 @@
 # `make parity` and `make test` set themselves up: they use the active virtualenv, or create .venv.
 PYTHON ?= python3
 COMPONENT ?= all
-DTYPE ?= float32
+DTYPE ?= all
 ifdef VIRTUAL_ENV
 ENV_DIR := $(VIRTUAL_ENV)
 else

@@ -109,13 +109,10 @@ class Component(ABC):
 
     def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
         """The reference with a real checkpoint's weights, loaded strictly."""
-        import torch
+        from parity.weights import load_torch_strict
 
         module = self.build_reference(config, seed=0)
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise KeyError(f"{self.name}: checkpoint does not match the reference: missing {sorted(missing)}, unused {sorted(unexpected)}")
+        load_torch_strict(module, weights)
         return module
 
     def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:

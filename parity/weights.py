@@ -85,6 +85,19 @@ def select_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.nda
     return selected
 
 
+def load_torch_strict(module, state: dict[str, np.ndarray]) -> None:
+    """Load numpy ``state`` into a torch module; any missing or unused key is a :class:`WeightLoadError`."""
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    missing, unused = module.load_state_dict(tensors, strict=False)
+    if missing or unused:
+        raise WeightLoadError(
+            f"strict load failed for reference {type(module).__name__}: "
+            f"missing keys {sorted(missing) or 'none'}; unused keys {sorted(unused) or 'none'}"
+        )
+
+
 def identity(key: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     return key, array
 

@@ -111,3 +111,43 @@ def test_fault_time_embedder_not_kept_in_float32(monkeypatch):
     assert result.verdict == "FAIL"
     assert result.first_divergence == "t0/time_embedder"
     assert "precision budget" in result.layer("t0/time_embedder").reasons[0]
+
+
+def test_capture_does_not_change_results():
+    from parity.capture import Capture, capture_mlx
+    from parity.component import get
+
+    component = get("time_embedding")
+    config = component.load_config()
+    reference = component.build_reference(config, seed=0)
+    model = component.build_mlx(config, component.reference_weights(reference), "float32")
+    timesteps = mx.array([999.0, 0.0])
+    plain = model.embed_time(timesteps, mx.float32)[1]
+    with capture_mlx(Capture("mlx")):
+        recorded = model.embed_time(timesteps, mx.float32)[1]
+    assert mx.array_equal(plain, recorded).item()
+
+
+def test_real_diffusers_checkpoint_and_config(tmp_path):
+    """`--weights/--config` load a diffusers save_pretrained folder through the strict loader."""
+    from parity.component import get
+
+    component = get("time_embedding")
+    component.build_reference(component.load_config(), seed=7).save_pretrained(tmp_path)
+    result = run_component("time_embedding", "float32", out_dir=None, weights_path=tmp_path, config_path=tmp_path)
+    assert result.verdict == "PASS", result.first_divergence
+    assert result.report["weights"] == str(tmp_path)
+
+
+def test_checkpoint_missing_a_key_fails_loudly(tmp_path):
+    from safetensors.torch import save_file
+
+    from parity.component import get
+    from parity.weights import WeightLoadError
+
+    component = get("time_embedding")
+    state = component.build_reference(component.load_config(), seed=0).state_dict()
+    del state["condition_embedder.time_proj.bias"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"missing keys \['time_proj.bias'\]"):
+        run_component("time_embedding", "float32", out_dir=None, weights_path=tmp_path / "model.safetensors")

@@ -10,7 +10,7 @@ import numpy as np
 from fixtures.inputs import normal
 from parity.capture import Capture, capture_mlx
 from parity.component import Component
-from parity.weights import read_config, select_prefix, strict_load
+from parity.weights import load_torch_strict, read_config, select_prefix, strict_load
 
 PREFIX = "condition_embedder."
 
@@ -45,11 +45,8 @@ class TimeEmbeddingComponent(Component):
 
     def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
         """The transformer with the checkpoint's condition-embedder weights loaded strictly (the rest unused here)."""
-        import torch
-
         model = self.build_reference(config, seed=0)
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-        model.condition_embedder.load_state_dict(state, strict=True)
+        load_torch_strict(model.condition_embedder, weights)
         return model
 
     def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
