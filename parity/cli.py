@@ -1,4 +1,4 @@
-"""The ``parity`` command line.
+"""parity: compare MLX ports of video diffusion components against their diffusers references.
 
 Exit codes: 0 every comparison passed, 1 a parity failure, 2 a usage or input error.
 """
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0] if __doc__ else None,
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0],
                                      epilog="Exit codes: 0 pass, 1 parity failure, 2 usage or input error.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from parity.capture import Capture
 from parity.component import Section
@@ -89,26 +89,46 @@ def compare(
     thresholds: Thresholds,
     alignment: dict[str, str] | None = None,
     truth: Capture | None = None,
+    judged: Mapping[str, LayerResult] | None = None,
 ) -> Comparison:
-    """Compare every reference layer with its aligned MLX layer (``alignment``: ref -> mlx name)."""
+    """Compare every reference layer with its aligned MLX layer (``alignment``: ref -> mlx name).
+
+    ``judged`` holds results already computed for some reference layers (streaming runs judge
+    each layer as its MLX tensor arrives, see ``parity.streaming``); those are used as they are.
+    """
     alignment = alignment or {}
+    judged = judged or {}
     layers = []
     matched_mlx = set()
     for name in ref.order:
         mlx_name = alignment.get(name, name)
-        tol = thresholds.for_layer(component, dtype, name)
-        exact = thresholds.for_layer(component, "float32", name) if dtype != "float32" else None
         if mlx_name not in mlx:
             layers.append(LayerResult(name, mlx_name, FAIL, ["missing on the MLX side"], {},
                                       ref.shapes[name], None, ref.dtypes[name], None))
             continue
         matched_mlx.add(mlx_name)
-        layers.append(_judge(name, mlx_name, ref, mlx, truth, tol, exact))
+        if name in judged:
+            layers.append(judged[name])
+            continue
+        layers.append(judge_layer(component, dtype, name, mlx_name, ref, mlx, truth, thresholds))
     for mlx_name in mlx.order:
         if mlx_name not in matched_mlx:
             layers.append(LayerResult(mlx_name, mlx_name, FAIL, ["missing on the reference side"], {},
                                       None, mlx.shapes[mlx_name], None, mlx.dtypes[mlx_name]))
     return Comparison(component, dtype, layers)
+
+
+def layer_tolerances(thresholds: Thresholds, component: str, dtype: str, name: str) -> tuple[Tolerance, Tolerance | None]:
+    """The tolerance of layer ``name`` in ``dtype``, and in reduced precision its float32 tolerance too."""
+    tol = thresholds.for_layer(component, dtype, name)
+    exact = thresholds.for_layer(component, "float32", name) if dtype != "float32" else None
+    return tol, exact
+
+
+def judge_layer(component: str, dtype: str, name: str, mlx_name: str, ref: Capture, mlx: Capture,
+                truth: Capture | None, thresholds: Thresholds) -> LayerResult:
+    """Judge reference layer ``name`` against MLX layer ``mlx_name`` (both present) with its thresholds."""
+    return _judge(name, mlx_name, ref, mlx, truth, *layer_tolerances(thresholds, component, dtype, name))
 
 
 def _judge(name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture | None, tol: Tolerance,

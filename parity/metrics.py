@@ -1,26 +1,89 @@
 """Error metrics between a reference tensor and a tensor under test, computed in float64.
 
-One implementation serves every component. Large tensors are processed in chunks so no
-float64 copy of a whole tensor is made; non-finite values are counted per side and left out
-of the error sums (any NaN/Inf makes the layer fail, see ``parity.compare``).
+One implementation serves every component. Tensors are processed in one pass, in chunks of
+``CHUNK`` elements converted into reused float64 buffers, so no float64 copy of a whole tensor
+is made and memory use does not grow with tensor size. Non-finite values are counted per side
+and left out of the error sums (any NaN/Inf makes the layer fail, see ``parity.compare``).
+
+``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end. A
+cheap float32 estimate of the floor comes first (one BLAS dot over the reference); the main
+pass then keeps the few elements whose ``|ref|`` lies near the floor, so the exact value is
+settled at the end without a second pass (a second pass runs only if the estimate was off, or
+the tensor holds non-finite values).
 """
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
-CHUNK = 1 << 20
+CHUNK = 1 << 17
 #: max_rel divides by max(|ref|, REL_FLOOR * rms(ref)) so near-zero reference values do not explode.
 REL_FLOOR = 1e-3
 #: float32 unit roundoff: the smallest error a float32 reference can be expected to have.
 FLOAT32_ROUNDOFF = 2.0**-24
+#: Relative half-width of the band around the estimated floor whose elements are kept for the end.
+_BAND = 0.02
+#: At most this many band elements are kept; beyond that, max_rel takes a second pass.
+_BAND_CAP = 1 << 20
+_TINY = np.finfo(np.float64).tiny
+
+
+def blocks(x: np.ndarray, n: int | None = None) -> Iterator[np.ndarray]:
+    """Contiguous 1-D pieces of ``x`` of at most ``n`` elements, in C order.
+
+    The boundaries depend only on ``x.shape``, never on its strides, so two arrays of one shape
+    are cut alike whatever their memory layout; pieces of a non-contiguous array are copied one
+    at a time, never the whole array. A piece never spans part of a row: whole rows of the
+    leading axis are grouped while they fit in ``n``, and a longer row is cut on its own.
+    """
+    n = n or CHUNK
+    if x.ndim <= 1:
+        flat = x.reshape(-1)
+        for start in range(0, flat.shape[0], n):
+            yield np.ascontiguousarray(flat[start:start + n])
+        return
+    row = math.prod(x.shape[1:])
+    if row > n:
+        for i in range(x.shape[0]):
+            yield from blocks(x[i], n)
+        return
+    step = max(1, n // max(row, 1))
+    for i in range(0, x.shape[0], step):
+        yield np.ascontiguousarray(x[i:i + step]).reshape(-1)
 
 
 def _chunks(a: np.ndarray, b: np.ndarray):
-    a, b = a.reshape(-1), b.reshape(-1)
-    for start in range(0, a.size, CHUNK):
-        yield a[start:start + CHUNK].astype(np.float64), b[start:start + CHUNK].astype(np.float64)
+    """Paired float64 chunks of ``a`` and ``b`` (fresh arrays; kept for callers outside this module)."""
+    for x, y in zip(blocks(a), blocks(b)):
+        yield x.astype(np.float64), y.astype(np.float64)
+
+
+class _Buffers:
+    """Reused float64 work buffers of one chunk's size."""
+
+    def __init__(self, count: int, size: int):
+        self.arrays = [np.empty(max(1, min(size, CHUNK)), np.float64) for _ in range(count)]
+
+    def load(self, *chunks: np.ndarray) -> list[np.ndarray]:
+        """Views of the first buffers holding ``chunks`` in float64, then the spare buffers (unset)."""
+        m = chunks[0].shape[0]
+        views = [buf[:m] for buf in self.arrays]
+        for view, chunk in zip(views, chunks):
+            np.copyto(view, chunk, casting="unsafe")
+        return views
+
+
+def _floor_estimate(ref: np.ndarray) -> float:
+    """REL_FLOOR * rms(ref) from a fast float32/float64 dot; NaN when it cannot be trusted."""
+    if ref.size == 0 or ref.dtype not in (np.float32, np.float64):
+        return math.nan
+    total = 0.0
+    for chunk in blocks(ref):
+        total += float(np.dot(chunk, chunk))
+    estimate = REL_FLOOR * math.sqrt(total / ref.size)
+    return estimate if math.isfinite(estimate) and estimate > 0 else math.nan
 
 
 def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int | None]:
@@ -32,34 +95,67 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     dot = ref_sq = test_sq = diff_sq = abs_sum = 0.0
     max_abs = ref_max = 0.0
     nan_ref = inf_ref = nan_test = inf_test = finite = 0
-    for a, b in _chunks(ref, test):
-        fa, fb = np.isfinite(a), np.isfinite(b)
-        nan_ref += int(np.isnan(a).sum())
-        inf_ref += int(np.isinf(a).sum())
-        nan_test += int(np.isnan(b).sum())
-        inf_test += int(np.isinf(b).sum())
-        both = fa & fb
-        if not both.all():
-            a, b = a[both], b[both]
-        finite += a.size
-        if a.size == 0:
-            continue
-        d = b - a
-        dot += float(a @ b)
-        ref_sq += float(a @ a)
-        test_sq += float(b @ b)
-        diff_sq += float(d @ d)
-        ad = np.abs(d)
-        abs_sum += float(ad.sum())
-        max_abs = max(max_abs, float(ad.max()))
-        ref_max = max(ref_max, float(np.abs(a).max()))
+    estimate = _floor_estimate(ref)
+    banded = not math.isnan(estimate)
+    lo, hi = estimate * (1 - _BAND), estimate * (1 + _BAND)
+    rel_big = below_lo = 0.0  # max |d|/|a| over |a| >= hi; max |d| over |a| < lo
+    band_a: list[np.ndarray] = []
+    band_d: list[np.ndarray] = []
+    band_size = 0
+    buffers = _Buffers(3, n)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for ca, cb in zip(blocks(ref), blocks(test)):
+            a, b, d = buffers.load(ca, cb)
+            rs, ts = float(a @ a), float(b @ b)
+            if not (math.isfinite(rs) and math.isfinite(ts)):
+                fa, fb = np.isfinite(a), np.isfinite(b)
+                nan_ref += int(np.isnan(a).sum())
+                inf_ref += int(np.isinf(a).sum())
+                nan_test += int(np.isnan(b).sum())
+                inf_test += int(np.isinf(b).sum())
+                both = fa & fb
+                if not both.all():
+                    a, b = a[both], b[both]
+                    d = d[:a.size]
+                    rs, ts = float(a @ a), float(b @ b)
+            finite += a.size
+            if a.size == 0:
+                continue
+            dot += float(a @ b)
+            ref_sq += rs
+            test_sq += ts
+            np.subtract(b, a, out=d)
+            diff_sq += float(d @ d)
+            np.abs(d, out=d)
+            abs_sum += float(d.sum())
+            max_abs = max(max_abs, float(d.max()))
+            np.abs(a, out=a)
+            ref_max = max(ref_max, float(a.max()))
+            if not banded:
+                continue
+            np.divide(d, a, out=b)
+            small = np.flatnonzero(a < hi)
+            if small.size:
+                b[small] = 0.0  # settled below, once the floor is known
+                small_a, small_d = a[small], d[small]
+                low = small_a < lo
+                if low.any():
+                    below_lo = max(below_lo, float(small_d[low].max()))
+                    small_a, small_d = small_a[~low], small_d[~low]
+                if small_a.size and band_size <= _BAND_CAP:
+                    band_a.append(small_a)
+                    band_d.append(small_d)
+                    band_size += small_a.size
+            rel_big = max(rel_big, float(b.max()))
     ref_rms = math.sqrt(ref_sq / finite) if finite else 0.0
-    floor = max(REL_FLOOR * ref_rms, np.finfo(np.float64).tiny)
-    max_rel = 0.0
-    for a, b in _chunks(ref, test):
-        both = np.isfinite(a) & np.isfinite(b)
-        if both.any():
-            max_rel = max(max_rel, float((np.abs(b[both] - a[both]) / np.maximum(np.abs(a[both]), floor)).max()))
+    floor = max(REL_FLOOR * ref_rms, _TINY)
+    if banded and lo <= floor <= hi and band_size <= _BAND_CAP:
+        # |a| >= hi >= floor: |d|/|a| exactly; |a| < lo <= floor: |d|/floor; the band in between, element-wise.
+        max_rel = max(rel_big, below_lo / floor)
+        if band_a:
+            max_rel = max(max_rel, float((np.concatenate(band_d) / np.maximum(np.concatenate(band_a), floor)).max()))
+    else:
+        max_rel = _max_rel(ref, test, floor)
     if ref_sq > 0 and test_sq > 0:
         cosine = dot / math.sqrt(ref_sq * test_sq)
     else:
@@ -87,17 +183,51 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     }
 
 
+def _max_rel(ref: np.ndarray, test: np.ndarray, floor: float) -> float:
+    """max |test - ref| / max(|ref|, floor) over elements finite on both sides (a second pass)."""
+    max_rel = 0.0
+    buffers = _Buffers(2, ref.size)
+    for ca, cb in zip(blocks(ref), blocks(test)):
+        a, b = buffers.load(ca, cb)
+        both = np.isfinite(a) & np.isfinite(b)
+        if not both.all():
+            a, b = a[both], b[both]
+        if a.size:
+            np.subtract(b, a, out=b)
+            np.abs(b, out=b)
+            np.abs(a, out=a)
+            np.maximum(a, floor, out=a)
+            max_rel = max(max_rel, float((b / a).max()))
+    return max_rel
+
+
+def _error_sums(truth: np.ndarray, tests: list[np.ndarray]) -> list[tuple[float, float, int]]:
+    """For each test array: (sum (test - truth)^2, sum truth^2, count) over elements finite in both."""
+    sums = [[0.0, 0.0, 0] for _ in tests]
+    buffers = _Buffers(len(tests) + 2, truth.size)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for chunks in zip(blocks(truth), *(blocks(t) for t in tests)):
+            t, *others, d = buffers.load(*chunks)
+            t_sq = float(t @ t)
+            for acc, o in zip(sums, others):
+                np.subtract(o, t, out=d)
+                d_sq = float(d @ d)
+                if math.isfinite(t_sq) and math.isfinite(d_sq):  # then every element of both is finite
+                    acc[0] += d_sq
+                    acc[1] += t_sq
+                    acc[2] += t.size
+                    continue
+                both = np.isfinite(t) & np.isfinite(o)
+                a, diff = t[both], o[both] - t[both]
+                acc[0] += float(diff @ diff)
+                acc[1] += float(a @ a)
+                acc[2] += a.size
+    return [tuple(acc) for acc in sums]
+
+
 def rmse_and_rms(truth: np.ndarray, test: np.ndarray) -> tuple[float, float]:
     """RMSE of ``test`` against ``truth`` and the RMS of ``truth`` (finite elements only)."""
-    diff_sq = truth_sq = 0.0
-    count = 0
-    for a, b in _chunks(truth, test):
-        both = np.isfinite(a) & np.isfinite(b)
-        a, b = a[both], b[both]
-        d = b - a
-        diff_sq += float(d @ d)
-        truth_sq += float(a @ a)
-        count += a.size
+    ((diff_sq, truth_sq, count),) = _error_sums(truth, [test])
     if count == 0:
         return math.nan, math.nan
     return math.sqrt(diff_sq / count), math.sqrt(truth_sq / count)
@@ -109,10 +239,13 @@ def precision_budget(truth: np.ndarray, ref: np.ndarray, test: np.ndarray) -> di
     ``budget_ratio = rmse(test, truth) / max(rmse(ref, truth), floor)`` where the floor is
     float32 unit roundoff times rms(truth): when the reference is exact to float32 precision,
     so must we be. A ratio near 1 means we lose no more precision than the reference does.
+    One pass over the three tensors.
     """
-    err_test, truth_rms = rmse_and_rms(truth, test)
-    err_ref, _ = rmse_and_rms(truth, ref)
-    floor = max(FLOAT32_ROUNDOFF * truth_rms, np.finfo(np.float64).tiny)
+    (test_sq, truth_sq, count), (ref_sq, _, ref_count) = _error_sums(truth, [test, ref])
+    err_test = math.sqrt(test_sq / count) if count else math.nan
+    truth_rms = math.sqrt(truth_sq / count) if count else math.nan
+    err_ref = math.sqrt(ref_sq / ref_count) if ref_count else math.nan
+    floor = max(FLOAT32_ROUNDOFF * truth_rms, _TINY)
     return {
         "err_vs_truth": err_test,
         "ref_err_vs_truth": err_ref,

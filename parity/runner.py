@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from parity import component as registry
 from parity import thresholds as thresholds_mod
@@ -69,10 +70,18 @@ def run_component(
     thresholds: thresholds_mod.Thresholds | None = None,
     run_dir: Path | None = None,
     progress: Progress | None = None,
+    streaming: bool = False,
+    stats_only: Sequence[str] | None = None,
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
 
     bfloat16 runs also run the reference in float64 (the truth the precision budget is judged on).
+
+    ``streaming=True`` keeps no tensor in memory: each one is written to the report folder (a
+    temporary folder when ``out_dir`` is None) as it is captured, and each MLX tap is judged as
+    it arrives against the reference read back from disk. ``stats_only`` (globs on reference
+    layer names; implies streaming) keeps only statistics and a small sample of those layers.
+    Same verdicts, metrics and report format; see ``parity.streaming``.
     """
     comp = registry.get(name) if isinstance(name, str) else name
     if dtype not in registry.DTYPES:
@@ -92,45 +101,88 @@ def run_component(
         weights = comp.reference_weights(reference)
     mlx_model = comp.build_mlx(config, weights, dtype)
     inputs = comp.make_inputs(config, seed)
+    del weights  # converted into both models; a full-size checkpoint should not stay in memory twice
 
-    truth = None
-    if dtype != "float32":
-        say(f"[{comp.name} {dtype}] reference in float64 (truth)")
-        truth = _run_reference(comp, reference, inputs, "float64")
-    say(f"[{comp.name} {dtype}] reference in {dtype}")
-    ref = _run_reference(comp, reference, inputs, dtype)
-    say(f"[{comp.name} {dtype}] MLX in {dtype}")
-    mlx = Capture("mlx")
-    comp.run_mlx(mlx_model, inputs, dtype, mlx)
+    if streaming or stats_only:
+        from parity import streaming as stream
 
-    comparison = compare(comp.name, dtype, ref, mlx, thresholds, comp.alignment, truth)
+        created_run_dir = out_dir is not None and run_dir is None
+        if out_dir is not None:
+            run_dir = run_dir or new_run_dir(out_dir)
+        report_dir = run_dir / f"{comp.name}-{dtype}" if out_dir is not None else None
+        spool, tmp = stream.spool_dir(report_dir)
+        keep = stream.stats_predicate(stats_only)
+        try:
+            truth = None
+            if dtype != "float32":
+                say(f"[{comp.name} {dtype}] reference in float64 (truth), streamed to disk")
+                truth = stream.run_reference_side(comp, reference, inputs, "float64", spool / "truth", keep)
+            say(f"[{comp.name} {dtype}] reference in {dtype}, streamed to disk")
+            ref = stream.run_reference_side(comp, reference, inputs, dtype, spool / "ref", keep)
+            say(f"[{comp.name} {dtype}] MLX in {dtype}, each layer judged as it arrives")
+            keep_mlx = report_dir is not None or stream.needs_mlx_tensors(comp)
+            mlx, judged = stream.run_mlx_side(comp, mlx_model, inputs, dtype, ref, truth, thresholds,
+                                              spool / "mlx" if keep_mlx else None, keep)
+            stream.keep_alive([ref, mlx, truth], tmp)
+            comparison = compare(comp.name, dtype, ref, mlx, thresholds, comp.alignment, truth, judged=judged)
+        except BaseException:
+            if report_dir is not None:
+                shutil.rmtree(report_dir, ignore_errors=True)
+                if created_run_dir:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    else:
+        truth = None
+        if dtype != "float32":
+            say(f"[{comp.name} {dtype}] reference in float64 (truth)")
+            truth = _run_reference(comp, reference, inputs, "float64")
+        say(f"[{comp.name} {dtype}] reference in {dtype}")
+        ref = _run_reference(comp, reference, inputs, dtype)
+        say(f"[{comp.name} {dtype}] MLX in {dtype}")
+        mlx = Capture("mlx")
+        comp.run_mlx(mlx_model, inputs, dtype, mlx)
+        comparison = compare(comp.name, dtype, ref, mlx, thresholds, comp.alignment, truth)
+
     context = RunContext(comp, config, seed, dtype, inputs, reference, mlx_model, ref, mlx, truth, thresholds)
     comparison.sections = comp.sections(context)
-    meta = {
+    weights_note = str(weights_path) if weights_path else f"random init, seed {seed}"
+    return finish_run(comparison, context, run_meta(config, seed, weights_note, started), out_dir, run_dir, say)
+
+
+def run_meta(config: dict[str, Any], seed: int, weights: str, started: float) -> dict[str, Any]:
+    """The metadata block of a report (``started``: ``time.perf_counter()`` at the start of the run)."""
+    return {
         "config": config,
         "seed": seed,
-        "weights": str(weights_path) if weights_path else f"random init, seed {seed}",
+        "weights": weights,
         "versions": versions(),
         "git_commit": git_commit(),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def finish_run(comparison: Comparison, context: RunContext, meta: dict[str, Any], out_dir: str | Path | None,
+               run_dir: Path | None, progress: Progress | None = None) -> RunResult:
+    """Build the report; unless ``out_dir`` is None, write it and the dumps to ``<run_dir>/<component>-<dtype>/``."""
     report = build_report(comparison, meta)
     report_dir = None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(out_dir)
-        report_dir = run_dir / f"{comp.name}-{dtype}"
+        report_dir = run_dir / f"{comparison.component}-{comparison.dtype}"
         report["run_id"] = run_dir.name
         report["report_dir"] = str(report_dir)
-        write_dumps(report_dir, report, {"ref": ref, "mlx": mlx, "truth": truth})
+        write_dumps(report_dir, report, {"ref": context.ref, "mlx": context.mlx, "truth": context.truth})
         write_reports(report_dir, report)
-    say(terminal_summary(report))
+    if progress:
+        progress(terminal_summary(report))
     return RunResult(comparison, report, report_dir, context)
 
 
-def _run_reference(comp: Component, reference: Any, inputs: dict, dtype: str) -> Capture:
+def _run_reference(comp: Component, reference: Any, inputs: dict, dtype: str, capture: Capture | None = None) -> Capture:
+    """Run the reference in ``dtype`` into ``capture`` (a new in-memory one by default)."""
     import torch
 
-    capture = Capture("ref" if dtype != "float64" else "truth")
+    capture = capture if capture is not None else Capture("ref" if dtype != "float64" else "truth")
     with torch.no_grad():
         comp.run_reference(comp.cast_reference(reference, dtype), inputs, dtype, capture)
     return capture
@@ -141,6 +193,9 @@ def write_dumps(directory: Path, report: dict[str, Any], captures: dict[str, Cap
     sides = {}
     for side, capture in captures.items():
         if capture is None:
+            continue
+        if hasattr(capture, "dump_entry"):  # a streamed capture: its tensors are on disk already
+            sides[side] = capture.dump_entry(directory, side)
             continue
         files = {}
         for layer in capture.order:
@@ -163,12 +218,25 @@ def run_many(
     dtypes: Iterable[str] = ("float32",),
     out_dir: str | Path = "reports",
     progress: Progress | None = stderr_progress,
+    on_error: Callable[[str, str, Exception], None] | None = None,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Run several components and dtypes into one new run directory."""
+    """Run several components and dtypes into one new run directory.
+
+    A run that raises stops everything, unless ``on_error(name, dtype, error)`` is given: then it
+    is told and the other runs go on (the failed run has no result).
+    """
     run_dir = new_run_dir(out_dir)
-    return [run_component(name, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress, **kwargs)
-            for name in names for dtype in dtypes]
+    results = []
+    for name in names:
+        for dtype in dtypes:
+            try:
+                results.append(run_component(name, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress, **kwargs))
+            except Exception as err:  # noqa: BLE001 - handed to the caller
+                if on_error is None:
+                    raise
+                on_error(name, dtype, err)
+    return results
 
 
 def versions() -> dict[str, str]:

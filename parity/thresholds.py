@@ -38,6 +38,8 @@ class Tolerance:
 
 
 KEYS = {f for f in Tolerance.__dataclass_fields__}
+#: Keys with a lower bound other than 0: a baseline factor below 1 would flag an unchanged run.
+MINIMUM = {"baseline_factor": 1.0}
 
 
 @dataclass
@@ -66,7 +68,14 @@ def _merge(base: Tolerance, override: Tolerance) -> Tolerance:
     return replace(base, **{k: v for k, v in vars(override).items() if v is not None})
 
 
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ThresholdsError(f"{where}: expected a table, got {value!r}")
+    return value
+
+
 def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> Tolerance:
+    table = _table(table, where)
     values = {}
     for key, value in table.items():
         if key in allow:
@@ -75,6 +84,8 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
             raise ThresholdsError(f"{where}: unknown key {key!r}; expected one of {sorted(KEYS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ThresholdsError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+        if value < MINIMUM.get(key, 0):
+            raise ThresholdsError(f"{where}.{key}: must be at least {MINIMUM[key]:g}, got {value!r}")
         values[key] = float(value)
     return Tolerance(**values)
 
@@ -92,16 +103,16 @@ def load(path: str | Path | None = None, known_components: Iterable[str] | None 
         if key not in ("defaults", "components"):
             raise ThresholdsError(f"{path}: unknown top-level table [{key}]; expected defaults or components")
     defaults = {}
-    for dtype, table in data.get("defaults", {}).items():
+    for dtype, table in _table(data.get("defaults", {}), f"{path}: [defaults]").items():
         _check_dtype(path, f"defaults.{dtype}", dtype)
         defaults[dtype] = _tolerance(table, f"{path}: [defaults.{dtype}]")
     known = set(known_components) if known_components is not None else None
     components: dict[str, dict[str, Tolerance]] = {}
     layers: dict[str, dict[str, list[tuple[str, Tolerance]]]] = {}
-    for name, per_dtype in data.get("components", {}).items():
+    for name, per_dtype in _table(data.get("components", {}), f"{path}: [components]").items():
         if known is not None and name not in known:
             raise ThresholdsError(f"{path}: [components.{name}] names an unknown component; known: {sorted(known)}")
-        for dtype, table in per_dtype.items():
+        for dtype, table in _table(per_dtype, f"{path}: [components.{name}]").items():
             _check_dtype(path, f"components.{name}.{dtype}", dtype)
             where = f"{path}: [components.{name}.{dtype}]"
             components.setdefault(name, {})[dtype] = _tolerance(table, where, allow=("layers",))

@@ -1,0 +1,497 @@
+"""``parity bisect``: find the first commit that broke parity, by binary search over git history.
+
+    parity bisect --good v0.3 --bad HEAD --component dit_block --dtype bfloat16
+
+The commits searched are the first-parent commits after ``--good`` up to ``--bad``. Each tested
+commit is checked out into its own temporary ``git worktree`` (the user's working tree, index and
+branch are never touched) and checked there with that revision's own code::
+
+    PYTHONPATH=<worktree> python -m parity run <components> --dtype <dtype> --out <out>/commits/<sha>
+
+so the harness, the MLX port and the components all come from the commit under test. Exit code
+0 marks the commit good, 2 ("usage or input error": e.g. the component does not exist yet) or a
+timeout marks it untestable (skipped, like ``git bisect skip``), anything else marks it bad
+(``--on-crash skip``: a check that fails without writing any report counts as untestable).
+Both ends are tested first: ``--good`` must pass and ``--bad`` must fail.
+
+Writes ``<out>/bisect.json`` and a self-contained ``<out>/bisect.html``: the tested commits with
+their verdicts and key metrics, the first bad commit's message and diff stat, a per-layer
+comparison of the last good and first bad runs, and a metric trend over the tested commits.
+Exit code 0 when one first bad commit was found, 2 otherwise (bad range, untestable ends, or
+skips leaving several suspects).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from parity import html_report
+from parity.dumps import write_json, write_text
+from parity.report import load_report
+
+GOOD, BAD, SKIP, UNTESTED = "good", "bad", "skip", "untested"
+EXIT_FOUND, EXIT_UNRESOLVED = 0, 2
+#: Patches longer than this many lines are cut in the HTML (the diff stat is always whole).
+PATCH_LINES = 400
+Progress = Callable[[str], None]
+
+
+class BisectError(ValueError):
+    """The range cannot be bisected (unknown revision, good not an ancestor of bad, ends not as claimed)."""
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+def search(commits: Sequence[str], status_of: Callable[[str], str]) -> list[str]:
+    """Binary search for the first bad commit among ``commits`` (oldest first).
+
+    The commit before ``commits[0]`` is known good and ``commits[-1]`` is known bad. ``status_of``
+    returns good, bad or skip. Returns the suspects: one commit when the first bad commit is
+    determined, else the untestable commits that hide it followed by the first known bad one.
+    """
+    if not commits:
+        raise BisectError("no commits between good and bad")
+    lo, hi = -1, len(commits) - 1  # last known good index (-1: the good revision), first known bad
+    skipped: set[int] = set()
+    while True:
+        pending = [i for i in range(lo + 1, hi) if i not in skipped]
+        if not pending:
+            break
+        middle = (lo + hi) / 2
+        i = min(pending, key=lambda k: (abs(k - middle), k))
+        status = status_of(commits[i])
+        if status == GOOD:
+            lo = i
+        elif status == BAD:
+            hi = i
+        else:
+            skipped.add(i)
+    return list(commits[lo + 1:hi + 1])
+
+
+# --- git -----------------------------------------------------------------------------------------
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise BisectError(f"git {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def resolve(repo: Path, rev: str) -> str:
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    except BisectError:
+        raise BisectError(f"{rev!r} is not a commit in {repo}") from None
+
+
+def first_parent_range(repo: Path, good: str, bad: str) -> list[str]:
+    """First-parent commits after ``good`` up to and including ``bad``, oldest first."""
+    if subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", good, bad]).returncode != 0:
+        raise BisectError(f"good {good[:12]} is not an ancestor of bad {bad[:12]}")
+    commits = git(repo, "rev-list", "--first-parent", "--reverse", f"{good}..{bad}").split()
+    if not commits:
+        raise BisectError("good and bad are the same commit")
+    return commits
+
+
+def commit_info(repo: Path, commit: str, patch: bool = False) -> dict[str, Any]:
+    fmt = "%H%x00%s%x00%an <%ae>%x00%aI%x00%B"
+    sha, subject, author, date, message = git(repo, "show", "-s", f"--format={fmt}", commit).split("\x00", 4)
+    info = {"commit": sha, "subject": subject, "author": author, "date": date, "message": message.strip()}
+    if patch:
+        parent = git(repo, "rev-parse", "--verify", "--quiet", f"{commit}^1", check=False).strip()
+        base = parent or git(repo, "hash-object", "-t", "tree", "/dev/null").strip()
+        info["parent"] = parent or None
+        info["diffstat"] = git(repo, "diff", "--stat=120", base, commit).rstrip()
+        lines = git(repo, "diff", base, commit).splitlines()
+        info["patch"] = "\n".join(lines[:PATCH_LINES])
+        info["patch_truncated"] = max(len(lines) - PATCH_LINES, 0)
+    return info
+
+
+# --- testing one commit ----------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """The result of checking one commit."""
+
+    commit: str
+    status: str
+    returncode: int | None = None
+    seconds: float = 0.0
+    note: str = ""
+    run_dir: str | None = None
+    log: str | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+def drift_end(sections: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The last finite value of each series of a drift section (a ``curves`` section named or titled drift)."""
+    ends: dict[str, float] = {}
+    for section in sections or []:
+        name = f"{section.get('name', '')} {section.get('title', '')}".lower()
+        series = (section.get("data") or {}).get("series") if section.get("kind") == "curves" else None
+        if "drift" not in name or not isinstance(series, dict):
+            continue
+        for label, values in series.items():
+            finite = [float(v) for v in values or [] if isinstance(v, (int, float)) and math.isfinite(v)]
+            if finite:
+                ends[f"{section.get('name')}/{label}"] = finite[-1]
+    return ends
+
+
+def summarize(report: dict[str, Any], report_dir: Path, base: Path) -> dict[str, Any]:
+    summary = report.get("summary") or {}
+    return {
+        "component": report.get("component"),
+        "dtype": report.get("dtype"),
+        "verdict": report.get("verdict"),
+        "first_divergence": report.get("first_divergence"),
+        "worst_cosine": summary.get("worst_cosine"),
+        "max_budget_ratio": summary.get("max_budget_ratio"),
+        "failed": summary.get("failed"),
+        "layers": summary.get("layers"),
+        "drift_end": drift_end(report.get("sections") or []),
+        "report_dir": os.path.relpath(report_dir, base),
+    }
+
+
+def run_check(repo: Path, commit: str, out: Path, components: Sequence[str], dtype: str | None,
+              python: str, timeout: float | None, worktrees: Path, on_crash: str = BAD) -> Outcome:
+    """Check ``commit`` in a fresh worktree with its own code; reports go to ``out/commits/<sha12>``.
+
+    A run that fails without writing any report (an exception, a revision without the harness)
+    counts as ``on_crash``: bad (as ``git bisect run`` would) or skip.
+    """
+    tree = worktrees / commit[:12]
+    commit_out = out / "commits" / commit[:12]
+    commit_out.mkdir(parents=True, exist_ok=True)
+    git(repo, "worktree", "add", "--detach", "--quiet", str(tree), commit)
+    started = time.perf_counter()
+    try:
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(
+            [str(tree), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
+        cmd = [python, "-m", "parity", "run", *components, "--out", str(commit_out)]
+        if dtype:
+            cmd += ["--dtype", dtype]
+        try:
+            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as err:
+            returncode = None
+            stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            stderr = (err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")) + \
+                f"\n[bisect] timed out after {timeout} s"
+    finally:
+        git(repo, "worktree", "remove", "--force", str(tree), check=False)
+        shutil.rmtree(tree, ignore_errors=True)
+    seconds = round(time.perf_counter() - started, 2)
+    log = commit_out / "parity-run.log"
+    write_text(log, f"$ {' '.join(cmd)}\n[exit {returncode}]\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}")
+    outcome = Outcome(commit, BAD, returncode, seconds, log=os.path.relpath(log, out))
+    run_dirs = sorted({p.parent.parent for p in commit_out.glob("*/*/report.json")})
+    if run_dirs:
+        outcome.run_dir = os.path.relpath(run_dirs[-1], out)
+    for path in sorted(commit_out.glob("*/*/report.json")):
+        try:
+            outcome.reports.append(summarize(load_report(path), path.parent, out))
+        except ValueError as err:
+            outcome.note += f"unreadable report {path.parent.name}: {err}; "
+    tail = (stderr.strip().splitlines() or [""])[-1].replace(str(tree), "<worktree>")[:300]
+    if returncode == 0:
+        outcome.status = GOOD
+    elif returncode is None:
+        outcome.status, outcome.note = SKIP, f"timed out after {timeout} s (cannot test)"
+    elif returncode == 2:
+        outcome.status, outcome.note = SKIP, f"exit 2, cannot test: {tail}"
+    else:
+        outcome.status = BAD
+        if not outcome.reports:
+            outcome.status = on_crash
+            outcome.note = f"exit {returncode} without a report (crashed?): {tail}"
+        elif all(r.get("verdict") == "PASS" for r in outcome.reports):
+            outcome.note = f"exit {returncode} although every report passes: {tail}"
+    return outcome
+
+
+# --- the whole bisection ----------------------------------------------------------------------------
+
+def bisect(repo: str | Path, good: str, bad: str, components: Sequence[str] = (), dtype: str | None = "all",
+           out: str | Path | None = None, python: str | None = None, timeout: float | None = None,
+           keep_dumps: bool = False, on_crash: str = BAD, progress: Progress | None = None) -> dict[str, Any]:
+    """Bisect ``good..bad`` in ``repo``; write ``bisect.json`` and ``bisect.html`` into ``out``; return the JSON."""
+    say = progress or (lambda _m: None)
+    repo = Path(git(Path(repo), "rev-parse", "--show-toplevel").strip())
+    good_sha, bad_sha = resolve(repo, good), resolve(repo, bad)
+    commits = first_parent_range(repo, good_sha, bad_sha)
+    out = Path(out) if out else Path("reports") / ("bisect-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    python = python or sys.executable
+    outcomes: dict[str, Outcome] = {}
+    order: list[str] = []
+    started = time.perf_counter()
+    git(repo, "worktree", "prune", check=False)
+    worktrees = Path(tempfile.mkdtemp(prefix="parity-bisect-"))
+    result: dict[str, Any] = {
+        "schema": 1, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "repo": str(repo),
+        "good": good_sha, "bad": bad_sha, "components": list(components), "dtype": dtype, "python": python,
+        "range": len(commits), "status": "error", "message": "", "first_bad": None, "suspects": [],
+        "last_good": None, "tested_order": order,
+    }
+
+    def check(commit: str) -> str:
+        say(f"[bisect] testing {commit[:12]} {commit_info(repo, commit)['subject'][:60]!r}")
+        outcome = run_check(repo, commit, out, components, dtype, python, timeout, worktrees, on_crash)
+        outcomes[commit] = outcome
+        order.append(commit)
+        verdicts = ", ".join(f"{r['component']} {r['dtype']} {r['verdict']}" for r in outcome.reports) or "no report"
+        say(f"[bisect]   {outcome.status} ({verdicts}; {outcome.seconds} s){' - ' + outcome.note if outcome.note else ''}")
+        return outcome.status
+
+    try:
+        for name, sha, expected in (("good", good_sha, GOOD), ("bad", bad_sha, BAD)):
+            status = check(sha)
+            if status != expected:
+                why = "cannot be tested" if status == SKIP else f"is {status}"
+                raise BisectError(f"the {name} revision {sha[:12]} {why}: {outcomes[sha].note or 'see its log'}")
+        say(f"[bisect] {len(commits)} commits after good; about {max(math.ceil(math.log2(len(commits))), 0)} steps")
+        suspects = search(commits, lambda c: outcomes[c].status if c in outcomes else check(c))
+        result["suspects"] = suspects
+        first_bad = suspects[-1] if len(suspects) == 1 else None
+        index = commits.index(suspects[0])
+        last_good = commits[index - 1] if index > 0 else good_sha
+        result["last_good"] = last_good
+        if first_bad:
+            result["status"] = "found"
+            result["first_bad"] = commit_info(repo, first_bad, patch=True)
+            result["message"] = f"first bad commit: {first_bad[:12]} {result['first_bad']['subject']}"
+        else:
+            result["status"] = "ambiguous"
+            result["message"] = (f"untestable commits hide the first bad commit; it is one of "
+                                 f"{', '.join(c[:12] for c in suspects)}")
+    except BisectError as err:
+        result["status"], result["message"] = "error", str(err)
+    finally:
+        shutil.rmtree(worktrees, ignore_errors=True)
+        git(repo, "worktree", "prune", check=False)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    all_commits = [good_sha, *commits]
+    infos = {c: commit_info(repo, c) for c in all_commits if c in outcomes}
+    result["commits"] = [{**{k: infos[c][k] for k in ("commit", "subject", "author", "date")},
+                          "position": all_commits.index(c), "tested": order.index(c) + 1,
+                          **{k: v for k, v in asdict(outcomes[c]).items() if k != "commit"}}
+                         for c in all_commits if c in outcomes]
+    result["untested"] = len(all_commits) - len(outcomes)
+    for c in (result.get("last_good"), (result.get("first_bad") or {}).get("commit")):
+        for report in outcomes[c].reports if c in outcomes else []:
+            try:  # the two runs a person opens from the bisection page
+                html_report.write_html_report(out / report["report_dir"])
+            except Exception as err:  # noqa: BLE001 - the bisection result matters more than a page
+                say(f"[bisect] could not render {report['report_dir']}: {err}")
+    if not keep_dumps:
+        keep = {result.get("last_good"), (result.get("first_bad") or {}).get("commit")}
+        for c, outcome in outcomes.items():
+            if c not in keep:
+                for report in outcome.reports:
+                    for side in ("ref", "mlx", "truth"):
+                        shutil.rmtree(out / report["report_dir"] / side, ignore_errors=True)
+    write_json(out / "bisect.json", result)
+    write_text(out / "bisect.html", render(result, out))
+    if (out.parent / html_report.INDEX_NAME).is_file():  # e.g. reports/bisect-<time>: list it in reports/index.html
+        html_report.write_index(out.parent)
+    say(f"[bisect] {result['message']}")
+    say(f"[bisect] report: {out / 'bisect.html'}")
+    return result
+
+
+# --- the HTML page -------------------------------------------------------------------------------------
+
+def _key(report: dict[str, Any]) -> str:
+    return f"{report.get('component')} {report.get('dtype')}"
+
+
+def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
+    """Rows of one component's last-good and first-bad reports side by side, layer by layer."""
+    from parity.html_report import cell, column, num_cell
+
+    good, bad = load_report(good_dir), load_report(bad_dir)
+    good_rows = {r.get("layer"): r for r in good.get("layers") or []}
+    bad_rows = {r.get("layer"): r for r in bad.get("layers") or []}
+    names = [r.get("layer") for r in bad.get("layers") or []]
+    names += [n for n in good_rows if n not in bad_rows]
+    metrics = [("cosine", "cos"), ("max_abs", "g"), ("budget_ratio", "g")]
+    present = [(k, s) for k, s in metrics if any(k in r for r in [*good_rows.values(), *bad_rows.values()])]
+    columns = [column("layer")] + [column("verdict good"), column("verdict bad")]
+    for key, _style in present:
+        label = key.replace("_", " ")
+        columns += [column(f"{label} good", True), column(f"{label} bad", True)]
+    rows = []
+    for name in names:
+        g, b = good_rows.get(name, {}), bad_rows.get(name, {})
+        gv, bv = g.get("verdict", "absent"), b.get("verdict", "absent")
+        cells = [cell(name, cls="layer"), cell(gv, badge=gv if gv in ("PASS", "FAIL") else "INFO"),
+                 cell(bv, badge=bv if bv in ("PASS", "FAIL") else "INFO")]
+        for key, style in present:
+            cells += [num_cell(g.get(key), style), num_cell(b.get(key), style, bad=bv == "FAIL" and gv == "PASS")]
+        cls = " ".join(c for c, on in (("changed", gv != bv), ("first", name == bad.get("first_divergence"))) if on)
+        rows.append({"cls": cls, "id": "", "cells": cells})
+    return {"id": "", "columns": columns, "rows": rows, "first_divergence": bad.get("first_divergence")}
+
+
+def render(result: dict[str, Any], out: Path) -> str:
+    """The HTML page of a bisection (see the module docstring)."""
+    from parity import plots
+    from parity.html_report import cell, column, fmt, num_cell
+
+    commits = sorted(result.get("commits") or [], key=lambda c: c["position"])
+    first_bad = (result.get("first_bad") or {}).get("commit")
+    last_good = result.get("last_good")
+    has_drift = any(r.get("drift_end") for c in commits for r in c.get("reports") or [])
+    columns = [column("#", True, "position on the first-parent chain (0 = good)"),
+               column("tested", True, "the order commits were checked in"), column("commit"), column("subject"),
+               column("status"), column("run"), column("verdict"), column("worst cosine", True),
+               column("first divergence"), column("max budget ratio", True)]
+    if has_drift:
+        columns.append(column("drift end"))
+    rows = []
+    for c in commits:
+        reports = c.get("reports") or [{}]
+        role = " (good)" if c["commit"] == result["good"] else (" (bad)" if c["commit"] == result["bad"] else "")
+        for n, r in enumerate(reports):
+            if r.get("report_dir"):
+                html = out / r["report_dir"] / "report.html"
+                link = html_report._rel(html if html.is_file() else out / r["report_dir"] / "report.json", out)
+                run = cell(_key(r), cls="nowrap", href=link)
+            else:
+                run = cell("log", href=c.get("log") or "")
+            classes = ["run-start"] if n == 0 else []
+            if c["commit"] == first_bad:
+                classes.append("first")
+            if c["status"] == "bad":
+                classes.append("fail")
+            subject = cell(c["subject"] if n == 0 else "")
+            subject["meta"] = c.get("note", "") if n == 0 else ""
+            row = [cell(c["position"], str(c["position"]), "num"),
+                   cell(c["tested"], str(c["tested"]), "num", title=f"{c.get('seconds')} s"),
+                   cell(c["commit"][:12] + role, cls="mono nowrap", title=c["commit"]), subject,
+                   cell(c["status"], badge=c["status"]), run,
+                   cell(r.get("verdict", "–"), badge=r.get("verdict", "")) if r else cell("–"),
+                   num_cell(r.get("worst_cosine"), "cos"), cell(r.get("first_divergence") or "–", cls="layer"),
+                   num_cell(r.get("max_budget_ratio"))]
+            if has_drift:
+                row.append(cell(", ".join(f"{k} {fmt(v)}" for k, v in (r.get("drift_end") or {}).items()) or "–"))
+            rows.append({"cls": " ".join(classes), "id": f"c-{c['commit'][:12]}" if n == 0 else "", "cells": row})
+    tested_table = {"id": "commits", "columns": columns, "rows": rows}
+
+    # metric trends over the tested commits, one line per component run
+    labels = [c["commit"][:8] for c in commits]
+    statuses = [c["status"] for c in commits]
+    keys = sorted({_key(r) for c in commits for r in c.get("reports") or []})
+
+    def series(metric: Callable[[dict[str, Any]], Any]) -> dict[str, list[Any]]:
+        data = {}
+        for key in keys:
+            values = []
+            for c in commits:
+                match = [r for r in c.get("reports") or [] if _key(r) == key]
+                values.append(metric(match[0]) if match else None)
+            if any(v is not None for v in values):
+                data[key] = values
+        return data
+
+    trends = []
+    cos = series(lambda r: None if r.get("worst_cosine") is None else 1.0 - float(r["worst_cosine"]))
+    if cos:
+        trends.append(plots.trend_plot(labels, cos, statuses, "1 − worst cosine", True,
+                                       "Worst cosine deficit per tested commit (tick colour: good / bad / skipped)"))
+    budget = series(lambda r: r.get("max_budget_ratio"))
+    if budget:
+        trends.append(plots.trend_plot(labels, budget, statuses, "max budget ratio", True, "Max precision-budget ratio"))
+    drift_keys = sorted({f"{_key(r)} {k}" for c in commits for r in c.get("reports") or [] for k in r.get("drift_end") or {}})
+    if drift_keys:
+        drift = {}
+        for dk in drift_keys:
+            drift[dk] = [next((v for r in c.get("reports") or [] for k, v in (r.get("drift_end") or {}).items()
+                               if f"{_key(r)} {k}" == dk), None) for c in commits]
+        trends.append(plots.trend_plot(labels, drift, statuses, "drift end point", True, "Drift end point"))
+    trends = [t for t in trends if t]
+
+    # last good vs first bad, per component run
+    comparisons = []
+    by_commit = {c["commit"]: c for c in commits}
+    if first_bad and last_good in by_commit and first_bad in by_commit:
+        good_reports = {_key(r): r for r in by_commit[last_good].get("reports") or []}
+        for r in by_commit[first_bad].get("reports") or []:
+            g = good_reports.get(_key(r))
+            entry = {"key": _key(r), "verdict_good": g.get("verdict") if g else "absent", "verdict_bad": r.get("verdict"),
+                     "table": None, "note": "", "good_link": "", "bad_link": ""}
+            if g is None:
+                entry["note"] = "Not run at the last good commit."
+            else:
+                try:
+                    entry["table"] = layer_comparison(out / g["report_dir"], out / r["report_dir"])
+                except ValueError as err:
+                    entry["note"] = str(err)
+                for side, rep in (("good_link", g), ("bad_link", r)):
+                    html = out / rep["report_dir"] / "report.html"
+                    entry[side] = html_report._rel(html, out) if html.is_file() else ""
+            comparisons.append(entry)
+
+    info = result.get("first_bad") or {}
+    status = result.get("status")
+    return html_report._env().get_template("bisect.html.j2").render(
+        b=result, banner="FAIL" if status == "found" else "UNKNOWN", info=info, tested_table=tested_table,
+        trends=trends, comparisons=comparisons, generated=html_report._now(),
+        last_good=(last_good or "")[:12], first_bad=(first_bad or "")[:12],
+        suspects=[by_commit.get(s, {"commit": s, "subject": ""}) for s in result.get("suspects") or []],
+        components=", ".join(result.get("components") or []) or "all")
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    result = bisect(args.repo, args.good, args.bad, args.component or [], args.dtype, args.out, args.python,
+                    args.timeout, args.keep_dumps, args.on_crash,
+                    progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result["message"])
+    if result["status"] == "found":
+        info = result["first_bad"]
+        print(f"{info['commit']}\n  {info['subject']}\n{info['diffstat']}")
+    return EXIT_FOUND if result["status"] == "found" else EXIT_UNRESOLVED
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bisect", help="find the first commit that broke parity (binary search over git history)",
+        description=(__doc__ or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 first bad commit found, 2 usage error or no single first bad commit.")
+    p.add_argument("--good", required=True, help="a revision that passes (e.g. a tag or sha)")
+    p.add_argument("--bad", required=True, help="a later revision that fails (e.g. HEAD)")
+    p.add_argument("--component", action="extend", nargs="+", metavar="C",
+                   help="components to check (default: all the revision has)")
+    p.add_argument("--dtype", default="all", choices=["float32", "bfloat16", "all"],
+                   help="precision to check in (default all)")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the git repository (default: the current folder)")
+    p.add_argument("--out", type=Path, help="where bisect.html, bisect.json and the runs go "
+                                            "(default reports/bisect-<time>)")
+    p.add_argument("--python", help="interpreter to run each revision with (default: this one)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds one revision may take before it counts as untestable (default 3600)")
+    p.add_argument("--keep-dumps", action="store_true",
+                   help="keep the .npy dumps of every tested commit (default: only last good and first bad)")
+    p.add_argument("--on-crash", choices=[BAD, SKIP], default=BAD,
+                   help="how to count a revision whose check fails without writing a report (default bad)")
+    p.set_defaults(func=cmd_bisect)
