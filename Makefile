@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	@touch $@
 
+# Runs, then renders the HTML reports and index even when a component fails (exit status kept).
 parity: $(STAMP)
-	$(PY) -m parity run $(COMPONENT) --dtype $(DTYPE)
+	$(PY) -m parity run $(COMPONENT) --dtype $(DTYPE); status=$$?; \
+	$(PY) -m parity report --latest reports && exit $$status
 
+# The test suite, then the parity gate over every component with the committed thresholds and baselines.
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) -m parity gate --dtype all --junit reports/junit.xml
 
 clean-reports:
 	rm -rf reports/*/

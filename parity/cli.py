@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (args.config or args.weights) and len(names) != 1:
         raise UsageError("--config/--weights apply to one component; name exactly one")
     results = run_many(names, _dtypes(args.dtype), out_dir=args.out, seed=args.seed,
-                       config_path=args.config, weights_path=args.weights)
+                       config_path=args.config, weights_path=args.weights,
+                       streaming=args.streaming, stats_only=args.stats_only)
     failed = [f"{r.comparison.component} {r.comparison.dtype} (first divergence: {r.first_divergence})"
               for r in results if r.verdict != "PASS"]
     print(f"\n{len(results) - len(failed)}/{len(results)} component runs pass" + (":" if failed else ""))
@@ -73,16 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"), help="where run directories go (default reports/)")
     p.add_argument("--config", type=Path, help="a diffusers config.json (or component config) instead of the tiny default")
     p.add_argument("--weights", type=Path, help="a real diffusers checkpoint (.safetensors file or model folder)")
+    p.add_argument("--streaming", action="store_true",
+                   help="keep no tensor in memory: write each one to disk as captured, judge MLX taps as they arrive")
+    p.add_argument("--stats-only", action="append", metavar="GLOB",
+                   help="keep only statistics and a small sample of layers matching GLOB (repeatable; implies --streaming)")
     p.set_defaults(func=cmd_run)
 
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

@@ -30,6 +30,15 @@ def new_run_dir(out: str | Path, run_id: str | None = None) -> Path:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write ``path`` through ``write(fileobj)`` into a temp file, then rename it into place."""
     path = Path(path)
@@ -38,6 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; reports are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

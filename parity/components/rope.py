@@ -11,7 +11,6 @@ from mlx_impl import rope
 from mlx_impl.taps import tap, tap_scope
 from parity.capture import Capture
 from parity.component import Component
-from reference_runners import rope as reference
 
 
 class RopeComponent(Component):
@@ -31,6 +30,8 @@ class RopeComponent(Component):
         }
 
     def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+        from reference_runners import rope as reference
+
         return reference.build(config)
 
     def reference_weights(self, reference_modules: Any) -> dict[str, np.ndarray]:
@@ -43,6 +44,8 @@ class RopeComponent(Component):
 
     def run_reference(self, reference_modules: Any, inputs: dict, dtype: str, capture: Capture) -> None:
         import torch
+
+        from reference_runners import rope as reference
 
         reference.run(reference_modules, inputs, getattr(torch, dtype), capture)
 
