@@ -83,20 +83,27 @@ class Component(ABC):
     alignment: dict[str, str] = {}
     #: Module names diffusers keeps in float32 when loading in bf16 (its ``_keep_in_fp32_modules``).
     keep_fp32_modules: tuple[str, ...] = ()
+    #: The part of the component config a diffusers ``config.json`` given with ``--config`` replaces.
+    diffusers_config_key: str | None = None
 
     # --- configuration and inputs -------------------------------------------------------
     def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The component's config: a user's JSON file, or the tiny default in ``fixtures/configs``.
+        """The component's config: the tiny default in ``fixtures/configs``, or a user's file.
 
-        Components whose config wraps a diffusers ``config.json`` override this to merge one in.
+        A user's file is either a whole component config (a JSON object like the default one), or,
+        for components that set ``diffusers_config_key``, a diffusers ``config.json`` (file or
+        model folder): that replaces the default's ``diffusers_config_key`` part.
         """
-        path = Path(path) if path else CONFIG_DIR / f"{self.name}.json"
-        try:
-            return json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.name}: config file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.name}: config file {path} is not valid JSON: {err}") from None
+        default = CONFIG_DIR / f"{self.name}.json"
+        if path is None:
+            return _read_json(default, self.name)
+        key = self.diffusers_config_key
+        if key is None or (Path(path).is_file() and key in _read_json(Path(path), self.name)):
+            return _read_json(Path(path), self.name)
+        from parity.weights import read_config
+
+        return {**_read_json(default, self.name),
+                key: {k: v for k, v in read_config(path).items() if not k.startswith("_")}}
 
     @abstractmethod
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -153,6 +160,15 @@ class Component(ABC):
     def sections(self, run: RunContext) -> list[Section]:
         """Extra report sections (artifact metrics, drift, per-frame errors). None by default."""
         return []
+
+
+def _read_json(path: Path, component: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{component}: config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{component}: config file {path} is not valid JSON: {err}") from None
 
 
 def available() -> list[str]:

@@ -1,7 +1,6 @@
 """Time embedding: Helios' sinusoid -> TimestepEmbedding -> SiLU -> projection, text projection, t=0 history embedding."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -10,7 +9,7 @@ import numpy as np
 from fixtures.inputs import normal
 from parity.capture import Capture, capture_mlx
 from parity.component import Component
-from parity.weights import load_torch_strict, read_config, select_prefix, strict_load
+from parity.weights import load_torch_strict, select_prefix, strict_load
 
 PREFIX = "condition_embedder."
 
@@ -19,14 +18,8 @@ class TimeEmbeddingComponent(Component):
     name = "time_embedding"
     description = "HeliosTimeTextEmbedding inside HeliosTransformer3DModel: timestep, t=0 history and text embeddings"
     weights_prefix = PREFIX
+    diffusers_config_key = "transformer"
     keep_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
-
-    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The tiny default; a given diffusers transformer ``config.json`` replaces its ``transformer`` part."""
-        config = super().load_config()
-        if path:
-            config["transformer"] = {k: v for k, v in read_config(path).items() if not k.startswith("_")}
-        return config
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         t = config["transformer"]

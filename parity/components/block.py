@@ -1,0 +1,183 @@
+"""Helios DiT transformer block: per-sublayer parity, precision budget, and drift over recurrent application."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from fixtures.inputs import normal
+from mlx_impl import block as mlx_block
+from mlx_impl import rope as mlx_rope
+from parity import drift
+from parity.capture import Capture, capture_mlx
+from parity.component import Component, RunContext, Section
+from parity.weights import load_torch_strict, read_config, strict_load
+
+
+def bf16_exact(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to the nearest bfloat16 (kept float32), so every dtype's run starts from the same values.
+
+    Then the float64 truth and the bf16 runs see identical inputs and the precision budget
+    measures arithmetic alone, not the rounding of the inputs (which would mask small faults).
+    """
+    return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
+
+
+@dataclass
+class MlxBlock:
+    """Our block and the config its inputs are laid out by."""
+
+    block: Any
+    config: dict[str, Any]
+
+
+class BlockComponent(Component):
+    name = "block"
+    description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
+    weights_prefix = "blocks.0."
+    keep_fp32_modules = mlx_block.KEEP_FLOAT32
+
+    # --- configuration and inputs -------------------------------------------------------------
+    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
+        """The tiny default; a diffusers transformer ``config.json`` replaces its ``transformer`` part."""
+        if path and Path(path).suffix == ".json" and "transformer" in read_config(path):
+            config = super().load_config(path)  # one of ours (e.g. fixtures/configs/block_14b.json)
+        else:
+            config = super().load_config()
+            if path:
+                config["transformer"] = {**config["transformer"],
+                                         **{k: v for k, v in read_config(path).items() if not k.startswith("_")}}
+        self.check_config(config["transformer"])
+        return config
+
+    def check_config(self, transformer: dict[str, Any]) -> None:
+        if transformer["qk_norm"] != "rms_norm_across_heads":
+            raise ValueError(f"{self.name}: qk_norm must be 'rms_norm_across_heads' (the only kind the block has), "
+                             f"got {transformer['qk_norm']!r}")
+        if transformer["added_kv_proj_dim"] is not None:
+            raise ValueError(f"{self.name}: added_kv_proj_dim (image cross-attention) is not ported; expected null, "
+                             f"got {transformer['added_kv_proj_dim']!r}")
+
+    def dim(self, config: dict[str, Any]) -> int:
+        return config["transformer"]["num_attention_heads"] * config["transformer"]["attention_head_dim"]
+
+    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+        """Token grids with smooth and near-Nyquist content, text tokens, timestep projections; all bf16-exact."""
+        dim, batch = self.dim(config), config["batch"]
+        grid = (config["height"], config["width"], dim)
+        history = config["history_frames"]
+        frames = np.arange(history, history + config["frames"], dtype=np.int64)
+        return {
+            "hidden": bf16_exact(drift.structured_grid(seed, "block/hidden", (batch, config["frames"], *grid))),
+            "history": bf16_exact(drift.structured_grid(seed, "block/history", (batch, history, *grid))),
+            "frame_indices": np.broadcast_to(frames, (batch, config["frames"])).copy(),
+            "history_indices": np.broadcast_to(np.arange(history, dtype=np.int64), (batch, history)).copy(),
+            "text": bf16_exact(normal(seed, "block/text", (batch, config["text_len"], dim))),
+            "timestep_proj": bf16_exact(normal(seed, "block/timestep_proj", (batch, 6 * dim), config["temb_scale"])),
+            "timestep_proj_t0": bf16_exact(normal(seed, "block/timestep_proj_t0", (1, 6 * dim), config["temb_scale"])),
+        }
+
+    # --- reference --------------------------------------------------------------------------------
+    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+        from reference_runners import block as reference
+
+        return reference.Reference(reference.build_helios(config["transformer"], seed), config)
+
+    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+        ref = self.build_reference(config, seed=0)
+        load_torch_strict(ref.block, weights)
+        return ref
+
+    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
+        return super().reference_weights(reference.block)
+
+    def cast_reference(self, reference: Any, dtype: str) -> Any:
+        return replace(reference, block=super().cast_reference(reference.block, dtype))
+
+    def reference_inputs(self, reference: Any, inputs: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+        import torch
+
+        from reference_runners import block as ref_runner
+
+        return ref_runner.helios_block_inputs(reference.config, inputs, getattr(torch, dtype))
+
+    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+        import torch
+
+        from reference_runners import block as ref_runner
+
+        ref_runner.run_helios(reference, inputs, getattr(torch, dtype), capture)
+
+    # --- MLX -----------------------------------------------------------------------------------
+    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
+        t = config["transformer"]
+        block = mlx_block.HeliosTransformerBlock(
+            self.dim(config), t["ffn_dim"], t["num_attention_heads"], t["cross_attn_norm"], t["eps"],
+            guidance_cross_attn=t["guidance_cross_attn"], is_amplify_history=t["is_amplify_history"],
+            history_scale_mode=t["history_scale_mode"])
+        strict_load(block, weights, convert=mlx_block.convert_key, dtype=getattr(mx, dtype),
+                    keep_float32=mlx_block.KEEP_FLOAT32)
+        return MlxBlock(block, config)
+
+    def mlx_inputs(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+        """The block's arguments: history then main tokens, per-token timestep projections, RoPE cos/sin."""
+        t, mx_dtype = model.config["transformer"], getattr(mx, dtype)
+        batch, _, height, width, dim = inputs["hidden"].shape
+        history_len, main_len = (int(np.prod(inputs[k].shape[1:4])) for k in ("history", "hidden"))
+        cos, sin = (mx.concatenate(parts, axis=1) for parts in zip(*[
+            mlx_rope.helios_rotary_emb(mx.array(inputs[k]), height, width, t["rope_dim"], t["rope_theta"])
+            for k in ("history_indices", "frame_indices")]))
+        tokens = [mx.array(inputs[k]).reshape(batch, -1, dim) for k in ("history", "hidden")]
+        temb = mlx_block.helios_timestep_proj(mx.array(inputs["timestep_proj"]).astype(mx_dtype),
+                                              mx.array(inputs["timestep_proj_t0"]).astype(mx_dtype), history_len, main_len)
+        return {"x": mx.concatenate(tokens, axis=1).astype(mx_dtype), "context": mx.array(inputs["text"]).astype(mx_dtype),
+                "temb": temb, "rope": (cos, sin), "history_len": history_len}
+
+    def run_mlx(self, model: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+        args = self.mlx_inputs(model, inputs, dtype)  # outside the capture: RoPE tables are the rope component's
+        with capture_mlx(capture):
+            mx.eval(model.block(**args))
+
+    # --- drift ---------------------------------------------------------------------------------
+    def main_grid(self, config: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
+        """The main (non-history) tokens of ``(batch, tokens, dim)`` as a ``(batch, frames, height, width, dim)`` grid."""
+        main = config["frames"] * config["height"] * config["width"]
+        return tokens[:, -main:].reshape(tokens.shape[0], config["frames"], config["height"], config["width"], -1)
+
+    def mlx_recurrent(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str, steps: int) -> list[np.ndarray]:
+        args = self.mlx_inputs(model, inputs, dtype)
+        outputs = []
+        for _ in range(steps):
+            args["x"] = model.block(**args)
+            outputs.append(np.array(args["x"].astype(mx.float32)))
+        return outputs
+
+    def sections(self, run: RunContext) -> list[Section]:
+        from reference_runners import block as ref_runner
+
+        steps, cutoff = run.config["drift_steps"], run.config["hf_cutoff"]
+        sides = {}
+        for side, dtype in (("truth", "float64"), ("ref", run.dtype)):
+            reference = self.cast_reference(run.reference, dtype)
+            sides[side] = ref_runner.run_recurrent(reference, self.reference_inputs(reference, run.inputs, dtype), steps)
+        mlx = self.mlx_recurrent(run.mlx_model, run.inputs, run.dtype, steps)
+        series = drift.drift_series(sides["truth"], sides["ref"], mlx, lambda x: self.main_grid(run.config, x), cutoff)
+        bound = run.thresholds.for_component(self.name, run.dtype).drift_ratio if run.thresholds else None
+        failing = None if bound is None else drift.first_failing_step(series, bound)
+        data = {"x": list(range(1, steps + 1)), "series": series, "xlabel": "application of the block",
+                "ylabel": "relative error vs float64 / ratio", "log": True}
+        if bound is None:
+            return [Section("drift", "Drift over recurrent application", "curves", data,
+                            note="no drift_ratio in the thresholds: not judged")]
+        note = (f"per step: error growth (our error ratio against float64 over the first step's, floored at 1) "
+                f"<= {bound:g} and HF ratio (ours / reference's) within [1/{bound:g}, {bound:g}]; the first step's "
+                f"level is judged by the layer checks. End: error ratio {series['error_ratio'][-1]:.3g}, "
+                f"growth {series['error_growth'][-1]:.3g}, HF ratio {series['hf_ratio'][-1]:.4g}")
+        return [Section("drift", "Drift over recurrent application", "curves", data, passed=failing is None,
+                        failing=None if failing is None else f"drift/step{failing + 1}", note=note)]
+
+
+COMPONENT = BlockComponent()

@@ -1,0 +1,165 @@
+"""Scheduler: Helios DMD schedules per stage, time-shift curves, and a full pyramid trajectory.
+
+Layers, in execution order: ``construction/*`` (training sigmas, per-stage start/end sigmas,
+ratios, stage timesteps/sigmas), ``time_shift/linear`` and ``time_shift/exponential`` (rows: the
+config's ``mu_grid``), then per stage ``stage{s}/timesteps``, ``stage{s}/sigmas``, the latents
+entering the stage (``stage0/downsample``, ``stage{s}/transition``) and after each step
+(``stage{s}/step{k}``). The transformer is a stand-in (:class:`StandInDenoiser`) with the same
+weights on both sides, so the trajectory isolates the scheduler and the stage transitions.
+
+The default config uses gamma = 0.25, not Helios' 1/3: at 1/3 the 2x2 block-noise covariance is
+singular, and the real pipeline's float32 Cholesky raises on CPU, so no reference trajectory
+exists there (tests/test_scheduler.py checks our float64 factorisation at 1/3 separately).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from fixtures.inputs import normal
+from mlx_impl import scheduler as sched
+from mlx_impl.taps import tap
+from parity.capture import Capture, capture_mlx
+from parity.component import Component, RunContext, Section
+from parity.metrics import rmse_and_rms, tensor_metrics
+from parity.weights import load_torch_strict, read_config, select_prefix, strict_load
+
+PREFIX = "denoiser."
+CONSTRUCTION = ("sigmas", "ori_start_sigmas", "start_sigmas", "end_sigmas", "timestep_ratios",
+                "timesteps_per_stage", "sigmas_per_stage")
+#: The latents layers: entering each stage, and after each step.
+TRAJECTORY = re.compile(r"stage\d+/(downsample|transition|step\d+)")
+
+
+class StandInDenoiser(nn.Module):
+    """``flow = tanh(W x + b + time * t / 1000)`` over channels (channels-last), as the reference's."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(channels, channels)
+        self.time = mx.zeros((channels,))
+
+    def __call__(self, latents: mx.array, timestep: int) -> mx.array:
+        t = mx.array(timestep).astype(latents.dtype) / 1000
+        return mx.tanh(self.proj(latents) + t * self.time)
+
+
+@dataclass
+class Sampler:
+    """Our side: the MLX scheduler, the stand-in denoiser and the pipeline's sampling settings."""
+
+    scheduler: sched.HeliosDMDScheduler
+    denoiser: StandInDenoiser
+    config: dict[str, Any]
+
+
+class SchedulerComponent(Component):
+    name = "scheduler"
+    description = "HeliosDMDScheduler: per-stage schedules, dynamic time shift, DMD steps and pyramid stage transitions"
+    weights_prefix = PREFIX
+
+    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
+        """The tiny default; a given diffusers ``scheduler_config.json`` replaces its ``scheduler`` part."""
+        config = super().load_config()
+        if path:
+            path = Path(path)
+            path = path / "scheduler_config.json" if path.is_dir() else path
+            config["scheduler"] = {k: v for k, v in read_config(path).items() if not k.startswith("_")}
+        return config
+
+    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+        b, c, f = config["batch"], config["channels"], config["frames"]
+        _, ph, pw = config["patch_size"]
+        num_stages = len(config["steps"])
+        inputs = {
+            "latents": normal(seed, "scheduler/latents", (b, c, f, config["height"], config["width"])),
+            "mu_grid": np.asarray(config["mu_grid"], dtype=np.float64),
+            "t_grid": np.linspace(0.0, 1.0, config["t_grid_points"]),
+        }
+        for s in range(1, num_stages):
+            scale = 2 ** (num_stages - 1 - s)  # stage s runs at 1/scale of the full resolution
+            blocks = b * c * f * (config["height"] // scale // ph) * (config["width"] // scale // pw)
+            inputs[f"block_noise/stage{s}"] = normal(seed, f"scheduler/block_noise/stage{s}", (blocks, ph * pw))
+        return inputs
+
+    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+        from reference_runners.scheduler import Reference
+
+        c = config["channels"]
+        reference = Reference(config)
+        load_torch_strict(reference.denoiser, {
+            "proj.weight": normal(seed, "scheduler/denoiser/proj.weight", (c, c), scale=1 / math.sqrt(c)),
+            "proj.bias": normal(seed, "scheduler/denoiser/proj.bias", (c,), scale=0.1),
+            "time": normal(seed, "scheduler/denoiser/time", (c,)),
+        })
+        return reference
+
+    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+        model = self.build_reference(config, seed=0)
+        load_torch_strict(model.denoiser, weights)
+        return model
+
+    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
+        return select_prefix(super().reference_weights(reference), PREFIX)
+
+    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+        import torch
+
+        from reference_runners import scheduler as ref_runner
+
+        ref_runner.run(reference, inputs, getattr(torch, dtype), capture)
+
+    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
+        denoiser = StandInDenoiser(config["channels"])
+        strict_load(denoiser, weights, dtype=getattr(mx, dtype))
+        return Sampler(sched.HeliosDMDScheduler(**config["scheduler"]), denoiser, config)
+
+    def run_mlx(self, model: Sampler, inputs: dict, dtype: str, capture: Capture) -> None:
+        scheduler, config = model.scheduler, model.config
+        construction = {
+            "sigmas": scheduler.train_sigmas,
+            **{name: np.array(getattr(scheduler, name)) for name in CONSTRUCTION[1:]},
+        }
+        num_stages = len(config["steps"])
+        with capture_mlx(capture):
+            for name in CONSTRUCTION:
+                tap(f"construction/{name}", construction[name])
+            for kind in sched.TIME_SHIFT_TYPES:
+                tap(f"time_shift/{kind}", np.stack([sched.time_shift(float(mu), 1.0, inputs["t_grid"], kind)
+                                                    for mu in inputs["mu_grid"]]))
+            sched.pyramid_sample(
+                scheduler, mx.array(inputs["latents"].transpose(0, 2, 3, 4, 1)), model.denoiser, config["steps"],
+                [inputs[f"block_noise/stage{s}"] for s in range(1, num_stages)], config["patch_size"],
+                getattr(mx, dtype), config["is_amplify_first_chunk"],
+            )
+
+    def sections(self, run: RunContext) -> list[Section]:
+        """The trajectory's drift: error per stage transition and step (information only)."""
+        labels = [name for name in run.ref.order if TRAJECTORY.fullmatch(name)]
+        series: dict[str, list[float]] = {"max abs (MLX vs ref)": [], "rmse (MLX vs ref)": []}
+        if run.truth is not None:
+            series.update({"rmse (ref vs float64)": [], "rmse (MLX vs float64)": []})
+        for name in labels:
+            ok = name in run.mlx and run.mlx.shapes[name] == run.ref.shapes[name]
+            metrics = tensor_metrics(run.ref[name], run.mlx[name]) if ok else {}
+            series["max abs (MLX vs ref)"].append(metrics.get("max_abs", math.nan))
+            series["rmse (MLX vs ref)"].append(metrics.get("rmse", math.nan))
+            if run.truth is not None:
+                series["rmse (ref vs float64)"].append(rmse_and_rms(run.truth[name], run.ref[name])[0])
+                series["rmse (MLX vs float64)"].append(rmse_and_rms(run.truth[name], run.mlx[name])[0] if ok else math.nan)
+        return [Section(
+            name="drift", title="Trajectory drift per step", kind="curves",
+            data={"x": labels, "series": series, "xlabel": "stage/step", "ylabel": "error", "log": True},
+            note="Information only: each step is judged as a layer; this shows how the error grows along "
+                 "the trajectory (in bf16 next to the reference's own drift from the float64 run).",
+        )]
+
+
+COMPONENT = SchedulerComponent()

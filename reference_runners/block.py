@@ -1,0 +1,254 @@
+"""Transformer-block references: diffusers' real ``HeliosTransformerBlock`` and ``WanTransformerBlock``.
+
+Block inputs are built as ``HeliosTransformer3DModel`` / ``WanTransformer3DModel`` build them
+(rotary embedding from the real ``HeliosRotaryPosEmbed`` / ``WanRotaryPosEmbed``, per-token
+timestep projections with the t = 0 projection for history tokens; ``tests/test_block.py``
+checks this against the real models). Nothing captured is recomputed here:
+
+- module outputs (norms, q/k/v projections, q/k norms, attention outputs, FFN) via forward hooks;
+- values that are no module's output are recorded as the real code produces them: the
+  module-level functions the processors call (``apply_rotary_emb_transposed``,
+  ``dispatch_attention_fn``) are wrapped to record their arguments / results, and the block's
+  own local variables (modulation vectors, modulated norms, residual sums) are read by a
+  tracer as ``forward`` assigns them.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from diffusers.models.transformers import transformer_helios, transformer_wan
+
+from parity.capture import Capture, CaptureError, capture_torch, to_numpy
+
+#: Norm / scale parameters diffusers initialises to ones or zeros; randomised so that a port
+#: ignoring one of them cannot pass (a checkpoint's values are never exactly 1).
+_PERTURBED = ("norm_q", "norm_k", "norm2", "history_key_scale")
+
+
+@dataclass
+class Reference:
+    """A real diffusers block and the config its inputs are laid out by."""
+
+    block: torch.nn.Module
+    config: dict[str, Any]
+
+
+def _hooks(attn_names: tuple[str, ...] = ("attn1", "attn2")) -> dict[str, str]:
+    hooks = {"norm1": "norm1"}
+    for attn in attn_names:
+        hooks.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
+                      f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
+    hooks.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})
+    return hooks
+
+
+HOOKS = _hooks()
+_MODULATION = ("shift_msa", "scale_msa", "gate_msa", "c_shift_msa", "c_scale_msa", "c_gate_msa")
+
+
+def _locals_spec(modulation_assignment: int, residual2: int) -> dict[tuple[str, int], str]:
+    """``(local variable, n-th assignment) -> layer name`` for a block's ``forward``.
+
+    The modulation vectors are final at their 2nd assignment with a per-token temb (chunk, then
+    squeeze), their 1st otherwise; Helios' guidance cross-attention assigns ``hidden_states``
+    twice more (split, add) before the concatenated residual.
+    """
+    spec = {(name, modulation_assignment): f"modulation/{name}" for name in _MODULATION}
+    spec.update({("norm_hidden_states", 1): "norm1/modulated", ("hidden_states", 1): "residual1",
+                 ("hidden_states", residual2): "residual2", ("norm_hidden_states", 3): "norm3/modulated",
+                 ("hidden_states", residual2 + 1): "residual3"})
+    return spec
+
+
+# --- construction ------------------------------------------------------------------------------
+def _perturb(block: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if any(part in _PERTURBED for part in name.split(".")):
+                param.add_(0.1 * torch.randn_like(param))
+    return block.eval()
+
+
+def build_helios(transformer: dict[str, Any], seed: int) -> transformer_helios.HeliosTransformerBlock:
+    torch.manual_seed(seed)
+    dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    return _perturb(transformer_helios.HeliosTransformerBlock(
+        dim, transformer["ffn_dim"], transformer["num_attention_heads"], transformer["qk_norm"],
+        transformer["cross_attn_norm"], transformer["eps"], transformer["added_kv_proj_dim"],
+        guidance_cross_attn=transformer["guidance_cross_attn"], is_amplify_history=transformer["is_amplify_history"],
+        history_scale_mode=transformer["history_scale_mode"]))
+
+
+def build_wan(transformer: dict[str, Any], seed: int) -> transformer_wan.WanTransformerBlock:
+    torch.manual_seed(seed)
+    dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    return _perturb(transformer_wan.WanTransformerBlock(
+        dim, transformer["ffn_dim"], transformer["num_attention_heads"], transformer["qk_norm"],
+        transformer["cross_attn_norm"], transformer["eps"], transformer["added_kv_proj_dim"]))
+
+
+# --- inputs, laid out as the transformer models lay them out ------------------------------------
+def _tokens(grid: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``(batch, frames, height, width, dim)`` -> ``(batch, tokens, dim)`` (the models' ``flatten(2).transpose(1, 2)``)."""
+    return torch.from_numpy(grid).to(dtype).flatten(1, 3)
+
+
+def helios_rotary_emb(transformer: dict[str, Any], frame_indices: np.ndarray, height: int, width: int) -> torch.Tensor:
+    rope = transformer_helios.HeliosRotaryPosEmbed(tuple(transformer["rope_dim"]), transformer["rope_theta"])
+    emb = rope(frame_indices=torch.from_numpy(frame_indices), height=height, width=width, device="cpu")
+    return emb.flatten(2).transpose(1, 2)
+
+
+def helios_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+    """The arguments ``HeliosTransformer3DModel.forward`` passes its blocks (history first, then main tokens)."""
+    transformer = config["transformer"]
+    batch, _, height, width, _ = inputs["hidden"].shape
+    history_len = int(np.prod(inputs["history"].shape[1:4]))
+    main_len = int(np.prod(inputs["hidden"].shape[1:4]))
+    rotary = torch.cat([helios_rotary_emb(transformer, inputs["history_indices"], height, width),
+                        helios_rotary_emb(transformer, inputs["frame_indices"], height, width)], dim=1)
+    # transformer_helios.py, "zero_history_timestep": history tokens get the projection of t = 0.
+    proj_t0 = torch.from_numpy(inputs["timestep_proj_t0"]).to(dtype)
+    proj_t0 = proj_t0.unflatten(-1, (6, -1)).view(1, 6, 1, -1).expand(batch, -1, history_len, -1)
+    proj = torch.from_numpy(inputs["timestep_proj"]).to(dtype).unflatten(-1, (6, -1))
+    proj = proj.view(batch, 6, 1, -1).expand(batch, 6, main_len, -1)
+    temb = torch.cat([proj_t0, proj], dim=2).permute(0, 2, 1, 3)
+    hidden = torch.cat([_tokens(inputs["history"], dtype), _tokens(inputs["hidden"], dtype)], dim=1)
+    return {"hidden_states": hidden.contiguous(), "encoder_hidden_states": torch.from_numpy(inputs["text"]).to(dtype),
+            "temb": temb, "rotary_emb": rotary.contiguous(), "original_context_length": main_len}
+
+
+def wan_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+    """The arguments ``WanTransformer3DModel.forward`` passes its blocks (Wan 2.1: one temb per sample)."""
+    transformer = config["transformer"]
+    batch, frames, height, width, _ = inputs["hidden"].shape
+    pt, ph, pw = transformer["patch_size"]
+    head_dim = transformer["attention_head_dim"]
+    rope = transformer_wan.WanRotaryPosEmbed(head_dim, tuple(transformer["patch_size"]), transformer["rope_max_seq_len"])
+    rotary = rope(torch.zeros(batch, 1, frames * pt, height * ph, width * pw))  # only the latent's shape is used
+    temb = torch.from_numpy(inputs["timestep_proj"]).to(dtype).unflatten(1, (6, -1))
+    return {"hidden_states": _tokens(inputs["hidden"], dtype), "encoder_hidden_states": torch.from_numpy(inputs["text"]).to(dtype),
+            "temb": temb, "rotary_emb": rotary}
+
+
+# --- capture -------------------------------------------------------------------------------------
+@contextmanager
+def trace_locals(code: Any, spec: dict[tuple[str, int], str], capture: Capture) -> Iterator[None]:
+    """Record local variables of frames running ``code`` as they are assigned, per ``spec``.
+
+    ``spec`` maps ``(variable, n)`` (its n-th assignment, arguments not counted) to a layer
+    name. Values are read, never recomputed; every entry must be seen, or :class:`CaptureError`.
+    """
+    seen: dict[str, Any] = {}
+    counts: dict[str, int] = defaultdict(int)
+    recorded: set[str] = set()
+
+    def on_line(frame, event, _arg):
+        if event in ("line", "return"):
+            for name, value in frame.f_locals.items():
+                if name in seen and seen[name] is value:
+                    continue
+                seen[name] = value
+                counts[name] += 1
+                layer = spec.get((name, counts[name]))
+                if layer is not None:
+                    capture.add(layer, value)
+                    recorded.add(layer)
+        return on_line
+
+    def on_call(frame, event, _arg):
+        if event == "call" and frame.f_code is code:
+            seen.update(frame.f_locals)  # the arguments
+            return on_line
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+    missing = sorted(set(spec.values()) - recorded)
+    if missing:
+        raise CaptureError(f"{code.co_qualname} never assigned the locals for {missing}; has diffusers changed?")
+
+
+@contextmanager
+def record_calls(module: Any, name: str, calls: list[dict[str, str]], capture: Capture,
+                 arg_names: tuple[str, ...]) -> Iterator[None]:
+    """Wrap ``module.<name>`` so its i-th call records the arguments / result named in ``calls[i]``.
+
+    ``calls[i]`` maps an argument name (from ``arg_names``, positional order) or ``"out"`` to a
+    layer name. The original function computes the result; the wrapper only records.
+    """
+    original: Callable = getattr(module, name)
+    pending = iter(calls)
+
+    def wrapper(*args, **kwargs):
+        names = next(pending, None)
+        if names is None:
+            raise CaptureError(f"{module.__name__}.{name} was called more than the {len(calls)} time(s) expected")
+        bound = {**dict(zip(arg_names, args)), **kwargs}
+        for arg, layer in names.items():
+            if arg != "out":
+                capture.add(layer, bound[arg])
+        result = original(*args, **kwargs)
+        if "out" in names:
+            capture.add(names["out"], result)
+        return result
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+    if next(pending, None) is not None:
+        raise CaptureError(f"{module.__name__}.{name} was called fewer than the {len(calls)} time(s) expected")
+
+
+_ATTENTION_ARGS = ("query", "key", "value")
+
+
+def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+    block = reference.block
+    args = helios_block_inputs(reference.config, inputs, dtype)
+    amplified = block.attn1.is_amplify_history and args["hidden_states"].shape[1] > args["original_context_length"]
+    attn1 = {"key": "attn1/k_history_scaled", "out": "attn1/attention"} if amplified else {"out": "attn1/attention"}
+    residual2 = 4 if block.guidance_cross_attn else 2
+    with ExitStack() as stack:
+        stack.enter_context(capture_torch(block, capture, HOOKS))
+        stack.enter_context(record_calls(transformer_helios, "apply_rotary_emb_transposed",
+                                         [{"out": "attn1/q_rope"}, {"out": "attn1/k_rope"}], capture, ()))
+        stack.enter_context(record_calls(transformer_helios, "dispatch_attention_fn",
+                                         [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
+        stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(2, residual2), capture))
+        block(**args)
+
+
+def run_wan(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+    block = reference.block
+    args = wan_block_inputs(reference.config, inputs, dtype)
+    attn1 = {"query": "attn1/q_rope", "key": "attn1/k_rope", "out": "attn1/attention"}  # RoPE is nested in the processor
+    with ExitStack() as stack:
+        stack.enter_context(capture_torch(block, capture, HOOKS))
+        stack.enter_context(record_calls(transformer_wan, "dispatch_attention_fn",
+                                         [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
+        stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(args["temb"].ndim - 2, 2), capture))
+        block(**args)
+
+
+def run_recurrent(reference: Reference, args: dict[str, Any], steps: int) -> list[np.ndarray]:
+    """The block applied ``steps`` times with shared weights, each output fed back as input."""
+    outputs = []
+    hidden = args["hidden_states"]
+    with torch.no_grad():
+        for _ in range(steps):
+            hidden = reference.block(**{**args, "hidden_states": hidden})
+            outputs.append(to_numpy(hidden)[0])
+    return outputs

@@ -1,0 +1,218 @@
+"""Scheduler reference: the real ``diffusers.HeliosDMDScheduler`` driven by the Helios pyramid loop.
+
+What is real diffusers code and what mirrors it:
+
+- every schedule, ``set_timesteps``, ``time_shift``, ``step`` (x0 conversion and DMD re-noise)
+  is the real ``HeliosDMDScheduler``, called with the arguments ``HeliosPyramidPipeline.__call__``
+  passes (``cur_sampling_step``, ``dmd_noisy_tensor``, ``dmd_sigmas``, ``dmd_timesteps``, ``all_timesteps``);
+- ``mu`` is the pipeline module's real ``calculate_shift``, and block noise its real
+  ``HeliosPyramidPipeline.sample_block_noise``, called unbound on a minimal object holding only
+  the scheduler. Importing the pipeline module needs ``transformers`` (its text encoder), which
+  this harness does not install, so both functions are compiled from the installed pipeline's
+  source file, unmodified (:func:`pipeline_functions`). The one ``torch.randn`` draw of
+  ``sample_block_noise`` is replaced, for that call only, by the shared numpy draws
+  (:func:`shared_randn`), so both sides get the same noise;
+- the rest of the stage transition lives inline in ``HeliosPyramidPipeline.__call__`` and cannot
+  be called; :func:`run_pyramid` reproduces it line for line with the same torch ops
+  (bilinear ``F.interpolate`` * 2 down to stage 0; per stage: ``calculate_shift`` on the current
+  latents, ``set_timesteps``, nearest ``F.interpolate`` up, ``alpha * latents + beta * block noise``).
+
+The transformer is replaced by :class:`StandInDenoiser`, a fixed random channel map + tanh,
+identical to the MLX side's. Latents are recorded channels-last (``b f h w c``), the layout of
+the MLX port.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import HeliosDMDScheduler
+
+from parity.capture import Capture
+
+
+class StandInDenoiser(torch.nn.Module):
+    """``flow = tanh(W x + b + time * t / 1000)`` over channels: a deterministic stand-in transformer."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(channels, channels)
+        self.time = torch.nn.Parameter(torch.zeros(channels))
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = latents.movedim(1, -1)
+        t = (timestep.to(x.dtype) / 1000).view(-1, 1, 1, 1, 1)
+        return torch.tanh(self.proj(x) + t * self.time).movedim(-1, 1)
+
+
+class Reference(torch.nn.Module):
+    """The scheduler under test, the pipeline's sampling settings and the stand-in denoiser (the only weights)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.scheduler = HeliosDMDScheduler(**config["scheduler"])
+        self.denoiser = StandInDenoiser(config["channels"])
+        self.steps = list(config["steps"])
+        self.patch_size = tuple(config["patch_size"])
+        self.is_amplify_first_chunk = bool(config["is_amplify_first_chunk"])
+
+
+def channels_last(latents: torch.Tensor) -> torch.Tensor:
+    return latents.permute(0, 2, 3, 4, 1)
+
+
+def schedule_arrays(scheduler: HeliosDMDScheduler) -> dict[str, np.ndarray]:
+    """The construction-time schedules: training sigmas, per-stage start/end sigmas, ratios, stage timesteps."""
+    stages = range(scheduler.config.stages)
+    return {
+        "sigmas": scheduler.sigmas.numpy(),  # the global training sigmas until set_timesteps is called
+        "ori_start_sigmas": np.array([scheduler.ori_start_sigmas[s] for s in stages]),
+        "start_sigmas": np.array([scheduler.start_sigmas[s] for s in stages]),
+        "end_sigmas": np.array([scheduler.end_sigmas[s] for s in stages]),
+        "timestep_ratios": np.array([scheduler.timestep_ratios[s] for s in stages]),
+        "timesteps_per_stage": np.stack([scheduler.timesteps_per_stage[s].numpy() for s in stages]),
+        "sigmas_per_stage": np.stack([scheduler.sigmas_per_stage[s].numpy() for s in stages]),
+    }
+
+
+def time_shift_curves(config: dict, mu_grid: Sequence[float], t: np.ndarray) -> dict[str, np.ndarray]:
+    """``time_shift(mu, 1, t)`` for every mu of the grid (rows), linear and exponential."""
+    t = torch.from_numpy(t)
+    curves = {}
+    for kind in ("linear", "exponential"):
+        scheduler = HeliosDMDScheduler.from_config(config, time_shift_type=kind)
+        curves[kind] = torch.stack([scheduler.time_shift(float(mu), 1.0, t) for mu in mu_grid]).numpy()
+    return curves
+
+
+PIPELINE_MODULE = "diffusers.pipelines.helios.pipeline_helios_pyramid"
+
+
+@cache
+def pipeline_functions() -> SimpleNamespace:
+    """``calculate_shift`` and ``HeliosPyramidPipeline.sample_block_noise`` from the installed pipeline's source.
+
+    Their definitions are compiled as they are, in a namespace holding what they use (``torch``, ``math``).
+    """
+    path = Path(importlib.util.find_spec(PIPELINE_MODULE).origin)
+    tree = ast.parse(path.read_text(), str(path))
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "HeliosPyramidPipeline"]
+    wanted = {"calculate_shift": tree.body, "sample_block_noise": classes[0].body if classes else []}
+    found = [node for name, body in wanted.items() for node in body
+             if isinstance(node, ast.FunctionDef) and node.name == name]
+    if len(found) != len(wanted):
+        raise RuntimeError(f"{path}: expected module function calculate_shift and method "
+                           f"HeliosPyramidPipeline.sample_block_noise, found {[f.name for f in found]}")
+    namespace = {"torch": torch, "math": math}
+    exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), namespace)
+    return SimpleNamespace(**{name: namespace[name] for name in wanted})
+
+
+@contextmanager
+def shared_randn(draws: np.ndarray) -> Iterator[None]:
+    """Make the one ``torch.randn`` call inside the block return ``draws`` (float32), checking its shape."""
+    original = torch.randn
+    calls = []
+
+    def randn(*size, **_kwargs):
+        if tuple(size) != draws.shape:
+            raise ValueError(f"block noise: the pipeline draws {tuple(size)}, the shared draws are {draws.shape}")
+        if calls:
+            raise RuntimeError("block noise: torch.randn called more than once")
+        calls.append(size)
+        return torch.from_numpy(draws.astype(np.float32))
+
+    torch.randn = randn
+    try:
+        yield
+    finally:
+        torch.randn = original
+
+
+def sample_block_noise(scheduler: HeliosDMDScheduler, shape: Sequence[int], patch_size: Sequence[int],
+                       draws: np.ndarray) -> torch.Tensor:
+    """The pipeline's own ``sample_block_noise`` on the shared draws."""
+    pipe = SimpleNamespace(scheduler=scheduler)
+    with shared_randn(draws):
+        return pipeline_functions().sample_block_noise(pipe, *shape, tuple(patch_size), None, torch.Generator())
+
+
+def run_pyramid(reference: Reference, latents: torch.Tensor, draws: Sequence[np.ndarray], dtype: torch.dtype,
+                capture: Capture) -> torch.Tensor:
+    """``HeliosPyramidPipeline.__call__``'s distilled sampling of one chunk (see the module docstring).
+
+    ``draws[s - 1]``: the normal draws of stage s's block noise; ``dtype``: the model's dtype.
+    """
+    scheduler, denoiser = reference.scheduler, reference.denoiser
+    steps, patch_size = reference.steps, reference.patch_size
+    batch_size, num_channels, num_frames, height, width = latents.shape
+    num_stages = len(steps)
+
+    latents = latents.permute(0, 2, 1, 3, 4).reshape(batch_size * num_frames, num_channels, height, width)
+    for _ in range(num_stages - 1):
+        height //= 2
+        width //= 2
+        latents = F.interpolate(latents, size=(height, width), mode="bilinear") * 2
+    latents = latents.reshape(batch_size, num_frames, num_channels, height, width).permute(0, 2, 1, 3, 4)
+    capture.add("stage0/downsample", channels_last(latents))
+    start_point_list = [latents]
+
+    for stage_idx in range(num_stages):
+        image_seq_len = (latents.shape[-1] * latents.shape[-2] * latents.shape[-3]) // math.prod(patch_size)
+        mu = pipeline_functions().calculate_shift(image_seq_len)  # the scheduler config has no base/max shift keys
+        scheduler.set_timesteps(steps[stage_idx], stage_idx, mu=mu,
+                                 is_amplify_first_chunk=reference.is_amplify_first_chunk)
+        timesteps = scheduler.timesteps
+        capture.add(f"stage{stage_idx}/timesteps", timesteps)
+        capture.add(f"stage{stage_idx}/sigmas", scheduler.sigmas)
+
+        if stage_idx > 0:
+            height *= 2
+            width *= 2
+            latents = latents.permute(0, 2, 1, 3, 4).reshape(batch_size * num_frames, num_channels,
+                                                             height // 2, width // 2)
+            latents = F.interpolate(latents, size=(height, width), mode="nearest")
+            latents = latents.reshape(batch_size, num_frames, num_channels, height, width).permute(0, 2, 1, 3, 4)
+            ori_sigma = 1 - scheduler.ori_start_sigmas[stage_idx]
+            gamma = scheduler.config.gamma
+            alpha = 1 / (math.sqrt(1 + (1 / gamma)) * (1 - ori_sigma) + ori_sigma)
+            beta = alpha * (1 - ori_sigma) / math.sqrt(gamma)
+            noise = sample_block_noise(scheduler, latents.shape, patch_size, draws[stage_idx - 1]).to(dtype=dtype)
+            latents = alpha * latents + beta * noise
+            start_point_list.append(latents)
+            capture.add(f"stage{stage_idx}/transition", channels_last(latents))
+
+        for i, t in enumerate(timesteps):
+            timestep = t.expand(latents.shape[0]).to(torch.int64)
+            noise_pred = denoiser(latents.to(dtype), timestep)
+            latents = scheduler.step(
+                noise_pred, t, latents, return_dict=False, cur_sampling_step=i,
+                dmd_noisy_tensor=start_point_list[stage_idx], dmd_sigmas=scheduler.sigmas,
+                dmd_timesteps=scheduler.timesteps, all_timesteps=timesteps,
+            )[0]
+            capture.add(f"stage{stage_idx}/step{i}", channels_last(latents))
+    return latents
+
+
+def run(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+    """Record the construction schedules, the time-shift curves, then the whole pyramid trajectory.
+
+    Latents start in float32 as the pipeline's ``prepare_latents(dtype=torch.float32)`` makes them
+    (float64 in the float64 truth run); ``dtype`` is the model's dtype.
+    """
+    for name, array in schedule_arrays(reference.scheduler).items():
+        capture.add(f"construction/{name}", array)
+    for kind, curve in time_shift_curves(reference.scheduler.config, inputs["mu_grid"], inputs["t_grid"]).items():
+        capture.add(f"time_shift/{kind}", curve)
+    latents = torch.from_numpy(inputs["latents"]).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    draws = [inputs[f"block_noise/stage{s}"] for s in range(1, len(reference.steps))]
+    run_pyramid(reference, latents, draws, dtype, capture)
