@@ -4,8 +4,16 @@ Mirrors diffusers' ``HeliosTransformerBlock`` / ``WanTransformerBlock``: modulat
 ``scale_shift_table + temb`` in float32; norm1 -> self-attention (q/k RMS norm across heads,
 RoPE) -> gated residual; norm2 -> cross-attention to text -> residual; norm3 -> modulated
 GELU-tanh FFN -> gated residual. Norms, modulation and the gated residual sums run in float32
-and are cast back to the model dtype exactly where diffusers casts; the cross-attention residual
-is a plain add in the model dtype, as there. Tokens are channels-last ``(batch, tokens, dim)``.
+and are cast back to the stream's dtype exactly where diffusers casts; the cross-attention
+residual is a plain add in the stream's dtype, as there. Tokens are channels-last
+``(batch, tokens, dim)``.
+
+Precision follows the weights and the input, so one implementation serves both ways the block
+is run: all in the model dtype (diffusers' ``torch_dtype=bfloat16``: bf16 input and weights),
+or mixed precision as the official Wan / Helios inference runs it (float32 residual stream,
+norms and modulation; bf16 Linear weights; ``torch.autocast(bfloat16)``): each Linear casts its
+input to its weight's dtype (:func:`linear`), so the stream stays float32 between sub-layers
+while the matmuls and attention run in bf16.
 
 Helios extras: history tokens precede the ``original_context_length`` main tokens; with
 ``guidance_cross_attn`` only the main tokens attend to the text, and with ``is_amplify_history``
@@ -24,6 +32,8 @@ from mlx_impl.taps import tap, tap_scope
 MODULATION = ("shift_msa", "scale_msa", "gate_msa", "c_shift_msa", "c_scale_msa", "c_gate_msa")
 #: Parameters diffusers keeps in float32 in a bf16 model (``_keep_in_fp32_modules``).
 KEEP_FLOAT32 = ("scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
+#: In mixed precision everything but the Linear layers stays float32 (autocast runs only those in bf16).
+KEEP_FLOAT32_MIXED = (*KEEP_FLOAT32, "norm_q", "norm_k")
 #: Upper bound of the history key scale (diffusers' ``HeliosAttention.max_scale``).
 MAX_HISTORY_SCALE = 10.0
 
@@ -31,6 +41,18 @@ MAX_HISTORY_SCALE = 10.0
 def convert_key(key: str, array):
     """diffusers key -> MLX key: ``ffn.net.0.proj`` / ``ffn.net.2`` are ``ffn.proj_in`` / ``ffn.proj_out`` here."""
     return key.replace("ffn.net.0.proj.", "ffn.proj_in.").replace("ffn.net.2.", "ffn.proj_out."), array
+
+
+def linear(layer: nn.Linear, x: mx.array) -> mx.array:
+    """``layer(x)`` computed in the layer's weight dtype, as under ``torch.autocast`` (a no-op unless mixed)."""
+    return layer(x.astype(layer.weight.dtype))
+
+
+def rms_norm(norm: nn.RMSNorm, x: mx.array) -> mx.array:
+    """``norm(x)`` in x's dtype; with a wider (float32) weight, computed in it and rounded once, as torch's ``rms_norm``."""
+    if norm.weight.dtype == x.dtype:
+        return norm(x)
+    return norm(x.astype(norm.weight.dtype)).astype(x.dtype)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
@@ -67,8 +89,9 @@ class Attention(nn.Module):
     def qkv(self, x: mx.array, context: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """Projections, q/k norm, and the split into heads ``(batch, tokens, heads, head_dim)``."""
         context = x if context is None else context
-        q, k, v = tap("q", self.to_q(x)), tap("k", self.to_k(context)), tap("v", self.to_v(context))
-        q, k = tap("q_norm", self.norm_q(q)), tap("k_norm", self.norm_k(k))
+        q, k, v = (tap(n, linear(layer, t)) for n, layer, t in (("q", self.to_q, x), ("k", self.to_k, context),
+                                                                ("v", self.to_v, context)))
+        q, k = tap("q_norm", rms_norm(self.norm_q, q)), tap("k_norm", rms_norm(self.norm_k, k))
         return tuple(t.reshape(*t.shape[:2], self.heads, -1) for t in (q, k, v))
 
     def rotate(self, q: mx.array, k: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
@@ -87,7 +110,7 @@ class Attention(nn.Module):
         return tap("attention", out.transpose(0, 2, 1, 3))
 
     def project_out(self, out: mx.array) -> mx.array:
-        return tap("out", self.to_out[0](out.reshape(*out.shape[:2], -1)))
+        return tap("out", linear(self.to_out[0], out.reshape(*out.shape[:2], -1)))
 
 
 class FeedForward(nn.Module):
@@ -97,7 +120,7 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(inner_dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return tap("out", self.proj_out(tap("hidden", gelu_tanh(self.proj_in(x)))))
+        return tap("out", linear(self.proj_out, tap("hidden", gelu_tanh(linear(self.proj_in, x)))))
 
 
 class TransformerBlock(nn.Module):

@@ -88,11 +88,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norms if norms else float(np.array_equal(a, b))
 
 
-def first_failing_step(series: dict[str, list[float]], bound: float) -> int | None:
-    """Index of the first step whose error growth exceeds ``bound`` or whose HF ratio leaves ``[1/bound, bound]``."""
+def first_failing_step(series: dict[str, list[float]], bound: float, level_bound: float | None = None) -> int | None:
+    """Index of the first failing step, or None.
+
+    A step fails when its error growth exceeds ``bound``, its HF ratio leaves
+    ``[1/bound, bound]``, or (with ``level_bound``) its error ratio itself exceeds
+    ``level_bound`` -- the precision budget applied to each step's output, which catches an
+    error that is too large from the first step on and so never grows relative to it.
+    """
     hf_deviation = [max(r, 1.0 / r) if r > 0 else math.inf for r in series["hf_ratio"]]
-    failing = [i for i in (first_exceeding(series["error_growth"], bound), first_exceeding(hf_deviation, bound))
-               if i is not None]
+    checks = [first_exceeding(series["error_growth"], bound), first_exceeding(hf_deviation, bound)]
+    if level_bound is not None:
+        checks.append(first_exceeding(series["error_ratio"], level_bound))
+    failing = [i for i in checks if i is not None]
     return min(failing) if failing else None
 
 

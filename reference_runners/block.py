@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -33,10 +33,18 @@ _PERTURBED = ("norm_q", "norm_k", "norm2", "history_key_scale")
 
 @dataclass
 class Reference:
-    """A real diffusers block and the config its inputs are laid out by."""
+    """A real diffusers block, the config its inputs are laid out by, and its compute precision.
+
+    ``autocast`` (a torch dtype name) runs the block under ``torch.autocast("cpu", autocast)``:
+    mixed precision with the block's own (float32) dtype for the residual stream.
+    """
 
     block: torch.nn.Module
     config: dict[str, Any]
+    autocast: str | None = None
+
+    def precision(self) -> AbstractContextManager:
+        return nullcontext() if self.autocast is None else torch.autocast("cpu", dtype=getattr(torch, self.autocast))
 
 
 def _hooks(attn_names: tuple[str, ...] = ("attn1", "attn2")) -> dict[str, str]:
@@ -228,6 +236,7 @@ def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch
         stack.enter_context(record_calls(transformer_helios, "dispatch_attention_fn",
                                          [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
         stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(2, residual2), capture))
+        stack.enter_context(reference.precision())
         block(**args)
 
 
@@ -240,6 +249,7 @@ def run_wan(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dt
         stack.enter_context(record_calls(transformer_wan, "dispatch_attention_fn",
                                          [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
         stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(args["temb"].ndim - 2, 2), capture))
+        stack.enter_context(reference.precision())
         block(**args)
 
 
@@ -247,7 +257,7 @@ def run_recurrent(reference: Reference, args: dict[str, Any], steps: int) -> lis
     """The block applied ``steps`` times with shared weights, each output fed back as input."""
     outputs = []
     hidden = args["hidden_states"]
-    with torch.no_grad():
+    with torch.no_grad(), reference.precision():
         for _ in range(steps):
             hidden = reference.block(**{**args, "hidden_states": hidden})
             outputs.append(to_numpy(hidden)[0])

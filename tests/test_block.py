@@ -34,6 +34,11 @@ def _transformer(name, **changes):
     return {"transformer": {**get(name).load_config()["transformer"], **changes}}
 
 
+#: Mixed precision as the official inference runs it (float32 stream, bf16 matmuls), with a
+#: residual stream 4x a block's update, as in fixtures/configs/block_mixed.json.
+MIXED = {"stream": "float32", "stream_scale": 4.0}
+
+
 # --- parity ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", BLOCKS)
@@ -57,6 +62,33 @@ def test_bfloat16_parity(name, seed):
     assert max(series["error_ratio"]) < 1.5 and min(series["hf_ratio"]) > 0.99
 
 
+@pytest.mark.parametrize("name,seed", [("block", 1), ("wan_block", 2)])
+def test_mixed_precision_parity(name, seed):
+    """float32 stream, bf16 matmuls: the real block under torch.autocast vs ours with bf16 Linear weights."""
+    result = run_component(name, "bfloat16", seed=seed, out_dir=None, overrides=MIXED)
+    assert result.verdict == "PASS", result.first_divergence
+    assert [l.name for l in result.layers] == HELIOS_LAYERS
+    dtypes = {l.name: l.dtype_ref for l in result.layers}
+    assert all(l.dtype_mlx == l.dtype_ref for l in result.layers), "a tensor is not in the dtype autocast gives it"
+    assert {dtypes[n] for n in ("norm1/modulated", "residual1", "residual2", "residual3")} == {"float32"}
+    assert {dtypes[n] for n in ("attn1/q", "attn1/attention", "attn2/out", "ffn/hidden", "ffn/out")} == {"bfloat16"}
+    assert all(l.metrics["budget_ratio"] <= 2.0 for l in result.layers)
+    drift = _drift(result)
+    assert drift.passed and max(drift.data["series"]["error_ratio"]) < 1.5
+
+
+def test_mixed_precision_config_file():
+    from parity.component import CONFIG_DIR
+
+    config = get("block").load_config(CONFIG_DIR / "block_mixed.json")
+    assert config == {**get("block").load_config(), **MIXED}
+
+
+def test_unknown_stream_is_named():
+    with pytest.raises(ValueError, match=r"stream must be one of \('model', 'float32'\), got 'bf16'"):
+        run_component("block", "bfloat16", out_dir=None, overrides={"stream": "bf16"})
+
+
 @pytest.mark.parametrize("mode,guidance", [("per_head", True), ("scalar", False)])
 def test_history_key_amplification_float32(mode, guidance):
     overrides = _transformer("block", is_amplify_history=True, history_scale_mode=mode, guidance_cross_attn=guidance)
@@ -69,9 +101,19 @@ def test_history_key_amplification_has_no_bf16_reference():
     """diffusers keeps history_key_scale in float32, so its bf16 keys turn float32 and its SDPA refuses them.
 
     If this starts passing, diffusers fixed it and bf16 parity of the amplified path can be added.
+    Under autocast (mixed precision) it runs: test_history_key_amplification_mixed_precision.
     """
     with pytest.raises(RuntimeError, match="same dtype"):
         run_component("block", "bfloat16", out_dir=None, overrides=_transformer("block", is_amplify_history=True))
+
+
+def test_history_key_amplification_mixed_precision():
+    """Under autocast the scaled keys stay float32 until SDPA rounds them to bf16; ours rounds them right away: same values."""
+    overrides = {**_transformer("block", is_amplify_history=True), **MIXED}
+    result = run_component("block", "bfloat16", out_dir=None, overrides=overrides)
+    assert result.verdict == "PASS", result.first_divergence
+    layer = result.layer("attn1/k_history_scaled")
+    assert (layer.dtype_ref, layer.dtype_mlx) == ("float32", "bfloat16") and layer.metrics["budget_ratio"] <= 2.0
 
 
 def test_capture_does_not_change_results():
@@ -176,16 +218,22 @@ def test_fault_modulation_in_bf16_caught_by_budget_not_by_cosine(monkeypatch):
     assert layer.metrics["budget_ratio"] > 100 and "precision budget" in layer.reasons[0]
 
 
-def test_bf16_residual_adds_are_rounding_equivalent_to_diffusers(monkeypatch):
-    """`x + update * gate` all in bf16 instead of in float32 and rounded once.
-
-    diffusers itself rounds the residual stream to bf16 after every add, so the port only adds
-    one bf16 rounding of the update, never larger than the update's own inherited error: the
-    budget cannot (and should not) flag it, and it does not compound over 24 applications.
-    Pinned so a regression that does make residuals drift is noticed.
-    """
+def _bf16_residual_adds(monkeypatch):
+    """The zoom bug: ``x + update * gate`` computed and returned in bf16, so the stream continues from the rounded sum."""
     monkeypatch.setattr(block.TransformerBlock, "gated_residual",
-                        staticmethod(lambda x, u, g: x + u.astype(x.dtype) * g.astype(x.dtype)))
+                        staticmethod(lambda x, u, g: x.astype(mx.bfloat16) + u.astype(mx.bfloat16) * g.astype(mx.bfloat16)))
+
+
+def test_bf16_residual_adds_are_rounding_equivalent_to_diffusers(monkeypatch):
+    """In a plain bf16 model ("stream": "model") diffusers itself rounds the stream to bf16 after every add.
+
+    So the port only adds one bf16 rounding of the update, never larger than the update's own
+    inherited error: the budget cannot (and should not) flag it, and it does not compound over
+    24 applications. The bug is real only against a float32 stream, where it is caught
+    (test_fault_bf16_residual_adds_in_mixed_precision). Pinned so a regression that does make
+    residuals drift is noticed.
+    """
+    _bf16_residual_adds(monkeypatch)
     result = run_component("block", "bfloat16", out_dir=None, overrides={"drift_steps": 24})
     assert result.verdict == "PASS", result.first_divergence
     for name in ("residual1", "residual2", "residual3"):
@@ -193,6 +241,28 @@ def test_bf16_residual_adds_are_rounding_equivalent_to_diffusers(monkeypatch):
         assert result.layer(name).metrics["budget_ratio"] < 1.2
     series = _drift(result).data["series"]
     assert max(series["error_ratio"]) < 1.2 and min(series["hf_ratio"]) > 0.99
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_fault_bf16_residual_adds_in_mixed_precision(monkeypatch, name):
+    """The zoom bug against the official float32-stream inference: caught by the precision budget and the drift test.
+
+    Every layer before the first residual add is right; the rounded stream costs ~4x the
+    reference's own error at residual1 while its cosine stays > 0.9999 (a cosine gate passes it),
+    and every recurrent application's output stays over the budget.
+    """
+    _bf16_residual_adds(monkeypatch)
+    result = run_component(name, "bfloat16", out_dir=None, overrides=MIXED)
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == "residual1"
+    assert all(l.verdict == "PASS" for l in result.layers[:HELIOS_LAYERS.index("residual1")])
+    residual1 = result.layer("residual1")
+    assert residual1.metrics["cosine"] > 0.99  # per-call cosine: a naive cosine gate would pass it
+    assert residual1.metrics["budget_ratio"] > 3 and "precision budget" in residual1.reasons[0]
+    drift = _drift(result)
+    assert drift.passed is False and drift.failing == "drift/step1"
+    series = drift.data["series"]
+    assert min(series["error_ratio"]) > 2.0 and min(series["cosine"]) > 0.9999
 
 
 @pytest.mark.parametrize("name", BLOCKS)

@@ -99,6 +99,19 @@ def test_drift_series_zoom_signature():
     assert step == 2  # the first blurred step already exceeds the error budget
 
 
+def test_first_failing_step_level_bound_catches_a_constant_excess():
+    """A test 4x noisier than the reference on every step: flat, so only the level check fails it."""
+    truth, ref, _ = _recurrence()
+    rng = np.random.default_rng(1)
+    test = [t + 4e-3 * rng.standard_normal(t.shape) for t in truth]
+    series = drift.drift_series(truth, ref, test, to_grid=lambda x: x, cutoff=0.5)
+    assert all(3 < r < 5 for r in series["error_ratio"]) and max(series["error_growth"]) < 1.2
+    assert drift.first_failing_step(series, 2.0) is None
+    assert drift.first_failing_step(series, 2.0, level_bound=2.0) == 0
+    flat = drift.drift_series(*_recurrence(), to_grid=lambda x: x, cutoff=0.5)
+    assert drift.first_failing_step(flat, 2.0, level_bound=2.0) is None
+
+
 def test_drift_series_rejects_mismatched_runs():
     truth, ref, test = _recurrence()
     with pytest.raises(ValueError, match="step counts differ"):

@@ -11,7 +11,6 @@ from mlx_impl import block as mlx_block
 from mlx_impl import rope as mlx_rope
 from parity import drift
 from parity.components.block import BlockComponent, MlxBlock, bf16_exact
-from parity.weights import strict_load
 
 
 class WanBlockComponent(BlockComponent):
@@ -23,7 +22,7 @@ class WanBlockComponent(BlockComponent):
         dim, batch = self.dim(config), config["batch"]
         shape = (batch, config["frames"], config["height"], config["width"], dim)
         return {
-            "hidden": bf16_exact(drift.structured_grid(seed, "wan_block/hidden", shape)),
+            "hidden": self.stream_grid(config, seed, "wan_block/hidden", shape),
             "text": bf16_exact(normal(seed, "wan_block/text", (batch, config["text_len"], dim))),
             "timestep_proj": bf16_exact(normal(seed, "wan_block/timestep_proj", (batch, 6 * dim), config["temb_scale"])),
         }
@@ -38,26 +37,25 @@ class WanBlockComponent(BlockComponent):
 
         from reference_runners import block as ref_runner
 
-        return ref_runner.wan_block_inputs(reference.config, inputs, getattr(torch, dtype))
+        stream = self.stream_dtype(reference.config, dtype)
+        return ref_runner.wan_block_inputs(reference.config, inputs, getattr(torch, stream))
 
     def run_reference(self, reference: Any, inputs: dict, dtype: str, capture) -> None:
         import torch
 
         from reference_runners import block as ref_runner
 
-        ref_runner.run_wan(reference, inputs, getattr(torch, dtype), capture)
+        ref_runner.run_wan(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture)
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
         t = config["transformer"]
         block = mlx_block.WanTransformerBlock(self.dim(config), t["ffn_dim"], t["num_attention_heads"],
                                               t["cross_attn_norm"], t["eps"])
-        strict_load(block, weights, convert=mlx_block.convert_key, dtype=getattr(mx, dtype),
-                    keep_float32=mlx_block.KEEP_FLOAT32)
-        return MlxBlock(block, config)
+        return self.load_mlx(block, config, weights, dtype)
 
     def mlx_inputs(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
         """The block's arguments: tokens, the ``(batch, 6, dim)`` timestep projection, RoPE cos/sin."""
-        t, mx_dtype = model.config["transformer"], getattr(mx, dtype)
+        t, mx_dtype = model.config["transformer"], getattr(mx, self.stream_dtype(model.config, dtype))
         batch, frames, height, width, dim = inputs["hidden"].shape
         tables = mlx_rope.wan_rope_tables(t["attention_head_dim"], t["rope_max_seq_len"])
         return {"x": mx.array(inputs["hidden"]).reshape(batch, -1, dim).astype(mx_dtype),
