@@ -83,16 +83,22 @@ class Component(ABC):
     alignment: dict[str, str] = {}
     #: Module names diffusers keeps in float32 when loading in bf16 (its ``_keep_in_fp32_modules``).
     keep_fp32_modules: tuple[str, ...] = ()
+    #: Module of ``reference_runners`` whose ``run`` the default ``run_reference`` calls.
+    reference_runner: str = ""
+    #: Attribute of the reference whose weights the component compares (None: the whole reference).
+    reference_submodule: str | None = None
     #: The part of the component config a diffusers ``config.json`` given with ``--config`` replaces.
     diffusers_config_key: str | None = None
+    #: The file a diffusers model folder keeps that config in.
+    diffusers_config_file: str = "config.json"
 
     # --- configuration and inputs -------------------------------------------------------
     def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
         """The component's config: the tiny default in ``fixtures/configs``, or a user's file.
 
         A user's file is either a whole component config (a JSON object like the default one), or,
-        for components that set ``diffusers_config_key``, a diffusers ``config.json`` (file or
-        model folder): that replaces the default's ``diffusers_config_key`` part.
+        for components that set ``diffusers_config_key``, a diffusers config (file, or the model
+        folder holding ``diffusers_config_file``): that replaces the default's ``diffusers_config_key`` part.
         """
         default = CONFIG_DIR / f"{self.name}.json"
         if path is None:
@@ -102,6 +108,7 @@ class Component(ABC):
             return _read_json(Path(path), self.name)
         from parity.weights import read_config
 
+        path = Path(path) / self.diffusers_config_file if Path(path).is_dir() else path
         return {**_read_json(default, self.name),
                 key: {k: v for k, v in read_config(path).items() if not k.startswith("_")}}
 
@@ -115,17 +122,21 @@ class Component(ABC):
         """The diffusers reference, randomly initialised from ``seed`` (float32)."""
 
     def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
-        """The reference with a real checkpoint's weights, loaded strictly."""
+        """The reference with a real checkpoint's weights loaded strictly into its ``reference_submodule``."""
         from parity.weights import load_torch_strict
 
-        module = self.build_reference(config, seed=0)
-        load_torch_strict(module, weights)
-        return module
+        reference = self.build_reference(config, seed=0)
+        load_torch_strict(self._weights_module(reference), weights)
+        return reference
 
     def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
-        """The reference's state dict as float32 numpy arrays (what a checkpoint would hold)."""
-        state = reference.state_dict() if hasattr(reference, "state_dict") else {}
+        """The ``reference_submodule``'s state dict as float32 numpy arrays (what a checkpoint would hold)."""
+        module = self._weights_module(reference)
+        state = module.state_dict() if hasattr(module, "state_dict") else {}
         return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+
+    def _weights_module(self, reference: Any) -> Any:
+        return getattr(reference, self.reference_submodule) if self.reference_submodule else reference
 
     def cast_reference(self, reference: Any, dtype: str) -> Any:
         """A copy of the reference in ``dtype`` ("float32", "bfloat16" or "float64").
@@ -143,9 +154,15 @@ class Component(ABC):
                 tensor.data = tensor.data.to(target)
         return module
 
-    @abstractmethod
     def run_reference(self, reference: Any, inputs: dict[str, np.ndarray], dtype: str, capture: "Capture") -> None:
-        """Run the reference in ``dtype`` on ``inputs``, recording named tensors into ``capture``."""
+        """Run the reference in ``dtype`` on ``inputs``, recording named tensors into ``capture``.
+
+        By default: ``reference_runners.<reference_runner>.run(reference, inputs, torch_dtype, capture)``.
+        """
+        import torch
+
+        runner = importlib.import_module(f"reference_runners.{self.reference_runner}")
+        runner.run(reference, inputs, getattr(torch, dtype), capture)
 
     # --- MLX side -----------------------------------------------------------------------
     @abstractmethod

@@ -32,7 +32,7 @@ from mlx_impl import rope as mlx_rope
 from parity import drift
 from parity.capture import Capture, capture_mlx
 from parity.component import Component, RunContext, Section
-from parity.weights import load_torch_strict, read_config, strict_load
+from parity.weights import read_config, strict_load
 
 
 def bf16_exact(x: np.ndarray) -> np.ndarray:
@@ -59,6 +59,7 @@ STREAMS = ("model", "float32")
 class BlockComponent(Component):
     name = "block"
     description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
+    reference_submodule = "block"
     weights_prefix = "blocks.0."
     keep_fp32_modules = mlx_block.KEEP_FLOAT32
 
@@ -129,14 +130,6 @@ class BlockComponent(Component):
         from reference_runners import block as reference
 
         return reference.Reference(reference.build_helios(config["transformer"], seed), config)
-
-    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
-        ref = self.build_reference(config, seed=0)
-        load_torch_strict(ref.block, weights)
-        return ref
-
-    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
-        return super().reference_weights(reference.block)
 
     def cast_reference(self, reference: Any, dtype: str) -> Any:
         """The block in ``dtype``; in mixed precision, float32 and run under autocast to ``dtype``."""

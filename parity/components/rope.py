@@ -16,6 +16,7 @@ from parity.component import Component
 class RopeComponent(Component):
     name = "rope"
     description = "Helios HeliosRotaryPosEmbed and Wan WanRotaryPosEmbed: frequencies, cos/sin, rotated q/k"
+    reference_runner = "rope"
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         tokens = config["num_frames"] * config["height"] * config["width"]
@@ -41,13 +42,6 @@ class RopeComponent(Component):
         # Both models compute their tables in float32 (Wan via float64) whatever the model dtype;
         # only q/k take the run's dtype (see run_reference).
         return reference_modules
-
-    def run_reference(self, reference_modules: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        import torch
-
-        from reference_runners import rope as reference
-
-        reference.run(reference_modules, inputs, getattr(torch, dtype), capture)
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
         if weights:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -29,7 +28,7 @@ from mlx_impl.taps import tap
 from parity.capture import Capture, capture_mlx
 from parity.component import Component, RunContext, Section
 from parity.metrics import rmse_and_rms, tensor_metrics
-from parity.weights import load_torch_strict, read_config, select_prefix, strict_load
+from parity.weights import load_torch_strict, strict_load
 
 PREFIX = "denoiser."
 CONSTRUCTION = ("sigmas", "ori_start_sigmas", "start_sigmas", "end_sigmas", "timestep_ratios",
@@ -63,16 +62,11 @@ class Sampler:
 class SchedulerComponent(Component):
     name = "scheduler"
     description = "HeliosDMDScheduler: per-stage schedules, dynamic time shift, DMD steps and pyramid stage transitions"
+    reference_runner = "scheduler"
+    diffusers_config_key = "scheduler"
+    diffusers_config_file = "scheduler_config.json"
+    reference_submodule = "denoiser"
     weights_prefix = PREFIX
-
-    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The tiny default; a given diffusers ``scheduler_config.json`` replaces its ``scheduler`` part."""
-        config = super().load_config()
-        if path:
-            path = Path(path)
-            path = path / "scheduler_config.json" if path.is_dir() else path
-            config["scheduler"] = {k: v for k, v in read_config(path).items() if not k.startswith("_")}
-        return config
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         b, c, f = config["batch"], config["channels"], config["frames"]
@@ -100,21 +94,6 @@ class SchedulerComponent(Component):
             "time": normal(seed, "scheduler/denoiser/time", (c,)),
         })
         return reference
-
-    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
-        model = self.build_reference(config, seed=0)
-        load_torch_strict(model.denoiser, weights)
-        return model
-
-    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
-        return select_prefix(super().reference_weights(reference), PREFIX)
-
-    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        import torch
-
-        from reference_runners import scheduler as ref_runner
-
-        ref_runner.run(reference, inputs, getattr(torch, dtype), capture)
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
         denoiser = StandInDenoiser(config["channels"])

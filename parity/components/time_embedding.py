@@ -9,7 +9,7 @@ import numpy as np
 from fixtures.inputs import normal
 from parity.capture import Capture, capture_mlx
 from parity.component import Component
-from parity.weights import load_torch_strict, select_prefix, strict_load
+from parity.weights import strict_load
 
 PREFIX = "condition_embedder."
 
@@ -17,6 +17,8 @@ PREFIX = "condition_embedder."
 class TimeEmbeddingComponent(Component):
     name = "time_embedding"
     description = "HeliosTimeTextEmbedding inside HeliosTransformer3DModel: timestep, t=0 history and text embeddings"
+    reference_runner = "time_embedding"
+    reference_submodule = "condition_embedder"
     weights_prefix = PREFIX
     diffusers_config_key = "transformer"
     keep_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
@@ -35,22 +37,6 @@ class TimeEmbeddingComponent(Component):
         from reference_runners import time_embedding as reference
 
         return reference.build(config["transformer"], seed)
-
-    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
-        """The transformer with the checkpoint's condition-embedder weights loaded strictly (the rest unused here)."""
-        model = self.build_reference(config, seed=0)
-        load_torch_strict(model.condition_embedder, weights)
-        return model
-
-    def reference_weights(self, reference: Any) -> dict[str, np.ndarray]:
-        return select_prefix(super().reference_weights(reference), PREFIX)
-
-    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        import torch
-
-        from reference_runners import time_embedding as ref_runner
-
-        ref_runner.run(reference, inputs, getattr(torch, dtype), capture)
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
         from mlx_impl.time_embedding import TimeTextEmbedding

@@ -28,6 +28,7 @@ def encoder_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class VaeComponent(Component):
     name = "vae"
     description = "AutoencoderKLWan (Wan2.1) encoder: chunked causal encode with feature cache, quant_conv, normalised latents"
+    reference_runner = "vae"
     diffusers_config_key = "vae"
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -39,13 +40,6 @@ class VaeComponent(Component):
         from reference_runners import vae as reference
 
         return reference.build(config["vae"], seed)
-
-    def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        import torch
-
-        from reference_runners import vae as ref_runner
-
-        ref_runner.run(reference, inputs, getattr(torch, dtype), capture)
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
         from mlx_impl.vae import WanVAEEncoder, convert

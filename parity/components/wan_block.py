@@ -9,7 +9,6 @@ import numpy as np
 from fixtures.inputs import normal
 from mlx_impl import block as mlx_block
 from mlx_impl import rope as mlx_rope
-from parity import drift
 from parity.components.block import BlockComponent, MlxBlock, bf16_exact
 
 
