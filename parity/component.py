@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -180,12 +179,12 @@ class Component(ABC):
 
 
 def _read_json(path: Path, component: str) -> dict[str, Any]:
+    from parity.weights import read_config
+
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{component}: config file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{component}: config file {path} is not valid JSON: {err}") from None
+        return read_config(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{component}: {err}") from None
 
 
 def available() -> list[str]:
