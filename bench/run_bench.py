@@ -349,7 +349,8 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"# parity harness benchmarks, {m['date']}",
              f"machine: {m['cpu']}, {m['nproc']} cores (nproc), {m['memory_gb']} GB RAM; "
              f"torch {m['versions'].get('torch')}, mlx {m['versions'].get('mlx')}, numpy {m['versions'].get('numpy')}, "
-             f"python {m['versions'].get('python')}; mode: {'quick' if results['quick'] else 'default'}", ""]
+             f"python {m['versions'].get('python')}; MLX BLAS: {m['versions'].get('mlx_blas')}; "
+             f"mode: {'quick' if results['quick'] else 'default'}", ""]
     lines += ["## Components (median wall time; plain = build both models + one forward each)", "",
               "| component | dtype | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
               "parity run s | overhead (goal <= 1.15) | streaming run s | overhead streaming |",

@@ -1,7 +1,9 @@
 """Run a component on both sides, compare, and write dumps and reports."""
 from __future__ import annotations
 
+import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -253,7 +255,27 @@ def versions() -> dict[str, str]:
             found["mlx"] = mx.__version__
         except ImportError:
             pass
+    found["mlx_blas"] = mlx_blas()
     return found
+
+
+def mlx_blas() -> str:
+    """The BLAS behind MLX's float32 CPU matmuls and convolutions.
+
+    Linux ``mlx[cpu]`` wheels bundle the netlib reference BLAS, ~30x slower than OpenBLAS at
+    float32 GEMM; preloading OpenBLAS (``LD_PRELOAD=.../libopenblas.so.0``) replaces it.
+    """
+    preloaded = [Path(p).name for p in re.split(r"[\s:]+", os.environ.get("LD_PRELOAD", "")) if "blas" in p.lower()]
+    if preloaded:
+        return f"{preloaded[0]} (LD_PRELOAD)"
+    if sys.platform == "darwin":
+        return "Accelerate"
+    try:
+        import mlx
+    except ImportError:
+        return "unavailable"
+    bundled = sorted(Path(mlx.__path__[0]).parent.glob("mlx_cpu.libs/libblas*"))
+    return f"{bundled[0].name} (bundled netlib reference BLAS)" if bundled else "system"
 
 
 def git_commit() -> str | None:
