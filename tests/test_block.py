@@ -77,11 +77,12 @@ def test_mixed_precision_parity(name, seed):
     assert drift.passed and max(drift.data["series"]["error_ratio"]) < 1.5
 
 
-def test_mixed_precision_config_file():
+def test_mixed_precision_config_file_and_component():
     from parity.component import CONFIG_DIR
 
-    config = get("block").load_config(CONFIG_DIR / "block_mixed.json")
-    assert config == {**get("block").load_config(), **MIXED}
+    mixed = {**get("block").load_config(), **MIXED}
+    assert get("block").load_config(CONFIG_DIR / "block_mixed.json") == mixed
+    assert get("block_mixed").load_config() == mixed  # the component `make parity` and the gate run
 
 
 def test_unknown_stream_is_named():
