@@ -147,10 +147,7 @@ def _judge(name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture 
     m = tensor_metrics(a, b)
     result.metrics = m
     reasons = result.reasons
-    if m["nan_ref"] or m["inf_ref"]:
-        reasons.append(f"reference has {m['nan_ref']} NaN / {m['inf_ref']} Inf")
-    if m["nan_mlx"] or m["inf_mlx"]:
-        reasons.append(f"MLX has {m['nan_mlx']} NaN / {m['inf_mlx']} Inf")
+    reasons += nonfinite_reasons(m)
     if truth is not None and name not in truth:
         reasons.append("missing in the float64 truth run")
     elif truth is not None:
@@ -161,17 +158,43 @@ def _judge(name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture 
         elif over_budget:
             reasons.append(f"precision budget {m['budget_ratio']:.3g} > {tol.budget_ratio:g} "
                            f"(our error {m['err_vs_truth']:.3g} vs reference's {m['ref_err_vs_truth']:.3g})")
-    if tol.atol is not None or tol.rtol is not None:
-        m["abs_limit"] = _abs_limit(m, tol)
-        if not _within(m, tol):
-            reasons.append(f"max abs {m['max_abs']:.3g} > {m['abs_limit']:.3g}")
-    if tol.cosine_min is not None and not m["cosine"] >= tol.cosine_min:
-        reasons.append(f"cosine {m['cosine']:.6f} < {tol.cosine_min}")
-    if tol.max_rel is not None and not m["max_rel"] <= tol.max_rel:
-        reasons.append(f"max rel {m['max_rel']:.3g} > {tol.max_rel:g}")
+    reasons += limit_reasons(m, m, tol)
     if reasons:
         result.verdict = FAIL
     return result
+
+
+def nonfinite_reasons(metrics: Mapping[str, Any]) -> list[str]:
+    """Why a layer with these NaN/Inf counts (``nan_ref``, ``inf_ref``, ``nan_mlx``, ``inf_mlx``) fails."""
+    reasons = []
+    if metrics["nan_ref"] or metrics["inf_ref"]:
+        reasons.append(f"reference has {metrics['nan_ref']} NaN / {metrics['inf_ref']} Inf")
+    if metrics["nan_mlx"] or metrics["inf_mlx"]:
+        reasons.append(f"MLX has {metrics['nan_mlx']} NaN / {metrics['inf_mlx']} Inf")
+    return reasons
+
+
+def limit_reasons(values: Mapping[str, Any], metrics: dict[str, Any], tol: Tolerance, label: str = "",
+                  differences: Mapping[str, float] | None = None) -> list[str]:
+    """Which limits of ``tol`` the ``max_abs``, ``cosine`` and ``max_rel`` in ``values`` break.
+
+    The abs limit (``atol + rtol * metrics["ref_max_abs"]``, set as ``metrics["abs_limit"]``)
+    applies to ``max_abs`` and to each of ``differences`` (name -> |difference|) too.
+    ``label`` prefixes the metric names in the messages (``"sample "``: see ``parity.streaming``).
+    """
+    reasons = []
+    if tol.atol is not None or tol.rtol is not None:
+        limit = metrics["abs_limit"] = _abs_limit(metrics, tol)
+        if not values["max_abs"] <= limit:
+            reasons.append(f"{label}max abs {values['max_abs']:.3g} > {limit:.3g}")
+        for key, difference in (differences or {}).items():
+            if not difference <= limit:
+                reasons.append(f"{key} differs by {difference:.3g} > {limit:.3g}")
+    if tol.cosine_min is not None and not values["cosine"] >= tol.cosine_min:
+        reasons.append(f"{label}cosine {values['cosine']:.6f} < {tol.cosine_min}")
+    if tol.max_rel is not None and not values["max_rel"] <= tol.max_rel:
+        reasons.append(f"{label}max rel {values['max_rel']:.3g} > {tol.max_rel:g}")
+    return reasons
 
 
 def _abs_limit(metrics: dict[str, Any], tol: Tolerance) -> float:

@@ -54,12 +54,6 @@ def blocks(x: np.ndarray, n: int | None = None) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(x[i:i + step]).reshape(-1)
 
 
-def _chunks(a: np.ndarray, b: np.ndarray):
-    """Paired float64 chunks of ``a`` and ``b`` (fresh arrays; kept for callers outside this module)."""
-    for x, y in zip(blocks(a), blocks(b)):
-        yield x.astype(np.float64), y.astype(np.float64)
-
-
 class _Buffers:
     """Reused float64 work buffers of one chunk's size."""
 
@@ -89,7 +83,7 @@ def _floor_estimate(ref: np.ndarray) -> float:
 def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int | None]:
     """Cosine, max abs/rel, mean abs, RMSE, SNR (dB) and NaN/Inf counts of ``test`` against ``ref``.
 
-    Shapes must match; the caller checks that first (see :func:`shape_mismatch`).
+    Shapes must match; the caller checks that first (``parity.compare``: a shape mismatch fails the layer).
     """
     n = ref.size
     dot = ref_sq = test_sq = diff_sq = abs_sum = 0.0

@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from parity.capture import Capture, Sink
-from parity.compare import FAIL, PASS, LayerResult, _abs_limit, _within, judge_layer, layer_tolerances
+from parity.compare import (FAIL, PASS, LayerResult, _within, judge_layer, layer_tolerances, limit_reasons,
+                            nonfinite_reasons)
 from parity.dumps import layer_file, load_json, write_json, write_npy
 from parity.metrics import blocks, precision_budget, tensor_metrics
 
@@ -337,10 +338,7 @@ def judge_stats(name: str, mlx_name: str, ref: Capture, ref_stats: dict, mlx_sta
         for key in ("min", "max", "mean", "std", "norm"):
             m[f"{side}_{key}"] = stats[key]
     result.metrics = m
-    if m["nan_ref"] or m["inf_ref"]:
-        reasons.append(f"reference has {m['nan_ref']} NaN / {m['inf_ref']} Inf")
-    if m["nan_mlx"] or m["inf_mlx"]:
-        reasons.append(f"MLX has {m['nan_mlx']} NaN / {m['inf_mlx']} Inf")
+    reasons += nonfinite_reasons(m)
     methods = {ref_stats.get("sample_method"), mlx_stats.get("sample_method")}
     if len(methods) != 1 or len(ref_stats["sample"]) != len(mlx_stats["sample"]):
         reasons.append(f"samples not comparable (methods {sorted(map(str, methods))})")
@@ -362,18 +360,9 @@ def judge_stats(name: str, mlx_name: str, ref: Capture, ref_stats: dict, mlx_sta
             m["sample_budget_excused"] = True
         elif over:
             reasons.append(f"precision budget on the sample {budget['budget_ratio']:.3g} > {tol.budget_ratio:g}")
-    if tol.atol is not None or tol.rtol is not None:
-        limit = m["abs_limit"] = _abs_limit(m, tol)
-        if not sample["max_abs"] <= limit:
-            reasons.append(f"sample max abs {sample['max_abs']:.3g} > {limit:.3g}")
-        for key in ("min", "max", "mean", "std", "rms"):
-            a, b = ref_stats[key], mlx_stats[key]
-            if a is not None and b is not None and not abs(a - b) <= limit:
-                reasons.append(f"{key} differs by {abs(a - b):.3g} > {limit:.3g}")
-    if tol.cosine_min is not None and not sample["cosine"] >= tol.cosine_min:
-        reasons.append(f"sample cosine {sample['cosine']:.6f} < {tol.cosine_min}")
-    if tol.max_rel is not None and not sample["max_rel"] <= tol.max_rel:
-        reasons.append(f"sample max rel {sample['max_rel']:.3g} > {tol.max_rel:g}")
+    differences = {key: abs(ref_stats[key] - mlx_stats[key]) for key in ("min", "max", "mean", "std", "rms")
+                   if ref_stats[key] is not None and mlx_stats[key] is not None}
+    reasons += limit_reasons(sample, m, tol, "sample ", differences)
     if reasons:
         result.verdict = FAIL
     return result
