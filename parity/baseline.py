@@ -223,6 +223,7 @@ class Change:
     limit: float  # regression above this
     regressed: bool
     improved: bool
+    floored: bool  # the limit is measured from the floor, not from the (smaller) baseline
 
 
 def check_layer(row: dict[str, Any], base: dict[str, Any], factor: float) -> list[Change]:
@@ -238,7 +239,7 @@ def check_layer(row: dict[str, Any], base: dict[str, Any], factor: float) -> lis
         limit = factor * max(reference, low)
         regressed = not value <= limit  # NaN regresses
         improved = not regressed and reference > low and value < reference / factor
-        changes.append(Change(metric, float(value), float(reference), limit, regressed, improved))
+        changes.append(Change(metric, float(value), float(reference), limit, regressed, improved, reference < low))
     return changes
 
 

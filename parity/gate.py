@@ -37,10 +37,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence
 
 from parity import baseline as baseline_mod
 from parity import component as registry
+from parity.compare import _abs_limit
 from parity.thresholds import Thresholds, Tolerance
 
 #: Failing checks shown per component run in the terminal table (all are in gate.json / JUnit).
@@ -106,8 +107,6 @@ class GateResult:
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, bool):
-        return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
@@ -157,7 +156,7 @@ def _absolute(component: str, dtype: str, row: dict[str, Any], tol: Tolerance,
             found.append(finding(metric, value, "finite", f"{metric} is NaN"))
     max_abs = row.get("max_abs")
     if (tol.atol is not None or tol.rtol is not None) and _number(max_abs):
-        limit = (tol.atol or 0.0) + (tol.rtol or 0.0) * float(row.get("ref_max_abs") or 0.0)
+        limit = _abs_limit({"ref_max_abs": row.get("ref_max_abs") or 0.0}, tol)
         if not max_abs <= limit:
             found.append(finding("max_abs", max_abs, f"<= {fmt(limit)}",
                                  f"max abs {fmt(max_abs)} > {fmt(limit)} (atol + rtol * max|ref|)"))
@@ -220,8 +219,7 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
             new_layers.append(row["layer"])
             continue
         for change in baseline_mod.check_layer(row, base, tol.baseline_factor):
-            floored = change.baseline < change.limit / tol.baseline_factor
-            against = f"{tol.baseline_factor:g}x {'floor' if floored else 'baseline'}"
+            against = f"{tol.baseline_factor:g}x {'floor' if change.floored else 'baseline'}"
             if change.regressed:
                 out.failures.append(Finding(
                     component, dtype, row["layer"], change.metric, change.value, f"<= {fmt(change.limit)} ({against})",
@@ -333,8 +331,6 @@ def run_gate(
     junit: str | Path | None = None,
     out: str | Path = "reports",
     require_baselines: bool = False,
-    stream: TextIO | None = None,
-    progress: Any = "stderr",
     max_rows: int = MAX_ROWS,
 ) -> GateResult:
     """Run the gate; the Python entry point behind ``parity gate``.
@@ -345,9 +341,8 @@ def run_gate(
     from parity import cli
     from parity import thresholds as thresholds_mod
     from parity.dumps import write_json
-    from parity.runner import run_many, stderr_progress
+    from parity.runner import run_many
 
-    stream = stream or sys.stdout
     started = time.perf_counter()
     names = cli._components(list(components or []))
     dtypes = list(dtypes)
@@ -357,19 +352,19 @@ def run_gate(
             limits.for_component(name, dtype)  # a dtype without defaults is an input error, not a crash
 
     device = baseline_mod.mlx_device()
-    baselines: dict[tuple[str, str], baseline_mod.Baseline | None] = {}
+    baselines: dict[tuple[str, str], baseline_mod.Baseline] = {}
     missing: dict[tuple[str, str], str] = {}
     for name in names:
         config = registry.get(name).load_config()
         for dtype in dtypes:
             found = baseline_mod.find(baselines_dir, name, dtype)
             path = baseline_mod.shown(baseline_mod.path_for(baselines_dir, name, dtype))
-            reason = f"{path} does not exist" if found is None else found.mismatch(config, 0, device)
-            if reason and found is not None:
-                reason = f"{path} {reason}"
-            baselines[name, dtype] = found if not reason else None
-            if reason:
-                missing[name, dtype] = reason
+            if found is None:
+                missing[name, dtype] = f"{path} does not exist"
+            elif reason := found.mismatch(config, 0, device):
+                missing[name, dtype] = f"{path} {reason}"
+            else:
+                baselines[name, dtype] = found
     if require_baselines and missing:
         raise cli.UsageError("--require-baselines: no usable baseline for "
                              + "; ".join(f"{n} {d} ({why})" for (n, d), why in missing.items())
@@ -377,27 +372,26 @@ def run_gate(
 
     errors: dict[tuple[str, str], Exception] = {}
     results = run_many(names, dtypes, out_dir=out, thresholds=limits,
-                       progress=stderr_progress if progress == "stderr" else progress,
                        on_error=lambda n, d, e: errors.__setitem__((n, d), e)) if names else []
     by_key = {(r.comparison.component, r.comparison.dtype): r for r in results}
     outcomes = []
     for name in names:
         for dtype in dtypes:
             if (name, dtype) in by_key:
-                outcomes.append(evaluate(by_key[name, dtype].report, limits, baselines[name, dtype], device,
+                outcomes.append(evaluate(by_key[name, dtype].report, limits, baselines.get((name, dtype)), device,
                                          missing.get((name, dtype))))
             else:
                 outcomes.append(crashed(name, dtype, errors.get((name, dtype), RuntimeError("no result"))))
     run_dir = Path(results[0].report_dir).parent if results and results[0].report_dir else None
     result = GateResult(outcomes, run_dir, time.perf_counter() - started)
-    print(summary(result, max_rows), file=stream, flush=True)
+    print(summary(result, max_rows), flush=True)
     if run_dir is not None:
         write_json(run_dir / "gate.json", to_json(result))
     if junit:
         from parity import junit as junit_mod
 
         junit_mod.write(junit, outcomes)
-        print(f"JUnit XML: {junit}", file=stream)
+        print(f"JUnit XML: {junit}")
     return result
 
 

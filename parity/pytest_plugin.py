@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     wanted = {w.strip() for w in option.split(",") if w.strip()}
     if "all" in wanted:
         return
-    known = set().union(*marked.values()) if marked else set()
+    known = set().union(*marked.values())
     unknown = wanted - known
     if unknown:
         from parity import component as registry
