@@ -37,13 +37,14 @@ from typing import Any, Callable, Sequence
 
 from parity import html_report
 from parity.dumps import write_json, write_text
+from parity.html_report import cell, column, fmt, num_cell
 from parity.report import load_report
+from parity.runner import Progress, stderr_progress
 
-GOOD, BAD, SKIP, UNTESTED = "good", "bad", "skip", "untested"
+GOOD, BAD, SKIP = "good", "bad", "skip"
 EXIT_FOUND, EXIT_UNRESOLVED = 0, 2
 #: Patches longer than this many lines are cut in the HTML (the diff stat is always whole).
 PATCH_LINES = 400
-Progress = Callable[[str], None]
 
 
 class BisectError(ValueError):
@@ -200,10 +201,10 @@ def run_check(repo: Path, commit: str, out: Path, components: Sequence[str], dty
     log = commit_out / "parity-run.log"
     write_text(log, f"$ {' '.join(cmd)}\n[exit {returncode}]\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}")
     outcome = Outcome(commit, BAD, returncode, seconds, log=os.path.relpath(log, out))
-    run_dirs = sorted({p.parent.parent for p in commit_out.glob("*/*/report.json")})
-    if run_dirs:
-        outcome.run_dir = os.path.relpath(run_dirs[-1], out)
-    for path in sorted(commit_out.glob("*/*/report.json")):
+    report_paths = sorted(commit_out.glob("*/*/report.json"))
+    if report_paths:  # the newest run folder
+        outcome.run_dir = os.path.relpath(report_paths[-1].parent.parent, out)
+    for path in report_paths:
         try:
             outcome.reports.append(summarize(load_report(path), path.parent, out))
         except ValueError as err:
@@ -240,6 +241,7 @@ def bisect(repo: str | Path, good: str, bad: str, components: Sequence[str] = ()
     out = out.resolve()
     python = python or sys.executable
     outcomes: dict[str, Outcome] = {}
+    infos: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     started = time.perf_counter()
     git(repo, "worktree", "prune", check=False)
@@ -252,7 +254,8 @@ def bisect(repo: str | Path, good: str, bad: str, components: Sequence[str] = ()
     }
 
     def check(commit: str) -> str:
-        say(f"[bisect] testing {commit[:12]} {commit_info(repo, commit)['subject'][:60]!r}")
+        infos[commit] = commit_info(repo, commit)
+        say(f"[bisect] testing {commit[:12]} {infos[commit]['subject'][:60]!r}")
         outcome = run_check(repo, commit, out, components, dtype, python, timeout, worktrees, on_crash)
         outcomes[commit] = outcome
         order.append(commit)
@@ -288,20 +291,19 @@ def bisect(repo: str | Path, good: str, bad: str, components: Sequence[str] = ()
         git(repo, "worktree", "prune", check=False)
     result["seconds"] = round(time.perf_counter() - started, 1)
     all_commits = [good_sha, *commits]
-    infos = {c: commit_info(repo, c) for c in all_commits if c in outcomes}
     result["commits"] = [{**{k: infos[c][k] for k in ("commit", "subject", "author", "date")},
-                          "position": all_commits.index(c), "tested": order.index(c) + 1,
+                          "position": position, "tested": order.index(c) + 1,
                           **{k: v for k, v in asdict(outcomes[c]).items() if k != "commit"}}
-                         for c in all_commits if c in outcomes]
+                         for position, c in enumerate(all_commits) if c in outcomes]
     result["untested"] = len(all_commits) - len(outcomes)
-    for c in (result.get("last_good"), (result.get("first_bad") or {}).get("commit")):
+    keep = {result.get("last_good"), (result.get("first_bad") or {}).get("commit")}  # the two runs a person opens
+    for c in keep:
         for report in outcomes[c].reports if c in outcomes else []:
-            try:  # the two runs a person opens from the bisection page
+            try:
                 html_report.write_html_report(out / report["report_dir"])
             except Exception as err:  # noqa: BLE001 - the bisection result matters more than a page
                 say(f"[bisect] could not render {report['report_dir']}: {err}")
     if not keep_dumps:
-        keep = {result.get("last_good"), (result.get("first_bad") or {}).get("commit")}
         for c, outcome in outcomes.items():
             if c not in keep:
                 for report in outcome.reports:
@@ -324,8 +326,6 @@ def _key(report: dict[str, Any]) -> str:
 
 def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
     """Rows of one component's last-good and first-bad reports side by side, layer by layer."""
-    from parity.html_report import cell, column, num_cell
-
     good, bad = load_report(good_dir), load_report(bad_dir)
     good_rows = {r.get("layer"): r for r in good.get("layers") or []}
     bad_rows = {r.get("layer"): r for r in bad.get("layers") or []}
@@ -353,7 +353,6 @@ def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
 def render(result: dict[str, Any], out: Path) -> str:
     """The HTML page of a bisection (see the module docstring)."""
     from parity import plots
-    from parity.html_report import cell, column, fmt, num_cell
 
     commits = sorted(result.get("commits") or [], key=lambda c: c["position"])
     first_bad = (result.get("first_bad") or {}).get("commit")
@@ -395,38 +394,31 @@ def render(result: dict[str, Any], out: Path) -> str:
             rows.append({"cls": " ".join(classes), "id": f"c-{c['commit'][:12]}" if n == 0 else "", "cells": row})
     tested_table = {"id": "commits", "columns": columns, "rows": rows}
 
-    # metric trends over the tested commits, one line per component run
+    # metric trends over the tested commits, one line per component run (and drift series)
     labels = [c["commit"][:8] for c in commits]
     statuses = [c["status"] for c in commits]
-    keys = sorted({_key(r) for c in commits for r in c.get("reports") or []})
 
-    def series(metric: Callable[[dict[str, Any]], Any]) -> dict[str, list[Any]]:
-        data = {}
-        for key in keys:
-            values = []
-            for c in commits:
-                match = [r for r in c.get("reports") or [] if _key(r) == key]
-                values.append(metric(match[0]) if match else None)
-            if any(v is not None for v in values):
-                data[key] = values
-        return data
+    def series(values_of: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, list[Any]]:
+        """Each line ``values_of`` names in a report, by tested commit (None where absent); lines never set are left out."""
+        per_commit = []
+        for c in commits:
+            values: dict[str, Any] = {}
+            for r in c.get("reports") or []:
+                for key, value in values_of(r).items():
+                    values.setdefault(key, value)
+            per_commit.append(values)
+        keys = sorted({key for values in per_commit for key, value in values.items() if value is not None})
+        return {key: [values.get(key) for values in per_commit] for key in keys}
 
     trends = []
-    cos = series(lambda r: None if r.get("worst_cosine") is None else 1.0 - float(r["worst_cosine"]))
-    if cos:
-        trends.append(plots.trend_plot(labels, cos, statuses, "1 − worst cosine", True,
-                                       "Worst cosine deficit per tested commit (tick colour: good / bad / skipped)"))
-    budget = series(lambda r: r.get("max_budget_ratio"))
-    if budget:
-        trends.append(plots.trend_plot(labels, budget, statuses, "max budget ratio", True, "Max precision-budget ratio"))
-    drift_keys = sorted({f"{_key(r)} {k}" for c in commits for r in c.get("reports") or [] for k in r.get("drift_end") or {}})
-    if drift_keys:
-        drift = {}
-        for dk in drift_keys:
-            drift[dk] = [next((v for r in c.get("reports") or [] for k, v in (r.get("drift_end") or {}).items()
-                               if f"{_key(r)} {k}" == dk), None) for c in commits]
-        trends.append(plots.trend_plot(labels, drift, statuses, "drift end point", True, "Drift end point"))
-    trends = [t for t in trends if t]
+    for data, ylabel, title in (
+            (series(lambda r: {_key(r): None if r.get("worst_cosine") is None else 1.0 - float(r["worst_cosine"])}),
+             "1 − worst cosine", "Worst cosine deficit per tested commit (tick colour: good / bad / skipped)"),
+            (series(lambda r: {_key(r): r.get("max_budget_ratio")}), "max budget ratio", "Max precision-budget ratio"),
+            (series(lambda r: {f"{_key(r)} {k}": v for k, v in (r.get("drift_end") or {}).items()}),
+             "drift end point", "Drift end point")):
+        if data:
+            trends.append(plots.trend_plot(labels, data, statuses, ylabel, title))
 
     # last good vs first bad, per component run
     comparisons = []
@@ -464,7 +456,7 @@ def render(result: dict[str, Any], out: Path) -> str:
 def cmd_bisect(args: argparse.Namespace) -> int:
     result = bisect(args.repo, args.good, args.bad, args.component or [], args.dtype, args.out, args.python,
                     args.timeout, args.keep_dumps, args.on_crash,
-                    progress=lambda m: print(m, file=sys.stderr, flush=True))
+                    progress=stderr_progress)
     print(result["message"])
     if result["status"] == "found":
         info = result["first_bad"]

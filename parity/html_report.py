@@ -336,8 +336,8 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
          "bad": any(r.get("verdict") == "FAIL" and str(r.get("layer")) == lowest[1] for r in layers)},
         {"label": "max abs error", "value": fmt(summary.get("max_abs")), "bad": False},
     ]
+    limit = _budget_limit(report)
     if summary.get("max_budget_ratio") is not None:
-        limit = _budget_limit(report)
         ratio = _float(summary.get("max_budget_ratio"))
         over = any(r.get("verdict") == "FAIL" and "precision budget" in str(r.get("reasons") or "") for r in layers)
         cards.append({"label": "max budget ratio" + (f" (limit {limit:g})" if limit else ""),
@@ -361,7 +361,7 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
         first=first_info, passed_layers=len(layers) - failed, total_layers=len(layers), cards=cards,
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),
-        depth_plot=plots.depth_plot(layers, first, _budget_limit(report)) if layers else None,
+        depth_plot=plots.depth_plot(layers, first, limit) if layers else None,
         layer_table=layer_table(layers, first), sections=sections, slices=tensor_views(report_dir, report),
         index_link=index_link, generated=_now(), source=str(report_dir), files=files)
     return html

@@ -83,13 +83,12 @@ def _log_series(ax: "plt.Axes", x: np.ndarray, values: Iterable[Any], label: str
             floor_holder.append((x[zeros], line.get_color()))
 
 
-def _draw_zero_markers(ax: "plt.Axes", zero_points: list) -> bool:
+def _draw_zero_markers(ax: "plt.Axes", zero_points: list) -> None:
     if not zero_points:
-        return False
+        return
     low = ax.get_ylim()[0]
     for xs, color in zero_points:
         ax.plot(xs, np.full(len(xs), low), ls="none", marker="v", mfc="none", mec=color, ms=6, clip_on=False)
-    return True
 
 
 def depth_plot(layers: Sequence[dict[str, Any]], first_divergence: str | None = None,
@@ -161,7 +160,7 @@ def _all_numbers(values: Any) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def curves_plot(data: dict[str, Any], title: str = "") -> str | None:
+def curves_plot(data: dict[str, Any]) -> str | None:
     """A ``curves`` section: ``{"x", "series": {label: values}, "xlabel", "ylabel", "log"}``; None if nothing is finite."""
     from matplotlib.ticker import MaxNLocator
 
@@ -198,13 +197,11 @@ def curves_plot(data: dict[str, Any], title: str = "") -> str | None:
         ax.set_ylabel(str(data.get("ylabel", "")), fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return to_data_uri(fig)
 
 
-def heatmap_plot(data: dict[str, Any], title: str = "") -> str | None:
+def heatmap_plot(data: dict[str, Any]) -> str | None:
     """A ``heatmap`` section: ``{"rows": [...], "cols": [...], "values": [[...]], "label": str}``.
 
     Non-negative values spanning more than three decades get a log colour scale (exact zeros take
@@ -244,8 +241,6 @@ def heatmap_plot(data: dict[str, Any], title: str = "") -> str | None:
             text = "NaN" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.2g}")
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.6))
-    if title:
-        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return to_data_uri(fig)
 
@@ -366,8 +361,7 @@ def _figure_size(shape: tuple[int, ...], panels: int) -> tuple[float, float]:
     return width, min(max(width / panels / max(ratio, 0.25), 2.2), 4.2) + 0.8
 
 
-def side_by_side(ref: np.ndarray, test: np.ndarray, truth: np.ndarray | None = None,
-                 title: str = "") -> tuple[str, str, str | None]:
+def side_by_side(ref: np.ndarray, test: np.ndarray, truth: np.ndarray | None = None) -> tuple[str, str, str | None]:
     """Reference, MLX and MLX − reference of one slice (see :func:`slice_plan`).
 
     Returns ``(data URI, description of the slice, truth URI)``; with a float64 ``truth`` of the
@@ -395,8 +389,6 @@ def side_by_side(ref: np.ndarray, test: np.ndarray, truth: np.ndarray | None = N
         _image(fig, axes[0], a, "viridis", lo, hi, "reference")
         _image(fig, axes[1], b, "viridis", lo, hi, "MLX")
         _image(fig, axes[2], d, "RdBu_r", -span, span, f"MLX \u2212 reference (max |\u0394| {span:.3g})")
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     main = to_data_uri(fig)
 
@@ -424,27 +416,16 @@ def side_by_side(ref: np.ndarray, test: np.ndarray, truth: np.ndarray | None = N
 
 
 def trend_plot(labels: Sequence[str], series: dict[str, Sequence[Any]], statuses: Sequence[str],
-               ylabel: str, log: bool = True, title: str = "") -> str | None:
-    """A metric over tested commits (bisect): one line per series, x ticks coloured by good/bad/skip."""
+               ylabel: str, title: str = "") -> str | None:
+    """A metric over tested commits (bisect), on a log axis: one line per series, x ticks coloured by good/bad/skip."""
     if not labels or not series:
         return None
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(11, 3.4))
     zero_points: list = []
     for name, values in series.items():
-        if log:
-            _log_series(ax, x, values, name, zero_points)
-        else:
-            y = np.array([_num(v) for v in values])
-            if np.isfinite(y).any():
-                ax.plot(x, y, marker="o", ms=4, lw=1.2, label=name)
-    if log:
-        _finish_log_axis(ax, ylabel, zero_points)
-    else:
-        ax.set_ylabel(ylabel, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        _log_series(ax, x, values, name, zero_points)
+    _finish_log_axis(ax, ylabel, zero_points)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8, family="monospace")
     colors = {"good": PASS_COLOR, "bad": FAIL_COLOR}

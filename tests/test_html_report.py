@@ -15,7 +15,7 @@ from parity import cli, html_report, plots, thresholds
 from parity.capture import Capture
 from parity.compare import compare
 from parity.component import Section
-from parity.dumps import load_json, new_run_dir
+from parity.dumps import load_json, new_run_dir, write_json
 from parity.report import build_report, write_reports
 from parity.runner import write_dumps
 
@@ -220,8 +220,6 @@ def test_screenshot(rendered, tmp_path):
 
 
 def test_first_divergence_in_a_section_links_to_it(tmp_path):
-    from parity.dumps import write_json
-
     report_dir = make_report(tmp_path, "float32", broken=False)
     report = load_json(report_dir / "report.json")
     drift = Section("drift", "Drift", "curves", {"x": [1, 2], "series": {"ours": [1.0, 2.0]}},
@@ -234,8 +232,6 @@ def test_first_divergence_in_a_section_links_to_it(tmp_path):
 
 
 def test_index_lists_bisections(tmp_path):
-    from parity.dumps import write_json
-
     write_json(tmp_path / "bisect-1" / "bisect.json", {
         "created": "2026-01-01", "components": ["tiny"], "dtype": "bfloat16", "good": "a" * 40, "bad": "b" * 40,
         "status": "found", "first_bad": {"commit": "c" * 40, "subject": f"fix {EVIL}"}})
