@@ -47,9 +47,9 @@ class Reference:
         return nullcontext() if self.autocast is None else torch.autocast("cpu", dtype=getattr(torch, self.autocast))
 
 
-def _hooks(attn_names: tuple[str, ...] = ("attn1", "attn2")) -> dict[str, str]:
+def _hooks() -> dict[str, str]:
     hooks = {"norm1": "norm1"}
-    for attn in attn_names:
+    for attn in ("attn1", "attn2"):
         hooks.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
                       f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
     hooks.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})

@@ -204,14 +204,16 @@ def test_wan_block_inputs_match_the_real_transformer():
 
 
 # --- faults ------------------------------------------------------------------------------------
-def test_fault_modulation_in_bf16_caught_by_budget_not_by_cosine(monkeypatch):
+@pytest.mark.parametrize("name", BLOCKS)
+def test_fault_modulation_in_bf16_caught_by_budget_not_by_cosine(monkeypatch, name):
     """scale_shift_table cast to bf16 and added in bf16: a cosine gate passes it, the precision budget does not."""
     def bf16_modulation(self, temb):
         mod = self.scale_shift_table.astype(temb.dtype) + temb
-        return [block.tap(f"modulation/{n}", mod[:, :, i]) for i, n in enumerate(block.MODULATION)]
+        parts = [mod[:, :, i] if temb.ndim == 4 else mod[:, i:i + 1] for i in range(6)]  # per token (Helios) / sample (Wan)
+        return [block.tap(f"modulation/{n}", part) for n, part in zip(block.MODULATION, parts)]
 
     monkeypatch.setattr(block.TransformerBlock, "modulation", bf16_modulation)
-    result = run_component("block", "bfloat16", out_dir=None)
+    result = run_component(name, "bfloat16", out_dir=None)
     assert result.verdict == "FAIL"
     assert result.first_divergence == "modulation/shift_msa"
     layer = result.layer("modulation/shift_msa")
@@ -244,16 +246,16 @@ def test_bf16_residual_adds_are_rounding_equivalent_to_diffusers(monkeypatch):
     assert max(series["error_ratio"]) < 1.2 and min(series["hf_ratio"]) > 0.99
 
 
-@pytest.mark.parametrize("name", BLOCKS)
-def test_fault_bf16_residual_adds_in_mixed_precision(monkeypatch, name):
+@pytest.mark.parametrize("name,overrides", [("block", MIXED), ("wan_block", MIXED), ("block_mixed", {})])
+def test_fault_bf16_residual_adds_in_mixed_precision(monkeypatch, name, overrides):
     """The zoom bug against the official float32-stream inference: caught by the precision budget and the drift test.
 
-    Every layer before the first residual add is right; the rounded stream costs ~4x the
-    reference's own error at residual1 while its cosine stays > 0.9999 (a cosine gate passes it),
+    ``block_mixed`` is the component `make parity` and the gate run in this mode. Every layer
+    before the first residual add is right; the rounded stream costs ~4x the reference's own error at residual1 while its cosine stays > 0.9999 (a cosine gate passes it),
     and every recurrent application's output stays over the budget.
     """
     _bf16_residual_adds(monkeypatch)
-    result = run_component(name, "bfloat16", out_dir=None, overrides=MIXED)
+    result = run_component(name, "bfloat16", out_dir=None, overrides=overrides)
     assert result.verdict == "FAIL"
     assert result.first_divergence == "residual1"
     assert all(l.verdict == "PASS" for l in result.layers[:HELIOS_LAYERS.index("residual1")])
@@ -367,6 +369,20 @@ def test_fault_zeros_as_history_t0_embedding(monkeypatch):
     ref, ours = result.context.ref["modulation/shift_msa"], result.context.mlx["modulation/shift_msa"]
     np.testing.assert_array_equal(ours[:, history:], ref[:, history:])  # main tokens unaffected
     assert not np.allclose(ours[:, :history], ref[:, :history])
+
+
+@pytest.mark.parametrize("dtype,overrides", [
+    ("float32", _transformer("block", is_amplify_history=True, history_scale_mode="per_head")),
+    ("float32", _transformer("block", is_amplify_history=True, history_scale_mode="scalar", guidance_cross_attn=False)),
+    ("bfloat16", {**_transformer("block", is_amplify_history=True), **MIXED}),
+])
+def test_fault_history_max_scale(monkeypatch, dtype, overrides):
+    """History keys amplified up to 5x instead of diffusers' max_scale 10: caught at the scaled keys, not before."""
+    monkeypatch.setattr(block, "MAX_HISTORY_SCALE", 5.0)
+    result = run_component("block", dtype, out_dir=None, overrides=overrides)
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == "attn1/k_history_scaled"
+    assert result.layer("attn1/k_rope").verdict == "PASS"
 
 
 def test_fault_cross_attn_norm_dropped_fails_at_load(monkeypatch):

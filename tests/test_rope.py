@@ -79,10 +79,11 @@ def test_fault_helios_axis_dims_swapped(monkeypatch):
     assert "shape mismatch" in result.layer("helios/freqs_t").reasons[0]
 
 
-def test_fault_sin_cos_flipped_in_rotation(monkeypatch):
+@pytest.mark.parametrize("dtype,shape", [("float32", "default"), ("bfloat16", "odd")])  # the parity tests' shapes
+def test_fault_sin_cos_flipped_in_rotation(monkeypatch, dtype, shape):
     correct = rope.apply_rotary_emb
     monkeypatch.setattr(rope, "apply_rotary_emb", lambda x, cos, sin: correct(x, sin, cos))
-    result = run_component("rope", "float32", out_dir=None)
+    result = run_component("rope", dtype, out_dir=None, overrides=SHAPES[shape])
     assert result.verdict == "FAIL"
     assert result.first_divergence == "helios/q_rot"
 

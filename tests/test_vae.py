@@ -124,9 +124,10 @@ def lose_cache(monkeypatch):
     monkeypatch.setattr(vae.FeatureCache, "get", zeros)
 
 
-def test_fault_feature_cache_dropped_between_chunks(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fault_feature_cache_dropped_between_chunks(monkeypatch, dtype):
     lose_cache(monkeypatch)
-    result = run_component("vae", "float32", out_dir=None)
+    result = run_component("vae", dtype, out_dir=None)
     assert result.verdict == "FAIL"
     assert result.first_divergence == "chunk1/conv_in"
     assert all(l.verdict == "PASS" for l in chunk_layers(result, 0))
