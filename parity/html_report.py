@@ -518,7 +518,7 @@ def _reports_root(path: Path, report_dirs: Iterable[Path]) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path: Path = args.path
+    path: Path = args.path.resolve()  # "." has no parent to find the reports folder by
     if args.latest:
         target = latest_run(path)
         root = path

@@ -188,6 +188,15 @@ def test_cli_latest_writes_html_and_index_newest_first(tmp_path, capsys):
     assert str(tmp_path / "index.html") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("depth", ["run", "component"])
+def test_cli_report_dot_inside_a_run_puts_the_index_in_the_reports_folder(tmp_path, monkeypatch, depth):
+    report_dir = make_report(tmp_path, "float32", run_id="20250101-000000-000000", broken=False)
+    monkeypatch.chdir(report_dir.parent if depth == "run" else report_dir)
+    assert cli.main(["report", "."]) == 0
+    assert (tmp_path / "index.html").is_file() and (report_dir / "report.html").is_file()
+    assert not (report_dir.parent / "index.html").exists() and not (report_dir / "index.html").exists()
+
+
 def test_cli_report_on_missing_path_is_usage_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
