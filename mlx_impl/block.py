@@ -30,10 +30,6 @@ from mlx_impl.taps import tap, tap_scope
 
 #: Modulation vectors in ``scale_shift_table`` order.
 MODULATION = ("shift_msa", "scale_msa", "gate_msa", "c_shift_msa", "c_scale_msa", "c_gate_msa")
-#: Parameters diffusers keeps in float32 in a bf16 model (``_keep_in_fp32_modules``).
-KEEP_FLOAT32 = ("scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
-#: In mixed precision everything but the Linear layers stays float32 (autocast runs only those in bf16).
-KEEP_FLOAT32_MIXED = (*KEEP_FLOAT32, "norm_q", "norm_k")
 #: Upper bound of the history key scale (diffusers' ``HeliosAttention.max_scale``).
 MAX_HISTORY_SCALE = 10.0
 

@@ -37,6 +37,17 @@ def tap_scope(name: str) -> Iterator[None]:
 
 
 @contextmanager
+def muted() -> Iterator[None]:
+    """No tap inside the block is recorded (work that belongs to another component, e.g. input preparation)."""
+    global _recorder
+    previous, _recorder = _recorder, None
+    try:
+        yield
+    finally:
+        _recorder = previous
+
+
+@contextmanager
 def recorder(callback: Callable[[str, Any], None]) -> Iterator[None]:
     """Install ``callback(name, tensor)`` as the recorder for the duration of the block."""
     global _recorder

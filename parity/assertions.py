@@ -5,34 +5,18 @@ pytest rewrites the ``assert`` below; usable without pytest too (plain ``Asserti
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.6f}" if 0.01 <= abs(value) <= 1 else f"{value:.3g}"
-    return str(value)
-
-
-def _metrics(row: dict[str, Any]) -> str:
-    parts = [f"{key} {_fmt(row.get(key))}" for key in ("cosine", "max_abs", "max_rel", "rmse") if key in row]
-    if row.get("budget_ratio") is not None:
-        parts.append(f"budget_ratio {_fmt(row['budget_ratio'])}")
-    return "  ".join(parts) or "no metrics"
+from parity.report import describe_layer
 
 
 def explain(result: Any) -> str:
-    """Why a run (``RunResult`` or ``report.json`` dict) is not PASS: first divergence, worst metrics."""
+    """Why a run (``RunResult`` or ``report.json`` dict) is not PASS: first divergence, worst layer, crash."""
     report = result if isinstance(result, dict) else result.report
-    rows = report.get("layers") or []
+    rows = [r for r in report.get("layers") or [] if r.get("verdict") != "EXCLUDED"]
     failing = [r for r in rows if r.get("verdict") == "FAIL"]
-    lines = [f"parity {report.get('verdict')}: {report.get('component')} {report.get('dtype')}, "
-             f"{len(failing)}/{len(rows)} layers fail"]
+    name = report.get("variant") or report.get("component")
+    lines = [f"parity {report.get('verdict')}: {name} {report.get('dtype')}, {len(failing)}/{len(rows)} layers fail"]
     if not rows:
         lines.append("  nothing was compared: the component captured no layers")
     first = report.get("first_divergence")
@@ -42,13 +26,18 @@ def explain(result: Any) -> str:
         if row is not None:
             if row.get("reasons"):
                 lines.append(f"    {row['reasons']}")
-            lines.append(f"    {_metrics(row)}  shape {row.get('shape_ref')} {row.get('dtype_mlx')}")
+            lines.append(f"    {describe_layer(row)}  shape {row.get('shape_ref')} {row.get('dtype_mlx')}")
     worst = report.get("worst")
     if worst and worst.get("layer") != first:
-        lines.append(f"  worst layer: {worst['layer']}  {_metrics(worst)}")
+        what = worst.get("reasons") if worst.get("verdict") == "FAIL" and "cosine" not in worst else describe_layer(worst)
+        lines.append(f"  worst layer: {worst['layer']}  {what}")
     if len(failing) > 1:
         names = [r["layer"] for r in failing]
         lines.append(f"  failing layers: {', '.join(names[:8])}" + (f" ... (+{len(names) - 8})" if len(names) > 8 else ""))
+    crash = report.get("crash")
+    if crash:
+        lines.append(f"  crash: the {crash.get('side')} forward raised after {crash.get('after') or 'no layer'}: "
+                     f"{crash.get('error')}")
     for section in report.get("sections") or []:
         if section.get("passed") is False:
             lines.append(f"  {section.get('title')}: FAIL {section.get('note', '')}".rstrip())

@@ -1,28 +1,32 @@
-"""``parity bisect``: find the first commit that broke parity, by binary search over git history.
+"""``parity bisect``: find the first commit that broke parity (or, ``--find-fix``, that fixed it).
 
     parity bisect --good v0.3 --bad HEAD --component dit_block --dtype bfloat16
+    parity bisect --find-fix --bad v0.3 --good HEAD --component-module tests/my_port_parity.py
 
-The commits searched are the first-parent commits after ``--good`` up to ``--bad``. Each tested
-commit is checked out into its own temporary ``git worktree`` (the user's working tree, index and
-branch are never touched) and checked there with that revision's own code::
+The commits searched are the first-parent commits between the two ends. Each tested commit is
+checked out into its own temporary ``git worktree`` (the user's working tree, index and branch are
+never touched) and checked there with that revision's own code::
 
-    PYTHONPATH=<worktree> python -m parity run <components> --dtype <dtype> --out <out>/commits/<sha>
+    python -m parity run <components> --dtype <dtype> --out <out>/commits/<sha> [--component-module F] [--thresholds F]
 
-so the harness, the MLX port and the components all come from the commit under test. Exit code
-0 marks the commit good, 2 ("usage or input error": e.g. the component does not exist yet) or a
-timeout marks it untestable (skipped, like ``git bisect skip``), anything else marks it bad
-(``--on-crash skip``: a check that fails without writing any report counts as untestable).
-Both ends are tested first: ``--good`` must pass and ``--bad`` must fail.
+run with the worktree first on the import path and every editable install of the current
+checkout hidden (:data:`BOOTSTRAP`), so whatever the worktree holds (the harness itself, a port,
+a component file) comes from the commit under test, and nothing from the checkout bisect runs
+in; an installed harness serves revisions that do not contain one. Relative ``--component-module``
+and ``--thresholds`` paths are taken inside each worktree. Exit code 0 marks the commit as
+passing, 2 ("usage or input error": e.g. the component does not exist yet) or a timeout marks it
+untestable (skipped, like ``git bisect skip``), anything else marks it failing (``--on-crash
+skip``: a check that fails without writing any report counts as untestable). Both ends are
+tested first: ``--good`` must pass and ``--bad`` must fail.
 
 Writes ``<out>/bisect.json`` and a self-contained ``<out>/bisect.html``: the tested commits with
 their verdicts and key metrics, the first bad commit's message and diff stat, a per-layer
 comparison of the last good and first bad runs, and a metric trend over the tested commits.
-Exit code 0 when one first bad commit was found, 2 otherwise (bad range, untestable ends, or
-skips leaving several suspects).
+Exit code 0 when one first bad (``--find-fix``: first good) commit was found, 2 otherwise (bad
+range, untestable ends, or skips leaving several suspects).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -37,17 +41,46 @@ from typing import Any, Callable, Sequence
 
 from parity import html_report
 from parity.dumps import write_json, write_text
-from parity.html_report import cell, column, fmt, num_cell
+from parity.html_report import cell, column, num_cell
 from parity.report import load_report
-from parity.runner import Progress, stderr_progress
+from parity.vocab import InputError, fmt
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
-EXIT_FOUND, EXIT_UNRESOLVED = 0, 2
+REGRESSION, FIX = "regression", "fix"
+#: How the page names the commit found and the one before it.
+WORDS = {REGRESSION: {"first": "First bad commit", "last": "Last good"},
+         FIX: {"first": "First good commit (the fix)", "last": "Last bad"}}
+
+#: Runs ``python -m parity`` in a worktree (the current folder) with that revision's code: the
+#: worktree first on the import path; paths and editable-install mappings (setuptools finders)
+#: that point into the repository bisect was started from (``PARITY_BISECT_HIDE``) removed, so a
+#: module that only exists there cannot leak into an older revision. Packages installed from
+#: elsewhere (a harness installed into the environment) stay importable.
+BOOTSTRAP = """
+import os, runpy, sys
+tree, hide = os.path.realpath(os.getcwd()), os.path.realpath(os.environ["PARITY_BISECT_HIDE"])
+def hidden(path):
+    real = os.path.realpath(str(path))
+    return real == hide or real.startswith(hide + os.sep)
+for finder in list(sys.meta_path) + list(sys.path_hooks):
+    module = sys.modules.get(getattr(finder, "__module__", "") or "")
+    for table in ("MAPPING", "NAMESPACES"):
+        mapping = getattr(module, table, None)
+        if isinstance(mapping, dict):
+            for name, where in list(mapping.items()):
+                paths = where if isinstance(where, list) else [where]
+                if any(hidden(p) for p in paths):
+                    del mapping[name]
+sys.path[:] = [tree] + [p for p in sys.path if p and not hidden(p) and os.path.realpath(p) != tree]
+sys.path_importer_cache.clear()
+sys.argv[0] = "parity"
+runpy.run_module("parity", run_name="__main__", alter_sys=True)
+"""
 #: Patches longer than this many lines are cut in the HTML (the diff stat is always whole).
 PATCH_LINES = 400
 
 
-class BisectError(ValueError):
+class BisectError(InputError):
     """The range cannot be bisected (unknown revision, good not an ancestor of bad, ends not as claimed)."""
 
 
@@ -124,7 +157,7 @@ def commit_info(repo: Path, commit: str, patch: bool = False) -> dict[str, Any]:
 # --- testing one commit ----------------------------------------------------------------------------
 
 @dataclass
-class Outcome:
+class CommitCheck:
     """The result of checking one commit."""
 
     commit: str
@@ -135,6 +168,34 @@ class Outcome:
     run_dir: str | None = None
     log: str | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Check:
+    """How each commit is checked: ``parity run`` with these arguments, within ``timeout`` seconds.
+
+    ``component_modules`` / ``thresholds``: relative paths are taken inside each worktree.
+    ``on_crash``: how a check that fails without writing a report counts (bad or skip).
+    """
+
+    components: tuple[str, ...] = ()
+    dtype: str | None = "all"
+    python: str = sys.executable
+    timeout: float | None = None
+    on_crash: str = BAD
+    component_modules: tuple[str, ...] = ()
+    thresholds: str | None = None
+
+    def command(self, tree: Path, out: Path) -> list[str]:
+        cmd = [self.python, "-c", BOOTSTRAP, "run", *self.components, "--out", str(out), "--quiet"]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        for module in self.component_modules:
+            cmd += ["--component-module", str(tree / module) if not Path(module).is_absolute() else module]
+        if self.thresholds:
+            cmd += ["--thresholds", str(tree / self.thresholds) if not Path(self.thresholds).is_absolute()
+                    else self.thresholds]
+        return cmd
 
 
 def drift_end(sections: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -168,58 +229,56 @@ def summarize(report: dict[str, Any], report_dir: Path, base: Path) -> dict[str,
     }
 
 
-def run_check(repo: Path, commit: str, out: Path, components: Sequence[str], dtype: str | None,
-              python: str, timeout: float | None, worktrees: Path, on_crash: str = BAD) -> Outcome:
+def run_check(repo: Path, commit: str, out: Path, check: Check, worktrees: Path) -> CommitCheck:
     """Check ``commit`` in a fresh worktree with its own code; reports go to ``out/commits/<sha12>``.
 
-    A run that fails without writing any report (an exception, a revision without the harness)
-    counts as ``on_crash``: bad (as ``git bisect run`` would) or skip.
+    Exit 0 is good, 2 or a timeout untestable (skip), anything else bad; a failure without any
+    report (an exception, a revision without the harness) counts as ``check.on_crash``.
     """
     tree = worktrees / commit[:12]
     commit_out = out / "commits" / commit[:12]
     commit_out.mkdir(parents=True, exist_ok=True)
     git(repo, "worktree", "add", "--detach", "--quiet", str(tree), commit)
     started = time.perf_counter()
+    cmd = check.command(tree, commit_out)
     try:
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": os.pathsep.join(
-            [str(tree), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
-        cmd = [python, "-m", "parity", "run", *components, "--out", str(commit_out)]
-        if dtype:
-            cmd += ["--dtype", dtype]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PARITY_BISECT_HIDE": str(repo)}
+        env.pop("PYTHONPATH", None)
         try:
-            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=check.timeout)
             returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as err:
             returncode = None
             stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
             stderr = (err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")) + \
-                f"\n[bisect] timed out after {timeout} s"
+                f"\n[bisect] timed out after {check.timeout} s"
     finally:
         git(repo, "worktree", "remove", "--force", str(tree), check=False)
         shutil.rmtree(tree, ignore_errors=True)
     seconds = round(time.perf_counter() - started, 2)
     log = commit_out / "parity-run.log"
-    write_text(log, f"$ {' '.join(cmd)}\n[exit {returncode}]\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}")
-    outcome = Outcome(commit, BAD, returncode, seconds, log=os.path.relpath(log, out))
+    shown = " ".join(c if c != BOOTSTRAP else "<bootstrap: python -m parity>" for c in cmd)
+    write_text(log, f"$ {shown}\n[exit {returncode}]\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}")
+    outcome = CommitCheck(commit, BAD, returncode, seconds, log=os.path.relpath(log, out))
     report_paths = sorted(commit_out.glob("*/*/report.json"))
     if report_paths:  # the newest run folder
         outcome.run_dir = os.path.relpath(report_paths[-1].parent.parent, out)
     for path in report_paths:
         try:
             outcome.reports.append(summarize(load_report(path), path.parent, out))
-        except ValueError as err:
+        except InputError as err:
             outcome.note += f"unreadable report {path.parent.name}: {err}; "
     tail = (stderr.strip().splitlines() or [""])[-1].replace(str(tree), "<worktree>")[:300]
     if returncode == 0:
         outcome.status = GOOD
     elif returncode is None:
-        outcome.status, outcome.note = SKIP, f"timed out after {timeout} s (cannot test)"
+        outcome.status, outcome.note = SKIP, f"timed out after {check.timeout} s (cannot test)"
     elif returncode == 2:
         outcome.status, outcome.note = SKIP, f"exit 2, cannot test: {tail}"
     else:
         outcome.status = BAD
         if not outcome.reports:
-            outcome.status = on_crash
+            outcome.status = check.on_crash
             outcome.note = f"exit {returncode} without a report (crashed?): {tail}"
         elif all(r.get("verdict") == "PASS" for r in outcome.reports):
             outcome.note = f"exit {returncode} although every report passes: {tail}"
@@ -228,75 +287,91 @@ def run_check(repo: Path, commit: str, out: Path, components: Sequence[str], dty
 
 # --- the whole bisection ----------------------------------------------------------------------------
 
-def bisect(repo: str | Path, good: str, bad: str, components: Sequence[str] = (), dtype: str | None = "all",
-           out: str | Path | None = None, python: str | None = None, timeout: float | None = None,
-           keep_dumps: bool = False, on_crash: str = BAD, progress: Progress | None = None) -> dict[str, Any]:
-    """Bisect ``good..bad`` in ``repo``; write ``bisect.json`` and ``bisect.html`` into ``out``; return the JSON."""
+def bisect(repo: str | Path, good: str, bad: str, check: Check = Check(), out: str | Path | None = None,
+           keep_dumps: bool = False, target: str = REGRESSION, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Bisect between ``good`` and ``bad`` in ``repo``; write ``bisect.json`` and ``bisect.html`` into ``out``.
+
+    ``target`` regression: ``good`` is the older end and the first failing commit is sought;
+    fix: ``bad`` is the older end and the first passing commit is sought. Returns the JSON, whose
+    ``first_changed`` / ``last_unchanged`` are that commit and the one before it (a regression
+    also names them ``first_bad`` / ``last_good``).
+    """
     say = progress or (lambda _m: None)
+    if target not in (REGRESSION, FIX):
+        raise BisectError(f"target: expected {REGRESSION} or {FIX}, got {target!r}")
     repo = Path(git(Path(repo), "rev-parse", "--show-toplevel").strip())
     good_sha, bad_sha = resolve(repo, good), resolve(repo, bad)
-    commits = first_parent_range(repo, good_sha, bad_sha)
+    old, new = (good_sha, bad_sha) if target == REGRESSION else (bad_sha, good_sha)
+    before, after = (GOOD, BAD) if target == REGRESSION else (BAD, GOOD)
+    sought = "first bad commit" if target == REGRESSION else "first good commit (the fix)"
+    commits = first_parent_range(repo, old, new)
     out = Path(out) if out else Path("reports") / ("bisect-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    python = python or sys.executable
-    outcomes: dict[str, Outcome] = {}
+    outcomes: dict[str, CommitCheck] = {}
     infos: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     started = time.perf_counter()
     git(repo, "worktree", "prune", check=False)
     worktrees = Path(tempfile.mkdtemp(prefix="parity-bisect-"))
     result: dict[str, Any] = {
-        "schema": 1, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "repo": str(repo),
-        "good": good_sha, "bad": bad_sha, "components": list(components), "dtype": dtype, "python": python,
-        "range": len(commits), "status": "error", "message": "", "first_bad": None, "suspects": [],
-        "last_good": None, "tested_order": order,
+        "schema": 2, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "repo": str(repo),
+        "target": target, "good": good_sha, "bad": bad_sha, "components": list(check.components),
+        "component_modules": list(check.component_modules), "thresholds": check.thresholds, "dtype": check.dtype,
+        "python": check.python, "range": len(commits), "status": "error", "message": "", "first_changed": None,
+        "last_unchanged": None, "suspects": [], "tested_order": order,
     }
 
-    def check(commit: str) -> str:
+    def test(commit: str) -> str:
         infos[commit] = commit_info(repo, commit)
         say(f"[bisect] testing {commit[:12]} {infos[commit]['subject'][:60]!r}")
-        outcome = run_check(repo, commit, out, components, dtype, python, timeout, worktrees, on_crash)
+        outcome = run_check(repo, commit, out, check, worktrees)
         outcomes[commit] = outcome
         order.append(commit)
         verdicts = ", ".join(f"{r['component']} {r['dtype']} {r['verdict']}" for r in outcome.reports) or "no report"
         say(f"[bisect]   {outcome.status} ({verdicts}; {outcome.seconds} s){' - ' + outcome.note if outcome.note else ''}")
         return outcome.status
 
+    def changed(commit: str) -> str:
+        """The commit's status in search terms: GOOD = as the older end, BAD = as the newer end."""
+        status = outcomes[commit].status if commit in outcomes else test(commit)
+        return {before: GOOD, after: BAD}.get(status, status)
+
     try:
         for name, sha, expected in (("good", good_sha, GOOD), ("bad", bad_sha, BAD)):
-            status = check(sha)
+            status = test(sha)
             if status != expected:
                 why = "cannot be tested" if status == SKIP else f"is {status}"
                 raise BisectError(f"the {name} revision {sha[:12]} {why}: {outcomes[sha].note or 'see its log'}")
-        say(f"[bisect] {len(commits)} commits after good; about {max(math.ceil(math.log2(len(commits))), 0)} steps")
-        suspects = search(commits, lambda c: outcomes[c].status if c in outcomes else check(c))
+        say(f"[bisect] {len(commits)} commits to search; about {max(math.ceil(math.log2(len(commits))), 0)} steps")
+        suspects = search(commits, changed)
         result["suspects"] = suspects
-        first_bad = suspects[-1] if len(suspects) == 1 else None
+        first = suspects[-1] if len(suspects) == 1 else None
         index = commits.index(suspects[0])
-        last_good = commits[index - 1] if index > 0 else good_sha
-        result["last_good"] = last_good
-        if first_bad:
+        result["last_unchanged"] = commits[index - 1] if index > 0 else old
+        if first:
             result["status"] = "found"
-            result["first_bad"] = commit_info(repo, first_bad, patch=True)
-            result["message"] = f"first bad commit: {first_bad[:12]} {result['first_bad']['subject']}"
+            result["first_changed"] = commit_info(repo, first, patch=True)
+            result["message"] = f"{sought}: {first[:12]} {result['first_changed']['subject']}"
         else:
             result["status"] = "ambiguous"
-            result["message"] = (f"untestable commits hide the first bad commit; it is one of "
+            result["message"] = (f"untestable commits hide the {sought}; it is one of "
                                  f"{', '.join(c[:12] for c in suspects)}")
     except BisectError as err:
         result["status"], result["message"] = "error", str(err)
     finally:
         shutil.rmtree(worktrees, ignore_errors=True)
         git(repo, "worktree", "prune", check=False)
+    if target == REGRESSION:
+        result["first_bad"], result["last_good"] = result["first_changed"], result["last_unchanged"]
     result["seconds"] = round(time.perf_counter() - started, 1)
-    all_commits = [good_sha, *commits]
+    all_commits = [old, *commits]
     result["commits"] = [{**{k: infos[c][k] for k in ("commit", "subject", "author", "date")},
                           "position": position, "tested": order.index(c) + 1,
                           **{k: v for k, v in asdict(outcomes[c]).items() if k != "commit"}}
                          for position, c in enumerate(all_commits) if c in outcomes]
     result["untested"] = len(all_commits) - len(outcomes)
-    keep = {result.get("last_good"), (result.get("first_bad") or {}).get("commit")}  # the two runs a person opens
+    keep = {result.get("last_unchanged"), (result.get("first_changed") or {}).get("commit")}  # the runs a person opens
     for c in keep:
         for report in outcomes[c].reports if c in outcomes else []:
             try:
@@ -325,7 +400,7 @@ def _key(report: dict[str, Any]) -> str:
 
 
 def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
-    """Rows of one component's last-good and first-bad reports side by side, layer by layer."""
+    """Rows of one component's reports before and after the change (last unchanged, first changed), layer by layer."""
     good, bad = load_report(good_dir), load_report(bad_dir)
     good_rows = {r.get("layer"): r for r in good.get("layers") or []}
     bad_rows = {r.get("layer"): r for r in bad.get("layers") or []}
@@ -333,10 +408,10 @@ def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
     names += [n for n in good_rows if n not in bad_rows]
     metrics = [("cosine", "cos"), ("max_abs", "g"), ("budget_ratio", "g")]
     present = [(k, s) for k, s in metrics if any(k in r for r in [*good_rows.values(), *bad_rows.values()])]
-    columns = [column("layer")] + [column("verdict good"), column("verdict bad")]
+    columns = [column("layer")] + [column("verdict before"), column("verdict after")]
     for key, _style in present:
         label = key.replace("_", " ")
-        columns += [column(f"{label} good", True), column(f"{label} bad", True)]
+        columns += [column(f"{label} before", True), column(f"{label} after", True)]
     rows = []
     for name in names:
         g, b = good_rows.get(name, {}), bad_rows.get(name, {})
@@ -344,7 +419,7 @@ def layer_comparison(good_dir: Path, bad_dir: Path) -> dict[str, Any]:
         cells = [cell(name, cls="layer"), cell(gv, badge=gv if gv in ("PASS", "FAIL") else "INFO"),
                  cell(bv, badge=bv if bv in ("PASS", "FAIL") else "INFO")]
         for key, style in present:
-            cells += [num_cell(g.get(key), style), num_cell(b.get(key), style, bad=bv == "FAIL" and gv == "PASS")]
+            cells += [num_cell(g.get(key), style), num_cell(b.get(key), style, bad=bv == "FAIL" and gv != bv)]
         cls = " ".join(c for c, on in (("changed", gv != bv), ("first", name == bad.get("first_divergence"))) if on)
         rows.append({"cls": cls, "id": "", "cells": cells})
     return {"id": "", "columns": columns, "rows": rows, "first_divergence": bad.get("first_divergence")}
@@ -355,8 +430,8 @@ def render(result: dict[str, Any], out: Path) -> str:
     from parity import plots
 
     commits = sorted(result.get("commits") or [], key=lambda c: c["position"])
-    first_bad = (result.get("first_bad") or {}).get("commit")
-    last_good = result.get("last_good")
+    first_bad = (result.get("first_changed") or {}).get("commit")
+    last_good = result.get("last_unchanged")
     has_drift = any(r.get("drift_end") for c in commits for r in c.get("reports") or [])
     columns = [column("#", True, "position on the first-parent chain (0 = good)"),
                column("tested", True, "the order commits were checked in"), column("commit"), column("subject"),
@@ -441,49 +516,12 @@ def render(result: dict[str, Any], out: Path) -> str:
                     entry[side] = html_report._rel(html, out) if html.is_file() else ""
             comparisons.append(entry)
 
-    info = result.get("first_bad") or {}
+    info = result.get("first_changed") or {}
     status = result.get("status")
     return html_report._env().get_template("bisect.html.j2").render(
         b=result, banner="FAIL" if status == "found" else "UNKNOWN", info=info, tested_table=tested_table,
         trends=trends, comparisons=comparisons, generated=html_report._now(),
         last_good=(last_good or "")[:12], first_bad=(first_bad or "")[:12],
+        words=WORDS[result.get("target", REGRESSION)],
         suspects=[by_commit.get(s, {"commit": s, "subject": ""}) for s in result.get("suspects") or []],
         components=", ".join(result.get("components") or []) or "all")
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-def cmd_bisect(args: argparse.Namespace) -> int:
-    result = bisect(args.repo, args.good, args.bad, args.component or [], args.dtype, args.out, args.python,
-                    args.timeout, args.keep_dumps, args.on_crash,
-                    progress=stderr_progress)
-    print(result["message"])
-    if result["status"] == "found":
-        info = result["first_bad"]
-        print(f"{info['commit']}\n  {info['subject']}\n{info['diffstat']}")
-    return EXIT_FOUND if result["status"] == "found" else EXIT_UNRESOLVED
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "bisect", help="find the first commit that broke parity (binary search over git history)",
-        description=(__doc__ or "").replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit codes: 0 first bad commit found, 2 usage error or no single first bad commit.")
-    p.add_argument("--good", required=True, help="a revision that passes (e.g. a tag or sha)")
-    p.add_argument("--bad", required=True, help="a later revision that fails (e.g. HEAD)")
-    p.add_argument("--component", action="extend", nargs="+", metavar="C",
-                   help="components to check (default: all the revision has)")
-    p.add_argument("--dtype", default="all", choices=["float32", "bfloat16", "all"],
-                   help="precision to check in (default all)")
-    p.add_argument("--repo", type=Path, default=Path("."), help="the git repository (default: the current folder)")
-    p.add_argument("--out", type=Path, help="where bisect.html, bisect.json and the runs go "
-                                            "(default reports/bisect-<time>)")
-    p.add_argument("--python", help="interpreter to run each revision with (default: this one)")
-    p.add_argument("--timeout", type=float, default=3600.0,
-                   help="seconds one revision may take before it counts as untestable (default 3600)")
-    p.add_argument("--keep-dumps", action="store_true",
-                   help="keep the .npy dumps of every tested commit (default: only last good and first bad)")
-    p.add_argument("--on-crash", choices=[BAD, SKIP], default=BAD,
-                   help="how to count a revision whose check fails without writing a report (default bad)")
-    p.set_defaults(func=cmd_bisect)

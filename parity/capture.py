@@ -1,33 +1,44 @@
-"""Capture of named intermediate tensors from a PyTorch module and from our MLX code.
+"""A capture: the named intermediate tensors of one forward run on one side, in execution order.
 
-A :class:`Capture` is an ordered record ``layer name -> numpy array`` in execution order,
-plus each tensor's original dtype. Tensors are stored as float32 numpy arrays (float64 stays
-float64) so metrics never depend on a framework being importable. A capture may forward each
-tensor to a sink as it arrives (streaming) instead of, or as well as, keeping it.
+A :class:`Capture` records ``layer name -> numpy array`` plus each tensor's original dtype and
+shape. Tensors are stored as float32 numpy arrays (float64 stays float64), so metrics never
+depend on a framework being importable. A capture may forward each tensor to a sink as it
+arrives (streaming) instead of, or as well as, keeping it. Names recorded inside
+:meth:`Capture.scope` blocks are prefixed (``chunk1/`` + ``conv_in``), on either side.
+
+The tools that fill a capture live in :mod:`parity.capture_torch` (forward hooks, wrapped
+functions, traced locals on the reference) and :mod:`parity.capture_mlx` (our taps, hooks by
+module path and wrapped functions on an MLX port). Both name layers with the same patterns:
+``*`` matches one component of a dotted path, ``**`` any number; a name template refers to the
+wildcards as ``{0}``, ``{1}``... and to the per-scope call count as ``{call}``.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from functools import cache
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mlx_impl import taps
+from parity.vocab import InputError
 
 Sink = Callable[[str, np.ndarray, str], None]
 
 
-class CaptureError(ValueError):
-    """A capture was used inconsistently (duplicate layer, unexpected extra call, ...)."""
+class CaptureError(InputError):
+    """A capture was used inconsistently (duplicate layer, unknown module path, unexpected extra call, ...)."""
 
 
 def to_numpy(x: Any) -> tuple[np.ndarray, str]:
     """Convert a torch / MLX / numpy tensor to numpy (bf16/fp16 widened to float32) and its dtype name."""
     module = type(x).__module__
     if module.startswith("torch"):
+        import torch
+
         dtype = str(x.dtype).removeprefix("torch.")
         x = x.detach().cpu()
-        if x.dtype.is_floating_point and x.dtype not in (_torch().float32, _torch().float64):
+        if x.dtype.is_floating_point and x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         return x.numpy(), dtype
     if module.startswith("mlx"):
@@ -41,10 +52,10 @@ def to_numpy(x: Any) -> tuple[np.ndarray, str]:
     return array, str(array.dtype)
 
 
-def _torch():
-    import torch
-
-    return torch
+def is_tensor(x: Any) -> bool:
+    """True for torch tensors, MLX arrays and numpy arrays (what a capture can record)."""
+    module = type(x).__module__
+    return isinstance(x, np.ndarray) or (module.startswith(("torch", "mlx")) and hasattr(x, "dtype") and hasattr(x, "shape"))
 
 
 class Capture:
@@ -58,11 +69,32 @@ class Capture:
         self.tensors: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self._scopes: list[str] = []
+        #: Called with each recorded name (progress bars).
+        self.observers: list[Callable[[str], None]] = []
+
+    def full_name(self, name: str) -> str:
+        return "/".join([*self._scopes, name])
+
+    @property
+    def current_scope(self) -> str:
+        return "/".join(self._scopes)
+
+    @contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Prefix every name recorded inside the block with ``name/``."""
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
 
     def add(self, name: str, tensor: Any) -> None:
-        """Record ``tensor`` under ``name``; a name may be recorded once per capture."""
+        """Record ``tensor`` under ``name`` (prefixed by the open scopes); a name may be recorded once."""
+        name = self.full_name(name)
         if name in self.dtypes:
-            raise CaptureError(f"{self.side}: layer {name!r} captured twice; give each call its own name")
+            raise CaptureError(f"{self.side}: layer {name!r} captured twice; give each call its own name "
+                               "(a scope, or {call} in the name template)")
         array, dtype = to_numpy(tensor)
         self.order.append(name)
         self.dtypes[name] = dtype
@@ -71,6 +103,26 @@ class Capture:
             self.tensors[name] = array
         if self.sink is not None:
             self.sink(name, array, dtype)
+        for observe in self.observers:
+            observe(name)
+
+    def add_tree(self, name: str, value: Any) -> None:
+        """Record a tensor, or each tensor of a tuple/list output as ``name/0``, ``name/1``..."""
+        if isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if is_tensor(item):
+                    self.add(f"{name}/{i}", item)
+        elif is_tensor(value):
+            self.add(name, value)
+
+    def stats_of(self, name: str) -> dict[str, Any] | None:
+        """The statistics a stats-only layer was reduced to (streaming), or None: the tensor is kept."""
+        return None
+
+    @property
+    def last(self) -> str | None:
+        """The layer recorded last (where a crashed forward got to)."""
+        return self.order[-1] if self.order else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.dtypes
@@ -82,50 +134,39 @@ class Capture:
         return len(self.order)
 
 
-@contextmanager
-def capture_mlx(capture: Capture) -> Iterator[Capture]:
-    """Record every ``mlx_impl.taps.tap`` call made inside the block into ``capture``."""
-    with taps.recorder(capture.add):
-        yield capture
+# --- name patterns shared by both sides ---------------------------------------------------------
+
+@cache
+def compile_pattern(pattern: str) -> re.Pattern:
+    """A dotted-path glob as a regex: ``*`` one path component (captured), ``**`` any (captured)."""
+    parts = re.split(r"(\*\*|\*)", pattern)
+    regex = "".join("(.+)" if p == "**" else "([^./]+)" if p == "*" else re.escape(p) for p in parts)
+    return re.compile(regex + r"\Z")
 
 
-@contextmanager
-def capture_torch(
-    root: Any, capture: Capture, hooks: Mapping[str, str | Sequence[str]]
-) -> Iterator[Capture]:
-    """Record outputs of named submodules of ``root`` via forward hooks.
+def match_pattern(pattern: str, path: str) -> tuple[str, ...] | None:
+    """The wildcard captures of ``path`` against ``pattern``, or None when it does not match."""
+    found = compile_pattern(pattern).match(path)
+    return found.groups() if found else None
 
-    ``hooks`` maps a submodule path (as in ``root.named_modules()``) to the layer name to
-    record, or to a list of names for successive calls of the same submodule. A tuple/list
-    output is recorded element-wise as ``name/0``, ``name/1``... An unknown path, or more
-    calls than names, raises :class:`CaptureError`.
-    """
-    modules = dict(root.named_modules())
-    handles = []
+
+def expand(template: str, groups: tuple[str, ...], call: int = 0) -> str:
+    """A name template filled with wildcard captures (``{0}``...) and the call count (``{call}``)."""
     try:
-        for path, names in hooks.items():
-            if path not in modules:
-                raise CaptureError(f"reference has no submodule {path!r} to hook")
-            names = [names] if isinstance(names, str) else list(names)
-            handles.append(modules[path].register_forward_hook(_make_hook(capture, path, names)))
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
+        return template.format(*groups, call=call)
+    except (IndexError, KeyError) as err:
+        raise CaptureError(f"name template {template!r}: no value for {err} (wildcards: {list(groups)})") from None
 
 
-def _make_hook(capture: Capture, path: str, names: list[str]):
-    calls = iter(names)
+class CallCounter:
+    """Counts calls per (key, enclosing scope): the i-th call of a module or function inside each scope."""
 
-    def hook(_module, _inputs, output):
-        name = next(calls, None)
-        if name is None:
-            raise CaptureError(f"submodule {path!r} was called more than the {len(names)} time(s) expected")
-        if isinstance(output, (tuple, list)):
-            for i, item in enumerate(output):
-                if item is not None:
-                    capture.add(f"{name}/{i}", item)
-        else:
-            capture.add(name, output)
+    def __init__(self, capture: Capture):
+        self.capture = capture
+        self.counts: dict[tuple[Any, str], int] = {}
 
-    return hook
+    def next(self, key: Any) -> int:
+        slot = (key, self.capture.current_scope)
+        count = self.counts.get(slot, 0)
+        self.counts[slot] = count + 1
+        return count

@@ -1,21 +1,51 @@
-"""Align two captures by layer name, compute metrics, and judge each layer.
+"""The verdict: align two captures, compute metrics, judge each layer -- the one place thresholds are applied.
 
-The result lists layers in the reference's execution order; the first failing one is the
-*first divergence*. A layer present on one side only, a shape mismatch, a NaN/Inf, or a
-comparison with nothing in it is a failure, never a skip.
+Each layer yields :class:`Failure` records (kind, metric, value, limit, message); its verdict is
+FAIL when it has any. The report carries the records and the limits that were applied, and the
+gate and the HTML read them as they are. Layers are listed in the reference's execution order
+(MLX-only layers after them); the first failing one is the *first divergence*. A layer present
+on one side only, a shape mismatch, a NaN/Inf, a crash before a layer was produced, or a
+comparison with nothing in it is a failure, never a skip. A layer an :class:`~parity.alignment.Alignment`
+excludes is EXCLUDED, with its reason.
+
+How a layer is judged (``parity.toml`` holds the numbers and their reasons):
+
+- float32: ``max_abs <= atol + rtol * max|ref|``, ``cosine >= cosine_min``, ``max_rel <= max_rel``;
+- bfloat16: our RMSE against the float64 truth at most ``budget_ratio`` times the reference's own
+  (:func:`parity.metrics.precision_budget`), unless we agree with the reference to the float32
+  limits anyway (``budget_excused``: no precision is lost on our side); plus any limits set for it;
+- a tensor with NaN/Inf fails, and its metrics (computed over finite elements) are not shown as
+  if they meant anything: cosine and errors are ``None`` ("not available").
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from parity.alignment import Alignment, apply_adapter
 from parity.capture import Capture
-from parity.component import Section
 from parity.metrics import precision_budget, tensor_metrics
-from parity.thresholds import Thresholds, Tolerance
+from parity.stats import tensor_stats
+from parity.thresholds import Thresholds, Tolerance, ThresholdsError
+from parity.vocab import fmt
 
-PASS, FAIL = "PASS", "FAIL"
+PASS, FAIL, EXCLUDED = "PASS", "FAIL", "EXCLUDED"
+#: Metrics that mean nothing once a tensor holds NaN/Inf (they are computed over the finite elements).
+FINITE_ONLY = ("cosine", "max_abs", "max_rel", "mean_abs", "rmse", "snr_db", "budget_ratio", "err_vs_truth")
+
+
+@dataclass
+class Failure:
+    """One broken rule of one layer."""
+
+    kind: str      # structure (missing, shape, empty, no truth) | absolute (a limit, NaN/Inf, the budget)
+    metric: str    # presence, shape, numel, truth, nan/inf, max_abs, cosine, max_rel, budget_ratio, sample_max_abs, ...
+    value: Any
+    limit: Any     # the bound or the expected value
+    message: str
 
 
 @dataclass
@@ -23,26 +53,58 @@ class LayerResult:
     name: str
     mlx_name: str
     verdict: str
-    reasons: list[str]
+    failures: list[Failure]
     metrics: dict[str, Any]
     shape_ref: tuple[int, ...] | None = None
     shape_mlx: tuple[int, ...] | None = None
     dtype_ref: str | None = None
     dtype_mlx: str | None = None
+    limits: dict[str, float] = field(default_factory=dict)
+    adapter: str | None = None
+    excluded: str | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f.message for f in self.failures]
+
+    def fail(self, kind: str, metric: str, value: Any, limit: Any, message: str) -> None:
+        self.failures.append(Failure(kind, metric, value, limit, message))
+        self.verdict = FAIL
 
     def row(self) -> dict[str, Any]:
         """A flat dict for JSON/CSV reports."""
-        return {
+        row = {
             "layer": self.name,
             "mlx_layer": self.mlx_name,
             "verdict": self.verdict,
             "reasons": "; ".join(self.reasons),
+            "failures": [asdict(f) for f in self.failures],
             "shape_ref": list(self.shape_ref) if self.shape_ref is not None else None,
             "shape_mlx": list(self.shape_mlx) if self.shape_mlx is not None else None,
             "dtype_ref": self.dtype_ref,
             "dtype_mlx": self.dtype_mlx,
+            "limits": self.limits,
             **self.metrics,
         }
+        if self.adapter:
+            row["adapter"] = self.adapter
+        if self.excluded:
+            row["excluded"] = self.excluded
+        return row
+
+
+@dataclass
+class Crash:
+    """An exception raised inside a forward: which side, after which layer, and the traceback."""
+
+    side: str
+    error: str
+    traceback: str
+    after: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.side} crashed after {self.after or 'no layer'}"
 
 
 @dataclass
@@ -50,7 +112,8 @@ class Comparison:
     component: str
     dtype: str
     layers: list[LayerResult]
-    sections: list[Section] = field(default_factory=list)
+    sections: list[Any] = field(default_factory=list)
+    crash: Crash | None = None
 
     @property
     def first_divergence(self) -> str | None:
@@ -60,147 +123,298 @@ class Comparison:
         for section in self.sections:
             if section.passed is False:
                 return section.failing or f"section:{section.name}"
-        return None
+        return self.crash.label if self.crash else None
 
     @property
     def verdict(self) -> str:
-        if not self.layers:
+        if not any(layer.verdict != EXCLUDED for layer in self.layers):
             return FAIL  # a comparison of nothing must never pass
         return FAIL if self.first_divergence is not None else PASS
 
     @property
     def worst(self) -> LayerResult | None:
-        """The layer with the lowest cosine (failing layers first)."""
-        compared = [l for l in self.layers if "cosine" in l.metrics]
-        if not compared:
+        """The layer to show first: failing layers before passing ones; among them the lowest cosine,
+        then the failing layers without metrics (missing: crashed, or never produced)."""
+        candidates = [l for l in self.layers if l.verdict != EXCLUDED]
+        if not candidates:
             return None
-        return min(compared, key=lambda l: (l.verdict == PASS, _finite(l.metrics["cosine"])))
+
+        def rank(layer: LayerResult) -> tuple[bool, bool, float]:
+            cosine = layer.metrics.get("cosine")
+            has = isinstance(cosine, (int, float)) and math.isfinite(cosine)
+            return layer.verdict != FAIL, not has, cosine if has else 0.0
+        return min(candidates, key=rank)
 
 
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -math.inf
+# --- judging one layer -------------------------------------------------------------------------
 
+def _check_limits(result: LayerResult, values: Mapping[str, Any], tol: Tolerance, ref_max_abs: float,
+                  label: str = "", differences: Mapping[str, float] | None = None) -> None:
+    """Fail ``result`` for each limit of ``tol`` that ``values`` (``max_abs``, ``cosine``, ``max_rel``) break.
 
-def compare(
-    component: str,
-    dtype: str,
-    ref: Capture,
-    mlx: Capture,
-    thresholds: Thresholds,
-    alignment: dict[str, str] | None = None,
-    truth: Capture | None = None,
-    judged: Mapping[str, LayerResult] | None = None,
-) -> Comparison:
-    """Compare every reference layer with its aligned MLX layer (``alignment``: ref -> mlx name).
-
-    ``judged`` holds results already computed for some reference layers (streaming runs judge
-    each layer as its MLX tensor arrives, see ``parity.streaming``); those are used as they are.
+    The abs limit (``atol + rtol * max|ref|``) applies to ``max_abs`` and to each of ``differences``
+    (name -> |difference|, stats-only layers). ``label`` prefixes metric names (``sample_``).
     """
-    alignment = alignment or {}
-    judged = judged or {}
-    layers = []
-    matched_mlx = set()
-    for name in ref.order:
-        mlx_name = alignment.get(name, name)
-        if mlx_name not in mlx:
-            layers.append(LayerResult(name, mlx_name, FAIL, ["missing on the MLX side"], {},
-                                      ref.shapes[name], None, ref.dtypes[name], None))
-            continue
-        matched_mlx.add(mlx_name)
-        if name in judged:
-            layers.append(judged[name])
-            continue
-        layers.append(judge_layer(component, dtype, name, mlx_name, ref, mlx, truth, thresholds))
-    for mlx_name in mlx.order:
-        if mlx_name not in matched_mlx:
-            layers.append(LayerResult(mlx_name, mlx_name, FAIL, ["missing on the reference side"], {},
-                                      None, mlx.shapes[mlx_name], None, mlx.dtypes[mlx_name]))
-    return Comparison(component, dtype, layers)
+    limit = tol.abs_limit(ref_max_abs)
+    if limit is not None:
+        result.limits["abs_limit"] = limit
+        if not values["max_abs"] <= limit:
+            result.fail("absolute", f"{label}max_abs", values["max_abs"], limit,
+                        f"{label.replace('_', ' ')}max abs {fmt(values['max_abs'])} > {fmt(limit)} (atol + rtol * max|ref|)")
+        for key, difference in (differences or {}).items():
+            if not difference <= limit:
+                result.fail("absolute", key, difference, limit, f"{key} differs by {fmt(difference)} > {fmt(limit)}")
+    if tol.cosine_min is not None and not values["cosine"] >= tol.cosine_min:
+        result.fail("absolute", f"{label}cosine", values["cosine"], tol.cosine_min,
+                    f"{label.replace('_', ' ')}cosine {fmt(values['cosine'], 'cos')} < {tol.cosine_min:g} "
+                    f"(1 - cos = {fmt(1.0 - values['cosine'])})")
+    if tol.max_rel is not None and not values["max_rel"] <= tol.max_rel:
+        result.fail("absolute", f"{label}max_rel", values["max_rel"], tol.max_rel,
+                    f"{label.replace('_', ' ')}max rel {fmt(values['max_rel'])} > {tol.max_rel:g}")
 
 
-def layer_tolerances(thresholds: Thresholds, component: str, dtype: str, name: str) -> tuple[Tolerance, Tolerance | None]:
-    """The tolerance of layer ``name`` in ``dtype``, and in reduced precision its float32 tolerance too."""
-    tol = thresholds.for_layer(component, dtype, name)
-    exact = thresholds.for_layer(component, "float32", name) if dtype != "float32" else None
-    return tol, exact
+def _check_nonfinite(result: LayerResult, counts: Mapping[str, int]) -> bool:
+    """Fail ``result`` for NaN/Inf on either side; True when there were any."""
+    total = sum(int(counts[k]) for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx"))
+    if total:
+        sides = [f"{label} has {counts[f'nan_{side}']} NaN / {counts[f'inf_{side}']} Inf"
+                 for side, label in (("ref", "reference"), ("mlx", "MLX")) if counts[f"nan_{side}"] or counts[f"inf_{side}"]]
+        result.fail("absolute", "nan/inf", total, 0, "; ".join(sides))
+    return bool(total)
 
 
-def judge_layer(component: str, dtype: str, name: str, mlx_name: str, ref: Capture, mlx: Capture,
-                truth: Capture | None, thresholds: Thresholds) -> LayerResult:
-    """Judge reference layer ``name`` against MLX layer ``mlx_name`` (both present) with its thresholds."""
-    return _judge(name, mlx_name, ref, mlx, truth, *layer_tolerances(thresholds, component, dtype, name))
+def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, prefix: str = "") -> None:
+    """The bf16 precision budget on the ``{prefix}budget_ratio`` metrics: over ``tol.budget_ratio`` fails,
+    unless excused (we agree with the reference to the float32 limits); then, where the reference
+    computes the tap exactly, more than one rounding of its value fails (``rounding_excess``)."""
+    m = result.metrics
+    dtypes = "" if result.dtype_ref == result.dtype_mlx else f" (ours {result.dtype_mlx}, reference {result.dtype_ref})"
+    if tol.budget_ratio is not None:
+        result.limits["budget_ratio"] = tol.budget_ratio
+        ratio = m[f"{prefix}budget_ratio"]
+        error = m.get(f"{prefix}max_abs", m.get("max_abs"))
+        limit = exact.abs_limit(m.get("ref_max_abs") or 0.0) if exact is not None else None
+        if ratio <= tol.budget_ratio:
+            pass
+        elif limit is not None and error is not None and error <= limit:
+            m[f"{prefix}budget_excused"] = True  # agrees with the reference to float32 tolerance
+        else:
+            rounding = m.get(f"{prefix}rounding_err")
+            floor = f", floored at one {result.dtype_mlx} rounding {fmt(rounding)}" if rounding is not None else ""
+            where = "on the sample " if prefix else ""
+            result.fail("absolute", f"{prefix}budget_ratio", ratio, tol.budget_ratio,
+                        f"precision budget {where}{fmt(ratio)} > {tol.budget_ratio:g}{dtypes}: our error vs float64 "
+                        f"{fmt(m.get(f'{prefix}err_vs_truth'))}, the reference's "
+                        f"{fmt(m.get(f'{prefix}ref_err_vs_truth'))}{floor}")
+    excess = m.get(f"{prefix}rounding_excess")
+    if excess is not None and tol.rounding_excess is not None:
+        result.limits["rounding_excess"] = tol.rounding_excess
+        if not excess <= tol.rounding_excess:
+            result.fail("absolute", f"{prefix}rounding_excess", excess, tol.rounding_excess,
+                        f"more than one {result.dtype_mlx} rounding of a value the reference computes exactly"
+                        f"{dtypes}: rmse(ours - round(reference)) is {fmt(excess)} x one rounding > "
+                        f"{tol.rounding_excess:g} (computed in {result.dtype_mlx}, or rounded twice?)")
 
 
-def _judge(name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture | None, tol: Tolerance,
-           exact: Tolerance | None = None) -> LayerResult:
-    """Judge one layer. ``exact`` (the float32 tolerance, in reduced-precision runs) excuses the
-    precision budget when we agree with the reference to float32 precision anyway: then no
-    precision is lost on our side, whatever the budget ratio says (e.g. a layer the reference
-    computes in float32 even in a bf16 run, where its own error against float64 is ~0)."""
-    result = LayerResult(name, mlx_name, PASS, [], {}, ref.shapes[name], mlx.shapes[mlx_name],
-                         ref.dtypes[name], mlx.dtypes[mlx_name])
-    if result.shape_ref != result.shape_mlx:
-        result.verdict = FAIL
-        result.reasons.append(f"shape mismatch: reference {result.shape_ref} vs MLX {result.shape_mlx}")
+def _check_structure(result: LayerResult, adapter: str | None = None) -> None:
+    if result.shape_ref is not None and result.shape_mlx is not None and result.shape_ref != result.shape_mlx:
+        adapted = f" after adapter {adapter!r}" if adapter else ""
+        result.fail("structure", "shape", list(result.shape_mlx), list(result.shape_ref),
+                    f"shape mismatch: reference {result.shape_ref} vs MLX {result.shape_mlx}{adapted}")
+    elif result.shape_ref is not None and 0 in result.shape_ref:
+        result.fail("structure", "numel", 0, 1, "empty tensor: nothing compared")
+
+
+def apply_rules(result: LayerResult, tol: Tolerance, exact: Tolerance | None = None) -> LayerResult:
+    """The verdict of one layer from its shapes and computed metrics: every rule, in one place.
+
+    Structure (shapes, emptiness) first; then NaN/Inf (whose metrics, computed over finite
+    elements, become ``None``: not available); then the limits of ``tol`` and, with a float64
+    truth, the precision budget. ``exact`` (reduced-precision runs: the layer's float32
+    tolerance) excuses the budget when we agree with the reference to float32 limits anyway.
+    """
+    _check_structure(result, result.adapter)
+    if result.verdict == FAIL:
         return result
-    a, b = ref[name], mlx[mlx_name]
-    m = tensor_metrics(a, b)
-    result.metrics = m
-    reasons = result.reasons
-    reasons += nonfinite_reasons(m)
-    if truth is not None and name not in truth:
-        reasons.append("missing in the float64 truth run")
-    elif truth is not None:
-        m.update(precision_budget(truth[name], a, b))
-        over_budget = tol.budget_ratio is not None and not m["budget_ratio"] <= tol.budget_ratio
-        if over_budget and exact is not None and _within(m, exact):
-            m["budget_excused"] = True  # agrees with the reference to float32 tolerance
-        elif over_budget:
-            reasons.append(f"precision budget {m['budget_ratio']:.3g} > {tol.budget_ratio:g} "
-                           f"(our error {m['err_vs_truth']:.3g} vs reference's {m['ref_err_vs_truth']:.3g})")
-    reasons += limit_reasons(m, m, tol)
-    if reasons:
-        result.verdict = FAIL
+    m = result.metrics
+    result.limits.update({k: v for k, v in tol.applied().items() if k in ("atol", "rtol", "cosine_min", "max_rel")})
+    if _check_nonfinite(result, m):
+        for key in FINITE_ONLY:
+            if key in m:
+                m[key] = None  # not available: computed over finite elements only
+        return result
+    if m.get("stats_only"):
+        differences = {key: m[f"diff_{key}"] for key in STATS_COMPARED if m.get(f"diff_{key}") is not None}
+        _check_limits(result, {k: m[f"sample_{k}"] for k in ("max_abs", "cosine", "max_rel")}, tol,
+                      m["ref_max_abs"], "sample_", differences)
+        if "sample_budget_ratio" in m:
+            _check_budget(result, tol, exact, prefix="sample_")
+        return result
+    for key in ("max_abs", "rmse", "cosine"):
+        value = m.get(key)
+        if isinstance(value, float) and math.isnan(value):
+            result.fail("absolute", key, value, "finite", f"{key} is NaN")
+    _check_limits(result, m, tol, m.get("ref_max_abs") or 0.0)
+    if "budget_ratio" in m:
+        _check_budget(result, tol, exact)
     return result
 
 
-def nonfinite_reasons(metrics: Mapping[str, Any]) -> list[str]:
-    """Why a layer with these NaN/Inf counts (``nan_ref``, ``inf_ref``, ``nan_mlx``, ``inf_mlx``) fails."""
-    reasons = []
-    if metrics["nan_ref"] or metrics["inf_ref"]:
-        reasons.append(f"reference has {metrics['nan_ref']} NaN / {metrics['inf_ref']} Inf")
-    if metrics["nan_mlx"] or metrics["inf_mlx"]:
-        reasons.append(f"MLX has {metrics['nan_mlx']} NaN / {metrics['inf_mlx']} Inf")
-    return reasons
+#: Statistics of stats-only layers compared side by side (each difference within the abs limit).
+STATS_COMPARED = ("min", "max", "mean", "std", "rms")
 
 
-def limit_reasons(values: Mapping[str, Any], metrics: dict[str, Any], tol: Tolerance, label: str = "",
-                  differences: Mapping[str, float] | None = None) -> list[str]:
-    """Which limits of ``tol`` the ``max_abs``, ``cosine`` and ``max_rel`` in ``values`` break.
+def judge_tensors(name: str, mlx_name: str, ref: np.ndarray, ours: np.ndarray, truth: np.ndarray | None,
+                  tol: Tolerance, exact: Tolerance | None, dtype_ref: str, dtype_mlx: str,
+                  adapter: str | None = None, truth_missing: bool = False) -> LayerResult:
+    """Judge one layer on its full tensors (``ours`` already adapted to the reference's layout)."""
+    result = LayerResult(name, mlx_name, PASS, [], {}, tuple(ref.shape), tuple(ours.shape), dtype_ref, dtype_mlx,
+                         adapter=adapter)
+    _check_structure(result, adapter)
+    if result.verdict == FAIL:
+        return result
+    result.metrics = tensor_metrics(ref, ours)
+    if truth_missing:
+        result.fail("structure", "truth", "missing", "present", "missing in the float64 truth run")
+    elif truth is not None and not any(result.metrics[k] for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx")):
+        result.metrics.update(precision_budget(truth, ref, ours, dtype_mlx))
+    return apply_rules(result, tol, exact)
 
-    The abs limit (``atol + rtol * metrics["ref_max_abs"]``, set as ``metrics["abs_limit"]``)
-    applies to ``max_abs`` and to each of ``differences`` (name -> |difference|) too.
-    ``label`` prefixes the metric names in the messages (``"sample "``: see ``parity.streaming``).
+
+def judge_stats(name: str, mlx_name: str, ref_stats: Mapping[str, Any], mlx_stats: Mapping[str, Any],
+                truth_stats: Mapping[str, Any] | None, tol: Tolerance, exact: Tolerance | None,
+                dtype_ref: str, dtype_mlx: str, truth_missing: bool = False) -> LayerResult:
+    """Judge a stats-only layer on what its statistics and sample can tell (see :mod:`parity.streaming`)."""
+    result = LayerResult(name, mlx_name, PASS, [], {}, tuple(ref_stats["shape"]), tuple(mlx_stats["shape"]),
+                         dtype_ref, dtype_mlx)
+    _check_structure(result)
+    if result.verdict == FAIL:
+        return result
+    ref_extent = [abs(v) for v in (ref_stats["min"], ref_stats["max"]) if v is not None]
+    m: dict[str, Any] = {
+        "stats_only": True, "numel": ref_stats["numel"],
+        "ref_max_abs": max(ref_extent, default=0.0),
+        "ref_rms": ref_stats["rms"] if ref_stats["rms"] is not None else 0.0,
+        "nan_ref": ref_stats["nan"], "inf_ref": ref_stats["inf"], "nan_mlx": mlx_stats["nan"], "inf_mlx": mlx_stats["inf"],
+    }
+    for side, stats in (("ref", ref_stats), ("mlx", mlx_stats)):
+        for key in ("min", "max", "mean", "std", "norm"):
+            m[f"{side}_{key}"] = stats[key]
+    for key in STATS_COMPARED:
+        if ref_stats[key] is not None and mlx_stats[key] is not None:
+            m[f"diff_{key}"] = abs(ref_stats[key] - mlx_stats[key])
+    result.metrics = m
+    methods = {ref_stats.get("sample_method"), mlx_stats.get("sample_method")}
+    if len(methods) != 1 or len(ref_stats["sample"]) != len(mlx_stats["sample"]):
+        result.fail("structure", "sample", sorted(map(str, methods)), "one method",
+                    f"samples not comparable (methods {sorted(map(str, methods))})")
+        return result
+    ref_sample = np.asarray(ref_stats["sample"], np.float64)
+    mlx_sample = np.asarray(mlx_stats["sample"], np.float64)
+    sample = tensor_metrics(ref_sample, mlx_sample)
+    m["sample_size"] = int(ref_sample.size)
+    for key in ("cosine", "max_abs", "max_rel", "rmse"):
+        m[f"sample_{key}"] = sample[key]
+    if truth_missing:
+        result.fail("structure", "truth", "missing", "present", "missing in the float64 truth run")
+    elif truth_stats is not None:
+        budget = precision_budget(np.asarray(truth_stats["sample"], np.float64), ref_sample, mlx_sample, dtype_mlx)
+        m.update({f"sample_{k}": v for k, v in budget.items()})
+    return apply_rules(result, tol, exact)
+
+
+# --- judging a run ------------------------------------------------------------------------------
+
+@dataclass
+class Judge:
+    """Judges layers of one component run as the tensors become available (in memory or streamed).
+
+    ``lineage``: the component's name and its parents' (thresholds are inherited);
+    ``dtype``: the run's dtype (a bf16 run also checks the budget against ``truth``).
     """
-    reasons = []
-    if tol.atol is not None or tol.rtol is not None:
-        limit = metrics["abs_limit"] = _abs_limit(metrics, tol)
-        if not values["max_abs"] <= limit:
-            reasons.append(f"{label}max abs {values['max_abs']:.3g} > {limit:.3g}")
-        for key, difference in (differences or {}).items():
-            if not difference <= limit:
-                reasons.append(f"{key} differs by {difference:.3g} > {limit:.3g}")
-    if tol.cosine_min is not None and not values["cosine"] >= tol.cosine_min:
-        reasons.append(f"{label}cosine {values['cosine']:.6f} < {tol.cosine_min}")
-    if tol.max_rel is not None and not values["max_rel"] <= tol.max_rel:
-        reasons.append(f"{label}max rel {values['max_rel']:.3g} > {tol.max_rel:g}")
-    return reasons
+
+    lineage: Sequence[str]
+    dtype: str
+    thresholds: Thresholds
+    alignment: Alignment = field(default_factory=Alignment)
+
+    def tolerances(self, name: str) -> tuple[Tolerance, Tolerance | None]:
+        """The tolerance of layer ``name``, and in reduced precision its float32 tolerance too."""
+        tol = self.thresholds.for_layer(self.lineage, self.dtype, name)
+        exact = self.thresholds.for_layer(self.lineage, "float32", name) if self.dtype != "float32" else None
+        return tol, exact
+
+    def layer(self, name: str, mlx_name: str, ref: Capture, mlx: Capture, truth: Capture | None,
+              adapter: str | None = None) -> LayerResult:
+        """Judge reference layer ``name`` against MLX layer ``mlx_name`` (both present)."""
+        tol, exact = self.tolerances(name)
+        truth_missing = truth is not None and name not in truth
+        ref_stats = ref.stats_of(name)
+        if ref_stats is not None:
+            mlx_stats = mlx.stats_of(mlx_name) or _stats(mlx, mlx_name)
+            truth_stats = truth.stats_of(name) if truth is not None and not truth_missing else None
+            return judge_stats(name, mlx_name, ref_stats, mlx_stats, truth_stats, tol, exact, ref.dtypes[name],
+                               mlx.dtypes[mlx_name], truth_missing)
+        ours = mlx[mlx_name]
+        if adapter:
+            ours = apply_adapter(adapter, np.asarray(ours), tuple(ref.shapes[name]))
+        truth_tensor = truth[name] if truth is not None and not truth_missing else None
+        return judge_tensors(name, mlx_name, ref[name], ours, truth_tensor, tol, exact, ref.dtypes[name],
+                             mlx.dtypes[mlx_name], adapter, truth_missing)
 
 
-def _abs_limit(metrics: dict[str, Any], tol: Tolerance) -> float:
-    return (tol.atol or 0.0) + (tol.rtol or 0.0) * metrics["ref_max_abs"]
+def _stats(capture: Capture, name: str) -> dict[str, Any]:
+    return tensor_stats(np.asarray(capture[name]), capture.dtypes[name])
 
 
-def _within(metrics: dict[str, Any], tol: Tolerance) -> bool:
-    """max_abs <= atol + rtol * max|ref| (an allclose scaled by the tensor's magnitude)."""
-    return metrics["max_abs"] <= _abs_limit(metrics, tol)
+def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: Thresholds,
+            alignment: Alignment | Mapping[str, Any] | None = None, truth: Capture | None = None,
+            judged: Mapping[str, LayerResult] | None = None, crash: Crash | None = None,
+            lineage: Sequence[str] | None = None) -> Comparison:
+    """Compare every reference layer with its aligned MLX layer.
+
+    ``lineage``: the component's name and its parents' (thresholds are inherited; default: just
+    ``component``). ``judged`` holds results already computed for some reference layers
+    (streaming runs judge each layer as its MLX tensor arrives); those are used as they are.
+    ``crash``: a forward that raised; the layers it never produced fail as missing, naming where
+    it stopped.
+    """
+    judge = Judge(list(lineage or [component]), dtype, thresholds, Alignment.of(alignment))
+    judged = judged or {}
+    alignment = judge.alignment
+    alignment.check_exclusions(ref.order, mlx.order)
+    missing_note = f" ({crash.label})" if crash else ""
+    layers = []
+    matched = set()
+    for name in ref.order:
+        mlx_name, adapter = alignment.target(name)
+        reason = alignment.excluded(name, "ref")
+        if reason is not None:
+            layers.append(LayerResult(name, mlx_name, EXCLUDED, [], {}, ref.shapes[name], None, ref.dtypes[name],
+                                      excluded=reason))
+            matched.add(mlx_name)
+            continue
+        if mlx_name not in mlx:
+            result = LayerResult(name, mlx_name, PASS, [], {}, ref.shapes[name], None, ref.dtypes[name], None)
+            result.fail("structure", "presence", "missing", "present", f"missing on the MLX side{missing_note}")
+            layers.append(result)
+            continue
+        matched.add(mlx_name)
+        layers.append(judged.get(name) or judge.layer(name, mlx_name, ref, mlx, truth, adapter))
+    for mlx_name in mlx.order:
+        if mlx_name in matched:
+            continue
+        reason = alignment.excluded(mlx_name, "mlx")
+        if reason is not None:
+            layers.append(LayerResult(mlx_name, mlx_name, EXCLUDED, [], {}, None, mlx.shapes[mlx_name], None,
+                                      mlx.dtypes[mlx_name], excluded=reason))
+            continue
+        result = LayerResult(mlx_name, mlx_name, PASS, [], {}, None, mlx.shapes[mlx_name], None, mlx.dtypes[mlx_name])
+        note = f" ({crash.side} crashed after {crash.after or 'no layer'})" if crash and crash.side != "mlx" else ""
+        result.fail("structure", "presence", "missing", "present", f"missing on the reference side{note}")
+        layers.append(result)
+    unmatched = judge.thresholds.unmatched_globs(judge.lineage, judge.dtype, [l.name for l in layers])
+    if unmatched and crash is None:
+        raise ThresholdsError(f"layer glob(s) matching no layer of {component} {judge.dtype}: {'; '.join(unmatched)} "
+                              f"(layers: {', '.join(l.name for l in layers[:8])}{' ...' if len(layers) > 8 else ''})")
+    return Comparison(component, judge.dtype, layers, crash=crash)

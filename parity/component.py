@@ -1,35 +1,48 @@
-"""The interface every compared component implements, and the registry that finds them.
+"""The interface every compared component implements.
 
-A component pairs a PyTorch reference built on the real diffusers module with our MLX
-implementation. The runner (``parity.runner``) drives it: build the reference (random tiny
-config from a seed, or a real checkpoint), convert its weights through the strict loader,
-feed both sides the same inputs, capture named tensors and compare them.
+A component pairs a PyTorch reference built on the real diffusers module with an MLX
+implementation (ours in ``mlx_impl/``, or a user's port). The runner (:mod:`parity.runner`)
+drives it: validate the config, build the reference (random tiny config from a seed, or a real
+checkpoint), convert its weights through the port's converter and the strict loader, feed both
+sides the same inputs, capture named tensors and hand them to the judge.
 
-Each module in ``parity/components/`` defines ``COMPONENT = <Component subclass>()``; the
-registry discovers them, so adding a component touches no shared file.
+A component declares
+
+- ``name``, ``description`` and ``config_model`` (its typed config, :mod:`parity.config`); the
+  default config is ``fixtures/configs/<name>.json`` (or ``default_config``, or ``<name>.json``
+  next to the module), found along the class hierarchy, so a subclass can reuse its parent's;
+- ``keep_fp32``: the module names diffusers keeps in float32 in a bf16 model (its
+  ``_keep_in_fp32_modules``), applied to both sides;
+- ``alignment`` (reference layer -> MLX layer, adapters, exclusions, :mod:`parity.alignment`)
+  and ``mlx_hooks`` (capture by module path for a port without taps, :mod:`parity.capture_mlx`);
+- ``views`` (report sections computed from the captures alone: also from a reference bundle)
+  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application).
+
+Subclasses inherit thresholds (``parity.toml`` tables of their parents) as well.
 """
 from __future__ import annotations
 
 import copy
 import importlib
-import pkgutil
+import inspect
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 
+from parity.alignment import Alignment
+from parity.config import ComponentConfig, ConfigError, merge, read_object, validate
+from parity.vocab import InputError
+
 if TYPE_CHECKING:
     from parity.capture import Capture
+    from parity.capture_mlx import MlxHooks
+    from parity.thresholds import Thresholds
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
-DTYPES = ("float32", "bfloat16")
-
-
-class UnknownComponentError(KeyError):
-    def __str__(self) -> str:
-        return f"unknown component {self.args[0]!r}; available: {', '.join(available())}"
 
 
 @dataclass
@@ -55,10 +68,13 @@ class Section:
 
 @dataclass
 class RunContext:
-    """Everything a component's extra sections may need after the main comparison."""
+    """Everything a component's sections may need after the main comparison.
+
+    ``reference`` is None in a comparison against a reference bundle (no PyTorch there).
+    """
 
     component: "Component"
-    config: dict[str, Any]
+    config: Any
     seed: int
     dtype: str
     inputs: dict[str, np.ndarray]
@@ -67,60 +83,96 @@ class RunContext:
     ref: "Capture"
     mlx: "Capture"
     truth: "Capture | None" = None
-    thresholds: Any = None
+    thresholds: "Thresholds | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Component(ABC):
-    """One comparable unit: a diffusers reference and our MLX implementation of it."""
+    """One comparable unit: a diffusers reference and an MLX implementation of it."""
 
-    name: str = ""
-    description: str = ""
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_model: ClassVar[type[ComponentConfig]] = ComponentConfig
+    #: Path of the default config when not ``fixtures/configs/<name>.json`` (relative: to the module's folder).
+    default_config: ClassVar[str | None] = None
     #: Key prefix of this component's weights inside a full model checkpoint ("" = whole file).
-    weights_prefix: str = ""
-    #: Reference layer name -> MLX layer name where they differ (identity otherwise).
-    alignment: dict[str, str] = {}
-    #: Module names diffusers keeps in float32 when loading in bf16 (its ``_keep_in_fp32_modules``).
-    keep_fp32_modules: tuple[str, ...] = ()
+    weights_prefix: ClassVar[str] = ""
+    #: Reference layer -> MLX layer rules, adapters and exclusions (identity when empty).
+    alignment: ClassVar[Alignment | Mapping[str, Any] | None] = None
+    #: Module names diffusers keeps in float32 when loading in bf16 (its ``_keep_in_fp32_modules``): both sides.
+    keep_fp32: ClassVar[tuple[str, ...]] = ()
     #: Module of ``reference_runners`` whose ``run`` the default ``run_reference`` calls.
-    reference_runner: str = ""
+    reference_runner: ClassVar[str] = ""
     #: Attribute of the reference whose weights the component compares (None: the whole reference).
-    reference_submodule: str | None = None
-    #: The part of the component config a diffusers ``config.json`` given with ``--config`` replaces.
-    diffusers_config_key: str | None = None
+    reference_submodule: ClassVar[str | None] = None
+    #: The part of the config a diffusers ``config.json`` given with ``--config`` replaces.
+    diffusers_config_key: ClassVar[str | None] = None
     #: The file a diffusers model folder keeps that config in.
-    diffusers_config_file: str = "config.json"
+    diffusers_config_file: ClassVar[str] = "config.json"
+    #: Capture by module path (a port without taps); None: our ``mlx_impl.taps``.
+    mlx_hooks: ClassVar["MlxHooks | None"] = None
 
-    # --- configuration and inputs -------------------------------------------------------
-    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The component's config: the tiny default in ``fixtures/configs``, or a user's file.
+    # --- identity and configuration -----------------------------------------------------------
+    def lineage(self) -> list[str]:
+        """This component's name and those of the components it subclasses (for inherited thresholds)."""
+        names = [cls.__dict__["name"] for cls in type(self).__mro__ if cls.__dict__.get("name")]
+        return list(dict.fromkeys(names))
 
-        A user's file is either a whole component config (a JSON object like the default one), or,
+    def aligned(self) -> Alignment:
+        return Alignment.of(self.alignment)
+
+    def default_config_path(self) -> Path:
+        """The default config, looked up along the class hierarchy (a renamed subclass finds its parent's)."""
+        tried = []
+        for cls in type(self).__mro__:
+            name = cls.__dict__.get("name")
+            if not name and not cls.__dict__.get("default_config"):
+                continue
+            module_dir = Path(inspect.getfile(cls)).resolve().parent
+            own = cls.__dict__.get("default_config")
+            candidates = [module_dir / own] if own else [CONFIG_DIR / f"{name}.json", module_dir / f"{name}.json"]
+            for path in candidates:
+                tried.append(str(path))
+                if path.is_file():
+                    return path
+        raise ConfigError(f"{self.name}: no default config; looked for {', '.join(tried) or 'nothing'}")
+
+    def load_config(self, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The validated config: the default, then a user's file, then ``overrides`` (see :mod:`parity.config`).
+
+        A user's file is a whole component config (a JSON object with the default's keys), or,
         for components that set ``diffusers_config_key``, a diffusers config (file, or the model
-        folder holding ``diffusers_config_file``): that replaces the default's ``diffusers_config_key`` part.
+        folder holding ``diffusers_config_file``) that replaces that part of the default.
         """
-        default = CONFIG_DIR / f"{self.name}.json"
-        if path is None:
-            return _read_json(default, self.name)
-        key = self.diffusers_config_key
-        if key is None or (Path(path).is_file() and key in _read_json(Path(path), self.name)):
-            return _read_json(Path(path), self.name)
-        from parity.weights import read_config
-
-        path = Path(path) / self.diffusers_config_file if Path(path).is_dir() else path
-        return {**_read_json(default, self.name),
-                key: {k: v for k, v in read_config(path).items() if not k.startswith("_")}}
+        default_path = self.default_config_path()
+        sources: dict[str, Any] = {str(default_path): read_object(default_path, f"{self.name} default config")}
+        data = sources[str(default_path)]
+        if path is not None:
+            path = Path(path)
+            if path.is_dir() and self.diffusers_config_key:
+                path = path / self.diffusers_config_file
+            user = read_object(path, f"{self.name} config")
+            key = self.diffusers_config_key
+            if key and key not in user:
+                user = {key: user}  # a diffusers config: replaces the default's diffusers part
+                data = {**data, key: {}}
+            sources[str(path)] = user
+            data = merge(data, user)
+        if overrides:
+            sources["overrides"] = dict(overrides)
+            data = merge(data, overrides)
+        return validate(self.config_model, data, sources)
 
     @abstractmethod
-    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    def make_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
         """Deterministic inputs shared by both sides (float32/float64/int numpy arrays)."""
 
-    # --- reference side (PyTorch, real diffusers modules) -------------------------------
+    # --- reference side (PyTorch, real diffusers modules) -------------------------------------
     @abstractmethod
-    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+    def build_reference(self, config: Any, seed: int) -> Any:
         """The diffusers reference, randomly initialised from ``seed`` (float32)."""
 
-    def load_reference(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
+    def load_reference(self, config: Any, weights: dict[str, np.ndarray]) -> Any:
         """The reference with a real checkpoint's weights loaded strictly into its ``reference_submodule``."""
         from parity.weights import load_torch_strict
 
@@ -140,14 +192,14 @@ class Component(ABC):
     def cast_reference(self, reference: Any, dtype: str) -> Any:
         """A copy of the reference in ``dtype`` ("float32", "bfloat16" or "float64").
 
-        In bf16, parameters under ``keep_fp32_modules`` stay float32, as diffusers'
+        In bf16, parameters under ``keep_fp32`` modules stay float32, as diffusers'
         ``from_pretrained(torch_dtype=torch.bfloat16)`` leaves them.
         """
         import torch
 
         module = copy.deepcopy(reference)
         target = getattr(torch, dtype)
-        keep = self.keep_fp32_modules if dtype == "bfloat16" else ()
+        keep = self.keep_fp32 if dtype == "bfloat16" else ()
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
                 tensor.data = tensor.data.to(target)
@@ -160,58 +212,47 @@ class Component(ABC):
         """
         import torch
 
+        if not self.reference_runner:
+            raise InputError(f"{self.name}: set reference_runner or override run_reference")
         runner = importlib.import_module(f"reference_runners.{self.reference_runner}")
         runner.run(reference, inputs, getattr(torch, dtype), capture)
 
-    # --- MLX side -----------------------------------------------------------------------
-    @abstractmethod
-    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
-        """Our MLX implementation in ``dtype``, weights converted through ``parity.weights.strict_load``."""
+    # --- MLX side -----------------------------------------------------------------------------
+    def convert_weights(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The port's whole-state-dict converter (diffusers keys and layouts -> the port's); identity by default.
+
+        Its output goes through the strict loader in :meth:`build_mlx` (missing, unused and
+        wrong-shape keys are errors).
+        """
+        return weights
 
     @abstractmethod
-    def run_mlx(self, model: Any, inputs: dict[str, np.ndarray], dtype: str, capture: "Capture") -> None:
-        """Run our MLX implementation; its ``tap`` calls land in ``capture``."""
+    def build_mlx(self, config: Any, weights: dict[str, np.ndarray], dtype: str) -> Any:
+        """The MLX implementation in ``dtype``, weights (after :meth:`convert_weights`) loaded strictly."""
 
-    # --- optional extras ----------------------------------------------------------------
-    def sections(self, run: RunContext) -> list[Section]:
-        """Extra report sections (artifact metrics, drift, per-frame errors). None by default."""
+    @abstractmethod
+    def run_mlx(self, model: Any, inputs: dict[str, np.ndarray], dtype: str) -> None:
+        """Run the MLX implementation; what it computes is captured by :meth:`mlx_capture`."""
+
+    def mlx_capture(self, model: Any, capture: "Capture") -> AbstractContextManager:
+        """Where the MLX side's tensors come from: ``mlx_hooks`` by module path, or our taps."""
+        from parity.capture_mlx import record_taps
+
+        if self.mlx_hooks is not None:
+            return self.mlx_hooks.capture(model, capture)
+        return record_taps(capture)
+
+    # --- report sections ----------------------------------------------------------------------
+    def views(self, run: RunContext) -> list[Section]:
+        """Sections computed from the captures alone (also available from a reference bundle)."""
         return []
 
+    def extra_runs(self, run: RunContext) -> list[Section]:
+        """Sections that run the models again (drift); not available from a reference bundle."""
+        return []
 
-def _read_json(path: Path, component: str) -> dict[str, Any]:
-    from parity.weights import read_config
+    def has_extra_runs(self) -> bool:
+        return type(self).extra_runs is not Component.extra_runs
 
-    try:
-        return read_config(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise type(err)(f"{component}: {err}") from None
-
-
-def available() -> list[str]:
-    """Names of all registered components, sorted."""
-    return sorted(_registry())
-
-
-def get(name: str) -> Component:
-    registry = _registry()
-    if name not in registry:
-        raise UnknownComponentError(name)
-    return registry[name]
-
-
-_cache: dict[str, Component] | None = None
-
-
-def _registry() -> dict[str, Component]:
-    global _cache
-    if _cache is None:
-        import parity.components as package
-
-        found: dict[str, Component] = {}
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"parity.components.{info.name}")
-            component = getattr(module, "COMPONENT", None)
-            if isinstance(component, Component):
-                found[component.name] = component
-        _cache = found
-    return _cache
+    def has_views(self) -> bool:
+        return type(self).views is not Component.views

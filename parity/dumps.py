@@ -1,8 +1,10 @@
-"""Run directories, atomic writes, ``.npy`` dumps with a manifest, and safe loading.
+"""Run folders, atomic writes, ``.npy`` dumps with a manifest.
 
-Layout: ``<out>/<run-id>/<component>/{ref,mlx,truth}/<layer>.npy`` plus ``manifest.json``.
+Layout: ``<out>/<run-id>/<component>-<dtype>/{ref,mlx,truth}/<layer>.npy`` plus ``manifest.json``.
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file, and a run directory is created fresh: a new run never overwrites an old one.
+half-written file; a run folder is created fresh (a new run never overwrites an old one) and
+holds an ``INCOMPLETE`` marker until the run ends, so an interrupted run is listed as such and
+never read as a finished one.
 """
 from __future__ import annotations
 
@@ -10,24 +12,78 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from parity.vocab import InputError, json_default, strict_json
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+INCOMPLETE = "INCOMPLETE"
+
+
+def writable_folder(path: str | Path, option: str) -> Path:
+    """``path`` as a folder we can write into (created if need be), or an :class:`InputError` naming ``option``.
+
+    Checked before anything runs, so a bad ``--out`` costs nothing and leaves nothing behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path}: is a file, expected a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: {existing} is not writable")
+    return path
+
+
+def writable_file(path: str | Path, option: str) -> Path:
+    """``path`` as a file we can (over)write atomically: its folder writable, itself not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a folder, expected a file")
+    writable_folder(path.parent if str(path.parent) else Path("."), option)
+    return path
 
 
 def new_run_dir(out: str | Path, run_id: str | None = None) -> Path:
-    """Create and return ``out/<run-id>``; the id is timestamped and unique, never reused."""
+    """Create ``out/<run-id>`` (marked incomplete); the id is timestamped and unique, never reused."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     path = out / run_id
     path.mkdir()  # raises FileExistsError rather than overwrite an earlier run
+    mark_incomplete(path, "running")
     return path
+
+
+def mark_incomplete(run_dir: Path, why: str) -> None:
+    write_text(run_dir / INCOMPLETE, f"{why} ({datetime.now(timezone.utc).isoformat(timespec='seconds')})\n")
+
+
+def mark_complete(run_dir: Path) -> None:
+    (run_dir / INCOMPLETE).unlink(missing_ok=True)
+
+
+def incomplete_reason(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is incomplete (its marker's text), or None for a finished run."""
+    marker = run_dir / INCOMPLETE
+    if not marker.is_file():
+        return None
+    return marker.read_text().strip() or "incomplete"
+
+
+def discard_if_empty(run_dir: Path) -> bool:
+    """Remove a run folder that holds no component report (an input error stopped it); True if removed."""
+    if run_dir.is_dir() and not any(run_dir.glob("*/report.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    return False
 
 
 def _current_umask() -> int:
@@ -59,19 +115,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, tuple)):
-        return value.tolist() if isinstance(value, np.ndarray) else list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+    """Strict JSON (no NaN / Infinity): non-finite numbers become null, listed under ``"nonfinite"`` of a top-level object."""
+    clean, found = strict_json(json.loads(json.dumps(data, default=json_default, allow_nan=True)))
+    if found and isinstance(clean, dict):
+        clean["nonfinite"] = {**(clean.get("nonfinite") or {}), **found}
+    write_text(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
 
 
 def layer_file(layer: str) -> str:
@@ -85,20 +133,37 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False), mode="wb")
 
 
-def load_npy(path: str | Path) -> np.ndarray:
-    """Load a dump; a missing, pickled or corrupt file raises ``ValueError`` naming the file."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ValueError(f"dump {path} does not exist") from None
-    except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt file
-        raise ValueError(f"dump {path} is not a valid .npy file: {err}") from None
+def write_dumps(directory: Path, meta: Mapping[str, Any], captures: Mapping[str, Any],
+                keep: Callable[[str, str], bool] | None = None) -> None:
+    """Write each captured tensor as ``<side>/<layer>.npy`` and a ``manifest.json`` describing them.
+
+    ``keep(side, layer)`` selects the tensors written (retention: e.g. failing layers only); the
+    manifest lists every layer's shape and dtype either way. A streamed capture has its files on
+    disk already and describes itself (``dump_entry``).
+    """
+    sides = {}
+    for side, capture in captures.items():
+        if capture is None:
+            continue
+        if hasattr(capture, "dump_entry"):
+            sides[side] = capture.dump_entry(directory, side, keep)
+            continue
+        files = {}
+        for layer in capture.order:
+            if layer in capture.tensors and (keep is None or keep(side, layer)):
+                relative = f"{side}/{layer_file(layer)}"
+                write_npy(directory / relative, capture.tensors[layer])
+                files[layer] = relative
+        sides[side] = {"layer_order": capture.order, "files": files,
+                       "shapes": {k: list(v) for k, v in capture.shapes.items()}, "dtypes": capture.dtypes}
+    write_json(directory / "manifest.json", {**meta, "sides": sides})
 
 
-def load_json(path: str | Path, what: str = "file") -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+def manifest_files(manifest: Mapping[str, Any], side: str, where: str) -> dict[str, str]:
+    """``layer -> relative file`` of one side of a manifest, checked to be a mapping."""
+    entry = (manifest.get("sides") or {}).get(side) or {}
+    files = entry.get("files") or {}
+    if not isinstance(entry, Mapping) or not isinstance(files, Mapping):
+        raise InputError(f"{where}: manifest 'sides.{side}.files' must be an object of layer -> file, "
+                         f"got {type(files).__name__}")
+    return dict(files)

@@ -31,151 +31,42 @@ thresholds or baseline file, missing baseline with --require-baselines).
 """
 from __future__ import annotations
 
-import argparse
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from parity import baseline as baseline_mod
-from parity import component as registry
-from parity.compare import _abs_limit
-from parity.thresholds import Thresholds, Tolerance
+from parity import junit, registry
+from parity import thresholds as thresholds_mod
+from parity.dumps import write_json
+from parity.outcome import Finding, GateResult, Outcome
+from parity.thresholds import Thresholds
+from parity.vocab import UsageError, fmt
 
 #: Failing checks shown per component run in the terminal table (all are in gate.json / JUnit).
 MAX_ROWS = 10
+#: How a recorded failure's limit reads, by metric.
+_AT_LEAST = ("cosine", "sample_cosine")
+_EQUAL = ("presence", "shape", "truth", "sample")
 
 
-@dataclass
-class Finding:
-    """One failed check (or an improvement) of one layer."""
-
-    component: str
-    dtype: str
-    layer: str
-    metric: str
-    value: Any
-    threshold: str  # human-readable limit, e.g. "<= 5.3e-05" or ">= 0.99999"
-    baseline: Any = None
-    kind: str = "absolute"  # absolute | baseline | structure | error
-    message: str = ""
+def _threshold(failure: dict[str, Any]) -> str:
+    metric, limit = failure.get("metric", ""), failure.get("limit")
+    op = ">=" if metric in _AT_LEAST or metric == "numel" else "==" if metric in _EQUAL else "<="
+    return f"{op} {fmt(limit)}"
 
 
-@dataclass
-class Outcome:
-    """The gate's verdict on one component in one dtype."""
-
-    component: str
-    dtype: str
-    layers: list[str] = field(default_factory=list)
-    failures: list[Finding] = field(default_factory=list)
-    improvements: list[Finding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    report_dir: str | None = None
-    seconds: float | None = None
-    baseline_path: str | None = None
-    error: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures and self.error is None
-
-    @property
-    def first_divergence(self) -> str | None:
-        return self.failures[0].layer if self.failures else None
-
-
-@dataclass
-class GateResult:
-    outcomes: list[Outcome]
-    run_dir: Path | None = None
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.outcomes) and all(o.passed for o in self.outcomes)
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.passed else 1
-
-
-# --- judging one report -------------------------------------------------------------------------
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value == 0:
-            return "0"
-        return f"{value:.6f}" if 0.01 <= abs(value) <= 1 else f"{value:.3g}"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(str(v) for v in value) + ")"
-    return str(value)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _absolute(component: str, dtype: str, row: dict[str, Any], tol: Tolerance,
-              base: dict[str, Any] | None) -> list[Finding]:
-    """Failed absolute checks of one report row (structure first: those make metrics meaningless)."""
+def recorded(component: str, dtype: str, row: dict[str, Any], base: dict[str, Any] | None) -> list[Finding]:
+    """The failures the run recorded for a report row (the one verdict), as findings."""
     base = base or {}
-
-    def finding(metric: str, value: Any, threshold: str, message: str, kind: str = "absolute") -> Finding:
-        return Finding(component, dtype, row["layer"], metric, value, threshold, base.get(metric), kind, message)
-
-    found = []
-    reasons = [r for r in (row.get("reasons") or "").split("; ") if r]
-    for reason in reasons:
-        if reason.startswith("missing on the"):
-            found.append(finding("presence", "missing", "present", reason, "structure"))
-    shape_ref, shape_mlx = row.get("shape_ref"), row.get("shape_mlx")
-    if shape_ref is not None and shape_mlx is not None and list(shape_ref) != list(shape_mlx):
-        found.append(finding("shape", fmt(shape_mlx), f"== {fmt(shape_ref)}",
-                             f"shape mismatch: reference {fmt(shape_ref)} vs MLX {fmt(shape_mlx)}", "structure"))
-    if found:
-        return found
-    if row.get("numel") == 0:
-        return [finding("numel", 0, ">= 1", "empty tensor: nothing compared", "structure")]
-    if not _number(row.get("cosine")) and not _number(row.get("max_abs")):
-        return [finding("metrics", "none", "present", "no metrics: the layer was not compared", "structure")]
-    counts = {k: int(row.get(k) or 0) for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx")}
-    if any(counts.values()):
-        text = (f"reference {counts['nan_ref']} NaN / {counts['inf_ref']} Inf, "
-                f"MLX {counts['nan_mlx']} NaN / {counts['inf_mlx']} Inf")
-        found.append(finding("nan/inf", sum(counts.values()), "== 0", text))
-    for metric in ("max_abs", "rmse", "cosine"):
-        value = row.get(metric)
-        if _number(value) and math.isnan(value) and not any(counts.values()):
-            found.append(finding(metric, value, "finite", f"{metric} is NaN"))
-    max_abs = row.get("max_abs")
-    if (tol.atol is not None or tol.rtol is not None) and _number(max_abs):
-        limit = _abs_limit({"ref_max_abs": row.get("ref_max_abs") or 0.0}, tol)
-        if not max_abs <= limit:
-            found.append(finding("max_abs", max_abs, f"<= {fmt(limit)}",
-                                 f"max abs {fmt(max_abs)} > {fmt(limit)} (atol + rtol * max|ref|)"))
-    cosine = row.get("cosine")
-    if tol.cosine_min is not None and _number(cosine) and not cosine >= tol.cosine_min:
-        found.append(finding("cosine", cosine, f">= {tol.cosine_min:g}", f"cosine {cosine:.6f} < {tol.cosine_min:g}"))
-    max_rel = row.get("max_rel")
-    if tol.max_rel is not None and _number(max_rel) and not max_rel <= tol.max_rel:
-        found.append(finding("max_rel", max_rel, f"<= {tol.max_rel:g}", f"max rel {fmt(max_rel)} > {tol.max_rel:g}"))
-    ratio = row.get("budget_ratio")
-    if (tol.budget_ratio is not None and _number(ratio) and not row.get("budget_excused")
-            and not ratio <= tol.budget_ratio):
-        found.append(finding("budget_ratio", ratio, f"<= {tol.budget_ratio:g}",
-                             f"precision budget {fmt(ratio)} > {tol.budget_ratio:g} (our error vs float64 truth "
-                             f"over the reference's)"))
-    for reason in reasons:
-        if "float64 truth" in reason:
-            found.append(finding("truth", "missing", "present", reason, "structure"))
-    return found
+    findings = [Finding(component, dtype, row["layer"], f.get("metric", "verdict"), f.get("value"), _threshold(f),
+                        base.get(f.get("metric")), f.get("kind", "absolute"), f.get("message", ""))
+                for f in row.get("failures") or []]
+    if not findings and row.get("verdict") == "FAIL":
+        findings.append(Finding(component, dtype, row["layer"], "verdict", "FAIL", "== PASS", kind="absolute",
+                                message=row.get("reasons") or "the run judged this layer FAIL"))
+    return findings
 
 
 def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.Baseline | None = None,
@@ -187,7 +78,8 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
     ``no_baseline`` says why there is no baseline, for the notes.
     """
     component, dtype = report["component"], report["dtype"]
-    rows = report.get("layers") or []
+    lineage = report.get("lineage") or [component]
+    rows = [r for r in report.get("layers") or [] if r.get("verdict") != "EXCLUDED"]
     out = Outcome(component, dtype, [r["layer"] for r in rows], report_dir=report.get("report_dir"),
                   seconds=report.get("seconds"))
     if baseline is not None:
@@ -199,17 +91,19 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
     if baseline is None:
         out.notes.append(f"no baseline ({no_baseline or 'none given'}): gated on absolute thresholds only")
 
+    crash = report.get("crash")
+    if crash:
+        out.failures.append(Finding(component, dtype, "(run)", "crash", crash.get("error"), "completes", kind="error",
+                                    message=f"the {crash.get('side')} forward raised after "
+                                            f"{crash.get('after') or 'no layer'}: {crash.get('error')}"))
     if not rows:
         out.failures.append(Finding(component, dtype, "(none)", "layers", 0, ">= 1", kind="structure",
                                     message="nothing compared: the component captured no layers"))
     new_layers = []
     for row in rows:
-        tol = limits.for_layer(component, dtype, row["layer"])
+        tol = limits.for_layer(lineage, dtype, row["layer"])
         base = baseline.layers.get(row["layer"]) if baseline else None
-        found = _absolute(component, dtype, row, tol, base)
-        if not found and row.get("verdict") == "FAIL":
-            found = [Finding(component, dtype, row["layer"], "verdict", "FAIL", "PASS", kind="absolute",
-                             message=row.get("reasons") or "the run judged this layer FAIL")]
+        found = recorded(component, dtype, row, base)
         if found:
             out.failures.extend(found)
             continue
@@ -252,6 +146,7 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
 
 
 def crashed(component: str, dtype: str, error: BaseException) -> Outcome:
+    """A component run that raised before it could write a report."""
     message = f"{type(error).__name__}: {error}"
     return Outcome(component, dtype, error=message, failures=[
         Finding(component, dtype, "(run)", "run", "crashed", "completes", kind="error", message=message)])
@@ -326,36 +221,35 @@ def to_json(result: GateResult) -> dict[str, Any]:
 def run_gate(
     components: Sequence[str] | None = None,
     dtypes: Iterable[str] = ("float32",),
-    thresholds_path: str | Path | None = None,
+    thresholds: Thresholds | None = None,
     baselines_dir: str | Path = baseline_mod.DEFAULT_DIR,
-    junit: str | Path | None = None,
+    junit_path: str | Path | None = None,
     out: str | Path = "reports",
     require_baselines: bool = False,
     max_rows: int = MAX_ROWS,
+    progress: Any = None,
 ) -> GateResult:
-    """Run the gate; the Python entry point behind ``parity gate``.
+    """Run the gate: every component run judged (one verdict), then checked against its baseline.
 
     Input errors (unknown component, malformed thresholds or baseline file, missing baseline with
     ``require_baselines``) raise before anything runs; ``result.exit_code`` is 0 or 1.
     """
-    from parity import cli
-    from parity import thresholds as thresholds_mod
-    from parity.dumps import write_json
     from parity.runner import run_many
 
     started = time.perf_counter()
-    names = cli._components(list(components or []))
+    names = registry.select(list(components or []))
     dtypes = list(dtypes)
-    limits = thresholds_mod.load(thresholds_path, known_components=registry.available())
+    limits = thresholds or thresholds_mod.load()
+    limits.check_components(registry.available())
     for name in names:
         for dtype in dtypes:
-            limits.for_component(name, dtype)  # a dtype without defaults is an input error, not a crash
+            limits.for_component(registry.get(name).lineage(), dtype)  # a dtype without defaults: an input error
 
     device = baseline_mod.mlx_device()
     baselines: dict[tuple[str, str], baseline_mod.Baseline] = {}
     missing: dict[tuple[str, str], str] = {}
     for name in names:
-        config = registry.get(name).load_config()
+        config = registry.get(name).load_config().to_dict()
         for dtype in dtypes:
             found = baseline_mod.find(baselines_dir, name, dtype)
             path = baseline_mod.shown(baseline_mod.path_for(baselines_dir, name, dtype))
@@ -366,12 +260,12 @@ def run_gate(
             else:
                 baselines[name, dtype] = found
     if require_baselines and missing:
-        raise cli.UsageError("--require-baselines: no usable baseline for "
-                             + "; ".join(f"{n} {d} ({why})" for (n, d), why in missing.items())
-                             + ". Record them with `parity baseline save`.")
+        raise UsageError("--require-baselines: no usable baseline for "
+                         + "; ".join(f"{n} {d} ({why})" for (n, d), why in missing.items())
+                         + ". Record them with `parity baseline save`.")
 
     errors: dict[tuple[str, str], Exception] = {}
-    results = run_many(names, dtypes, out_dir=out, thresholds=limits,
+    results = run_many(names, dtypes, out_dir=out, thresholds=limits, progress=progress,
                        on_error=lambda n, d, e: errors.__setitem__((n, d), e)) if names else []
     by_key = {(r.comparison.component, r.comparison.dtype): r for r in results}
     outcomes = []
@@ -387,45 +281,7 @@ def run_gate(
     print(summary(result, max_rows), flush=True)
     if run_dir is not None:
         write_json(run_dir / "gate.json", to_json(result))
-    if junit:
-        from parity import junit as junit_mod
-
-        junit_mod.write(junit, outcomes)
-        print(f"JUnit XML: {junit}")
+    if junit_path:
+        junit.write(junit_path, outcomes)
+        print(f"JUnit XML: {junit_path}")
     return result
-
-
-def cmd_gate(args: argparse.Namespace) -> int:
-    from parity import cli
-
-    result = run_gate(args.component, cli._dtypes(args.dtype), args.thresholds, args.baselines, args.junit,
-                      args.out, args.require_baselines, max_rows=args.max_rows)
-    return result.exit_code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``parity gate ARGS``, in-process (exit code returned)."""
-    from parity import cli
-
-    return cli.main(["gate", *(sys.argv[1:] if argv is None else argv)])
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "gate", help="CI check: run components, judge against thresholds and baselines, write JUnit",
-        description=(__doc__ or "").replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--component", action="extend", nargs="+", metavar="C",
-                   help="components to gate (default: all registered)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "all"],
-                   help="precision (default float32)")
-    p.add_argument("--thresholds", type=Path, help="thresholds file (default: the repository's parity.toml)")
-    p.add_argument("--baselines", type=Path, default=baseline_mod.DEFAULT_DIR,
-                   help=f"baseline folder (default {baseline_mod.DEFAULT_DIR})")
-    p.add_argument("--require-baselines", action="store_true",
-                   help="a component without a usable baseline is an error (exit 2) instead of a note")
-    p.add_argument("--junit", type=Path, help="write JUnit XML here")
-    p.add_argument("--out", type=Path, default=Path("reports"), help="where run directories go (default reports/)")
-    p.add_argument("--max-rows", type=int, default=MAX_ROWS,
-                   help=f"failed checks shown per component run (default {MAX_ROWS})")
-    p.set_defaults(func=cmd_gate)
-    baseline_mod.register_save(subparsers)

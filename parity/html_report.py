@@ -11,7 +11,6 @@ heatmap -> image, table -> HTML table), and tensor images come from the ``.npy``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,8 +22,9 @@ from typing import Any, Iterable
 import numpy as np
 from jinja2 import Environment, FileSystemLoader
 
-from parity.dumps import layer_file, load_json, load_npy, write_text
+from parity.dumps import incomplete_reason, layer_file, manifest_files, write_text
 from parity.report import load_report
+from parity.vocab import InputError, fmt, inside, load_json, load_npy, number
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 INDEX_NAME = "index.html"
@@ -36,43 +36,16 @@ _RUN_TIME = re.compile(r"^(\d{8}-\d{6})")
 
 # --- formatting ------------------------------------------------------------------------------
 
-def _float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
-    return None
-
-
-def fmt(value: Any, style: str = "g") -> str:
-    """Text of a metric: ``–`` when absent, ``NaN``/``∞`` spelled out, else by ``style``
-    (``cos``: 7 decimals, ``db``: 1 decimal, ``int``, ``g``: 3 significant digits)."""
-    number = _float(value)
-    if number is None:
-        return "–" if value is None else str(value)
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "∞" if number > 0 else "−∞"
-    if style == "int" or isinstance(value, (int, np.integer)):
-        return str(int(number))
-    if style == "cos":
-        return f"{number:.7f}"
-    if style == "db":
-        return f"{number:.1f}"
-    return f"{number:.3g}"
-
-
 def sort_key(value: Any) -> str:
     """``data-sort`` value for the inline sorter: a number JS parses, or "" (missing; sorts last)."""
-    number = _float(value)
-    if number is None:
+    x = number(value)
+    if x is None:
         return ""
-    if math.isnan(number):
+    if math.isnan(x):
         return "NaN"
-    if math.isinf(number):
-        return "Infinity" if number > 0 else "-Infinity"
-    return repr(number)
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return repr(x)
 
 
 def cell(text: Any = "", sort: str | None = None, cls: str = "", href: str = "", badge: str = "",
@@ -110,19 +83,26 @@ def _rel(target: Path, start: Path) -> str:
 
 # --- the per-layer table -----------------------------------------------------------------------
 
-#: (row key, header, style, header tooltip, words in ``reasons`` that mark the cell as the failing one)
+#: (row key, header, style, header tooltip); a cell is marked failing when a recorded failure names its metric.
 METRIC_COLUMNS = [
-    ("cosine", "cosine", "cos", "cosine similarity of MLX and reference", ("cosine",)),
-    ("max_abs", "max abs", "g", "largest |MLX - reference|", ("max abs",)),
-    ("abs_limit", "abs limit", "g", "atol + rtol * max|reference| (float32 threshold)", ()),
-    ("max_rel", "max rel", "g", "largest relative error", ("max rel",)),
-    ("mean_abs", "mean abs", "g", "mean |MLX - reference|", ()),
-    ("rmse", "RMSE", "g", "root mean square of MLX - reference", ()),
-    ("snr_db", "SNR dB", "db", "10 log10(|ref|^2 / |MLX - ref|^2)", ()),
-    ("budget_ratio", "budget ratio", "g", "our error vs float64 truth / the reference's own bf16 error", ("budget",)),
-    ("err_vs_truth", "MLX vs truth", "g", "RMSE of MLX against the float64 reference", ()),
-    ("ref_err_vs_truth", "ref vs truth", "g", "RMSE of the bf16 reference against its float64 run", ()),
+    ("cosine", "cosine", "cos", "cosine similarity of MLX and reference (digits until it differs from 1)"),
+    ("max_abs", "max abs", "g", "largest |MLX - reference|"),
+    ("abs_limit", "abs limit", "g", "atol + rtol * max|reference| (float32 threshold)"),
+    ("max_rel", "max rel", "g", "largest relative error"),
+    ("mean_abs", "mean abs", "g", "mean |MLX - reference|"),
+    ("rmse", "RMSE", "g", "root mean square of MLX - reference"),
+    ("snr_db", "SNR dB", "db", "10 log10(|ref|^2 / |MLX - ref|^2)"),
+    ("budget_ratio", "budget ratio", "g", "our error vs float64 truth / the reference's own bf16 error"),
+    ("err_vs_truth", "MLX vs truth", "g", "RMSE of MLX against the float64 reference"),
+    ("ref_err_vs_truth", "ref vs truth", "g", "RMSE of the bf16 reference against its float64 run"),
 ]
+
+
+def _value(row: dict[str, Any], key: str) -> Any:
+    """A metric of a row; ``abs_limit`` lives among the applied limits (schema 2)."""
+    if key == "abs_limit":
+        return (row.get("limits") or {}).get("abs_limit", row.get("abs_limit"))
+    return row.get(key)
 
 
 def _pair(a: Any, b: Any) -> str:
@@ -133,10 +113,10 @@ def _pair(a: Any, b: Any) -> str:
 
 def layer_table(layers: list[dict[str, Any]], first: str | None) -> dict[str, Any]:
     """The per-layer table: metric columns present in any row; a failing row's reasons under its name."""
-    present = [c for c in METRIC_COLUMNS if any(row.get(c[0]) is not None for row in layers)]
+    present = [c for c in METRIC_COLUMNS if any(_value(row, c[0]) is not None for row in layers)]
     columns = [column("#", True), column("layer", title="reference name (→ MLX name), shape · dtype, and why a failing layer fails"),
                column("verdict")]
-    columns += [column(label, True, tip) for _key, label, _style, tip, _words in present]
+    columns += [column(label, True, tip) for _key, label, _style, tip in present]
     columns += [column("NaN/Inf", True, "non-finite values: ref NaN/Inf · MLX NaN/Inf")]
     rows = []
     for i, row in enumerate(layers):
@@ -146,12 +126,17 @@ def layer_table(layers: list[dict[str, Any]], first: str | None) -> dict[str, An
         if isinstance(reasons, list):
             reasons = "; ".join(map(str, reasons))
         label = name if row.get("mlx_layer") in (None, name) else f"{name} → {row['mlx_layer']}"
+        if row.get("adapter"):
+            label += f" ({row['adapter']})"
+        if row.get("excluded"):
+            reasons = f"excluded: {row['excluded']}"
         layer_cell = cell(label, name, "layer", detail=reasons)
         layer_cell["meta"] = f"{_pair(row.get('shape_ref'), row.get('shape_mlx'))} · {_pair(row.get('dtype_ref'), row.get('dtype_mlx'))}"
         cells = [cell(i + 1, str(i + 1), "num"), layer_cell, cell(verdict, badge=verdict)]
-        for key, _label, style, _tip, words in present:
-            value = row.get(key)
-            bad = verdict != "PASS" and any(w in reasons for w in words)
+        failed_metrics = {str(f.get("metric", "")).removeprefix("sample_") for f in row.get("failures") or []}
+        for key, _label, style, _tip in present:
+            value = _value(row, key)
+            bad = verdict == "FAIL" and key in failed_metrics
             tip = ""
             if key == "budget_ratio" and row.get("budget_excused"):
                 tip = "excused: agrees with the reference to float32 tolerance"
@@ -164,7 +149,8 @@ def layer_table(layers: list[dict[str, Any]], first: str | None) -> dict[str, An
         text = "0" if total == 0 else (f"{nonfinite['nan_ref']}/{nonfinite['inf_ref']} · "
                                        f"{nonfinite['nan_mlx']}/{nonfinite['inf_mlx']}")
         cells.append(cell(text, str(total), "num bad" if total else "num"))
-        classes = [c for c, on in (("fail", verdict != "PASS"), ("first", name == first)) if on]
+        classes = [c for c, on in (("fail", verdict == "FAIL"), ("excluded", verdict == "EXCLUDED"),
+                                    ("first", name == first)) if on]
         rows.append({"cls": " ".join(classes), "id": f"layer-{i + 1}", "cells": cells})
     return {"id": "layers", "columns": columns, "rows": rows}
 
@@ -207,7 +193,7 @@ def section_table(data: dict[str, Any], failing: str | None = None) -> dict[str,
     rows = data.get("rows") or []
     width = max([len(columns), *(len(r) for r in rows if isinstance(r, (list, tuple)))], default=0)
     columns += [""] * (width - len(columns))
-    numeric = [any(_float(r[i]) is not None for r in rows if isinstance(r, (list, tuple)) and i < len(r))
+    numeric = [any(number(r[i]) is not None for r in rows if isinstance(r, (list, tuple)) and i < len(r))
                for i in range(width)]
     body = []
     for row in rows:
@@ -215,7 +201,7 @@ def section_table(data: dict[str, Any], failing: str | None = None) -> dict[str,
         cells = []
         for i in range(width):
             value = row[i] if i < len(row) else None
-            if _float(value) is not None:
+            if number(value) is not None:
                 cells.append(num_cell(value))
             else:
                 cells.append(cell("–" if value is None else value, None if not numeric[i] else ""))
@@ -228,21 +214,12 @@ def section_table(data: dict[str, Any], failing: str | None = None) -> dict[str,
 # --- tensor images -----------------------------------------------------------------------------
 
 def _load_dump(path: Path) -> np.ndarray:
-    if path.is_file() and path.stat().st_size > MMAP_BYTES:
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"dump {path} is not a valid .npy file: {err}") from None
-    return load_npy(path)
+    return load_npy(path, mmap=path.is_file() and path.stat().st_size > MMAP_BYTES)
 
 
 def _dump_path(report_dir: Path, manifest: dict[str, Any], side: str, layer: str) -> Path:
-    files = ((manifest.get("sides") or {}).get(side) or {}).get("files") or {}
-    relative = files.get(layer) or f"{side}/{layer_file(layer)}"
-    path = (report_dir / relative).resolve()
-    if report_dir.resolve() not in path.parents:
-        raise ValueError(f"manifest points {side} dump of {layer!r} outside the report: {relative}")
-    return path
+    relative = manifest_files(manifest, side, f"report {report_dir}").get(layer) or f"{side}/{layer_file(layer)}"
+    return inside(report_dir, relative, f"report {report_dir}: manifest entry of the {side} dump of {layer!r}")
 
 
 def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -262,7 +239,7 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
         wanted[0] = (f"First divergence, also the worst layer ({which})", worst)
     try:
         manifest = load_json(report_dir / "manifest.json", "manifest")
-    except ValueError:
+    except InputError:
         manifest = {}
     views = []
     for heading, layer in wanted:
@@ -272,19 +249,27 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
         try:
             ref = _load_dump(_dump_path(report_dir, manifest, "ref", layer))
             ours = _load_dump(_dump_path(report_dir, manifest, "mlx", str(row.get("mlx_layer") or layer)))
-        except ValueError as err:
+        except InputError as err:
             view["note"] = f"No tensor image: {err}."
             continue
+        if row.get("adapter"):
+            from parity.alignment import apply_adapter
+
+            try:
+                ours = apply_adapter(row["adapter"], np.asarray(ours), tuple(ref.shape))
+            except InputError as err:
+                view["note"] = f"No tensor image: {err}."
+                continue
         if ref.shape != ours.shape:
             view["note"] = f"No image: shapes differ (reference {list(ref.shape)}, MLX {list(ours.shape)})."
             continue
         truth = None
-        truth_path = _dump_path(report_dir, manifest, "truth", layer)
-        if truth_path.is_file():
-            try:
+        try:
+            truth_path = _dump_path(report_dir, manifest, "truth", layer)
+            if truth_path.is_file():
                 truth = _load_dump(truth_path)
-            except ValueError as err:
-                view["note"] = f"Float64 truth not shown: {err}."
+        except InputError as err:
+            view["note"] = f"Float64 truth not shown: {err}."
         try:
             view["image"], view["caption"], view["truth_image"] = plots.side_by_side(ref, ours, truth)
         except Exception as err:  # noqa: BLE001 - an odd tensor must not take the page down
@@ -294,13 +279,15 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
 
 # --- the run report ------------------------------------------------------------------------------
 
-def _budget_limit(report: dict[str, Any]) -> float | None:
-    try:
-        from parity import thresholds
+def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
+    """The budget limit the run applied (the most common one among its layers)."""
+    limits = [number((r.get("limits") or {}).get("budget_ratio")) for r in layers]
+    limits = [x for x in limits if x is not None]
+    return max(set(limits), key=limits.count) if limits else None
 
-        return thresholds.load().for_component(str(report.get("component")), str(report.get("dtype"))).budget_ratio
-    except Exception:  # noqa: BLE001 - only decorates a plot
-        return None
+
+def _crash_label(crash: dict[str, Any]) -> str:
+    return f"{crash.get('side')} crashed after {crash.get('after') or 'no layer'}"
 
 
 def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
@@ -316,7 +303,8 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
     if first:
         index = names.index(first) if first in names else None
         reasons = layers[index].get("reasons") if index is not None else ""
-        anchor = f"layer-{index + 1}" if index is not None else "sections"
+        anchor = f"layer-{index + 1}" if index is not None else ("crash" if report.get("crash") and
+                                                                  first == _crash_label(report["crash"]) else "sections")
         first_info = {"layer": first, "index": index, "reasons": reasons, "anchor": anchor}
     summary = report.get("summary") or {}
     raw_sections = [s for s in report.get("sections") or [] if isinstance(s, dict)]
@@ -327,19 +315,26 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
                 first_info.update(anchor=f"section-{shown['anchor']}", reasons=f"{shown['title']}: {shown['note']}".rstrip(": "))
                 break
     cosines = [(r["cosine"], str(r.get("layer"))) for r in layers
-               if _float(r.get("cosine")) is not None and math.isfinite(r["cosine"])]
+               if number(r.get("cosine")) is not None and math.isfinite(r["cosine"])]
     lowest = min(cosines, default=(summary.get("worst_cosine"), ""))
-    failed = sum(r.get("verdict") != "PASS" for r in layers)
+    compared = [r for r in layers if r.get("verdict") != "EXCLUDED"]
+    failed = sum(r.get("verdict") == "FAIL" for r in compared)
+    nonfinite = [str(r.get("layer")) for r in compared if any(r.get(k) for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx"))]
     cards = [
-        {"label": "failing layers", "value": f"{failed} / {len(layers)}", "bad": failed > 0},
+        {"label": "failing layers", "value": f"{failed} / {len(compared)}", "bad": failed > 0},
         {"label": "lowest cosine" + (f" ({lowest[1]})" if lowest[1] else ""), "value": fmt(lowest[0], "cos"),
          "bad": any(r.get("verdict") == "FAIL" and str(r.get("layer")) == lowest[1] for r in layers)},
         {"label": "max abs error", "value": fmt(summary.get("max_abs")), "bad": False},
     ]
-    limit = _budget_limit(report)
+    if nonfinite:
+        cards.insert(1, {"label": f"NaN / Inf (first: {nonfinite[0]})", "value": f"NaN in {len(nonfinite)} layer(s)",
+                         "bad": True})
+    if len(compared) < len(layers):
+        cards.append({"label": "excluded layers", "value": str(len(layers) - len(compared)), "bad": False})
+    limit = _budget_limit(layers)
     if summary.get("max_budget_ratio") is not None:
-        ratio = _float(summary.get("max_budget_ratio"))
-        over = any(r.get("verdict") == "FAIL" and "precision budget" in str(r.get("reasons") or "") for r in layers)
+        ratio = number(summary.get("max_budget_ratio"))
+        over = any(f.get("metric") == "budget_ratio" for r in layers for f in r.get("failures") or [])
         cards.append({"label": "max budget ratio" + (f" (limit {limit:g})" if limit else ""),
                       "value": fmt(ratio), "bad": over})
     if sections:
@@ -358,7 +353,8 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
     html = _env().get_template("report.html.j2").render(
         r={"component": report.get("component", "?"), "dtype": report.get("dtype", "?"),
            "verdict": report.get("verdict", "UNKNOWN")},
-        first=first_info, passed_layers=len(layers) - failed, total_layers=len(layers), cards=cards,
+        first=first_info, passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
+        crash=report.get("crash"),
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),
         depth_plot=plots.depth_plot(layers, first, limit) if layers else None,
@@ -381,7 +377,7 @@ def find_report_dirs(path: str | Path) -> list[Path]:
     """Component report directories under ``path``: itself, its children (a run), or its grandchildren (a reports folder)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     if (path / "report.json").is_file():
         return [path]
     found = sorted(p.parent for p in path.glob("*/report.json"))
@@ -399,7 +395,7 @@ def write_html_reports(run_dir_or_report_dir: str | Path, stale_only: bool = Fal
     """
     dirs = find_report_dirs(run_dir_or_report_dir)
     if not dirs:
-        raise ValueError(f"no report.json under {run_dir_or_report_dir}")
+        raise InputError(f"no report.json under {run_dir_or_report_dir}")
     written = []
     for report_dir in dirs:
         html = report_dir / HTML_NAME
@@ -421,17 +417,21 @@ def _run_time(run_dir: Path) -> float:
     return run_dir.stat().st_mtime
 
 
-def run_dirs(reports_root: str | Path) -> list[Path]:
-    """Run directories (folders holding ``<component>/report.json``) in a reports folder, newest first."""
+def run_dirs(reports_root: str | Path, finished: bool = False) -> list[Path]:
+    """Run folders (holding ``<component>/report.json``, or marked incomplete) of a reports folder, newest first.
+
+    ``finished``: only runs that ended (an interrupted run is never read as a finished one).
+    """
     root = Path(reports_root)
-    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*/report.json"))] if root.is_dir() else []
+    runs = [d for d in root.iterdir() if d.is_dir() and (any(d.glob("*/report.json")) or incomplete_reason(d))
+            and not (finished and incomplete_reason(d))] if root.is_dir() else []
     return sorted(runs, key=lambda d: (_run_time(d), d.name), reverse=True)
 
 
 def latest_run(reports_root: str | Path) -> Path:
-    runs = run_dirs(reports_root)
+    runs = run_dirs(reports_root, finished=True)
     if not runs:
-        raise ValueError(f"no runs (folders with <component>/report.json) in {reports_root}")
+        raise InputError(f"no finished runs (folders with <component>/report.json) in {reports_root}")
     return runs[0]
 
 
@@ -443,7 +443,7 @@ def write_index(reports_root: str | Path) -> Path:
     """Write ``<reports_root>/index.html``: every run's component reports, newest first, and any bisections."""
     root = Path(reports_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"reports folder {root} does not exist")
+        raise InputError(f"reports folder {root} does not exist")
     runs = run_dirs(root)
     columns = [column("run"), column("time (UTC)"), column("component"), column("dtype"), column("verdict"),
                column("layers failing", True), column("first divergence"), column("worst cosine", True),
@@ -451,12 +451,17 @@ def write_index(reports_root: str | Path) -> Path:
     rows = []
     for run in runs:
         first_row = len(rows)
+        reason = incomplete_reason(run)
+        if reason:
+            rows.append({"cls": "fail", "id": "", "cells": [
+                cell(run.name, cls="mono nowrap"), cell(_when(run), cls="nowrap"), cell("(whole run)"), cell("–"),
+                cell("INCOMPLETE", badge="FAIL"), cell("", ""), cell(reason), cell("", ""), cell("", ""), cell("–")]})
         for report_dir in sorted(p.parent for p in run.glob("*/report.json")):
             html = report_dir / HTML_NAME
             link = html if html.is_file() else report_dir / "report.json"
             try:
                 report = load_report(report_dir)
-            except ValueError as err:
+            except InputError as err:
                 rows.append({"cls": "fail", "id": "", "cells": [
                     cell(run.name, cls="mono nowrap"), cell(_when(run), cls="nowrap"),
                     cell(report_dir.name, href=_rel(link, root)), cell("–"),
@@ -465,10 +470,10 @@ def write_index(reports_root: str | Path) -> Path:
                 continue
             summary = report.get("summary") or {}
             layers = report.get("layers") or []
-            failed = summary.get("failed", sum(r.get("verdict") != "PASS" for r in layers))
+            failed = summary.get("failed", sum(r.get("verdict") == "FAIL" for r in layers))
             verdict = str(report.get("verdict", "UNKNOWN"))
             commit = str(report.get("git_commit") or "–")
-            name = cell(report.get("component", report_dir.name), href=_rel(link, root))
+            name = cell(report.get("variant") or report.get("component", report_dir.name), href=_rel(link, root))
             name["meta"] = "" if link is html else "no HTML yet: parity report"
             rows.append({"cls": "fail" if verdict != "PASS" else "", "id": "", "cells": [
                 cell(run.name, cls="mono nowrap"), cell(_when(run), cls="nowrap"),
@@ -484,10 +489,10 @@ def write_index(reports_root: str | Path) -> Path:
     for path in sorted(root.glob("*/bisect.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             data = load_json(path, "bisect")
-        except ValueError:
+        except InputError:
             continue
         html = path.parent / "bisect.html"
-        first = data.get("first_bad") or {}
+        first = data.get("first_changed") or data.get("first_bad") or {}
         bisect_rows.append({"cls": "", "id": "", "cells": [
             cell(path.parent.name, cls="mono"), cell(data.get("created", "–")),
             cell(", ".join(data.get("components") or ["all"])), cell(data.get("dtype", "–")),
@@ -504,45 +509,3 @@ def write_index(reports_root: str | Path) -> Path:
     path = root / INDEX_NAME
     write_text(path, html)
     return path
-
-
-# --- command line ------------------------------------------------------------------------------
-
-def _reports_root(path: Path, report_dirs: Iterable[Path]) -> Path:
-    dirs = list(report_dirs)
-    if (path / "report.json").is_file():
-        return path.parent.parent
-    if dirs and all(d.parent == path for d in dirs):
-        return path.parent
-    return path
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    path: Path = args.path.resolve()  # "." has no parent to find the reports folder by
-    if args.latest:
-        target = latest_run(path)
-        root = path
-    else:
-        target = path
-        root = _reports_root(path, find_report_dirs(path))
-    whole_folder = not args.latest and target == root and not (root / "report.json").is_file()
-    written = write_html_reports(target, stale_only=whole_folder and not args.force,
-                                 index_link=None if args.no_index else True)
-    for page in written:
-        print(page)
-    if not args.no_index:
-        print(write_index(root))
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "report", help="write self-contained HTML reports and the reports index",
-        description="Write report.html next to each report.json under PATH (a component report folder, a run "
-                    "folder, or a reports folder) and index.html in the reports folder.")
-    p.add_argument("path", type=Path, help="a report folder, a run folder, or a reports folder (e.g. reports/)")
-    p.add_argument("--latest", action="store_true", help="PATH is a reports folder: only render its newest run")
-    p.add_argument("--force", action="store_true",
-                   help="with a whole reports folder, re-render pages that look up to date")
-    p.add_argument("--no-index", action="store_true", help="do not write the reports folder's index.html")
-    p.set_defaults(func=cmd_report)

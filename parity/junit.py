@@ -13,12 +13,11 @@ import socket
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from parity.dumps import atomic_write
-
-if TYPE_CHECKING:
-    from parity.gate import Finding, Outcome
+from parity.outcome import Finding, Outcome
+from parity.vocab import fmt
 
 _ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -31,14 +30,12 @@ def group_of(layer: str) -> str:
     return layer.split("/", 1)[0] or layer
 
 
-def _line(f: "Finding") -> str:
-    from parity.gate import fmt
-
+def _line(f: Finding) -> str:
     base = f" (baseline {fmt(f.baseline)})" if f.baseline is not None else ""
     return f"{f.layer}: {f.metric} {fmt(f.value)}, expected {f.threshold}{base} -- {f.message}"
 
 
-def build(outcomes: Sequence["Outcome"], name: str = "parity gate") -> ET.Element:
+def build(outcomes: Sequence[Outcome], name: str = "parity gate") -> ET.Element:
     root = ET.Element("testsuites", name=name)
     totals = {"tests": 0, "failures": 0, "errors": 0}
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -53,7 +50,7 @@ def build(outcomes: Sequence["Outcome"], name: str = "parity gate") -> ET.Elemen
                            ("first_divergence", outcome.first_divergence)):
             if value is not None:
                 ET.SubElement(props, "property", name=key, value=_clean(str(value)))
-        groups: dict[str, list["Finding"]] = {}
+        groups: dict[str, list[Finding]] = {}
         for layer in outcome.layers:
             groups.setdefault(group_of(layer), [])
         for finding in outcome.failures:
@@ -65,7 +62,7 @@ def build(outcomes: Sequence["Outcome"], name: str = "parity gate") -> ET.Elemen
             if not findings:
                 continue
             first = findings[0]
-            kind = "error" if first.kind == "error" else "failure"
+            kind = "error" if first.kind == "error" else "failure"  # a crashed run; a crash in a forward is a failure
             counts["errors" if kind == "error" else "failures"] += 1
             where = "" if first.layer == outcome.first_divergence else \
                 f" (component's first divergence: {outcome.first_divergence})"
@@ -93,7 +90,7 @@ def build(outcomes: Sequence["Outcome"], name: str = "parity gate") -> ET.Elemen
     return root
 
 
-def write(path: str | Path, outcomes: Sequence["Outcome"]) -> None:
+def write(path: str | Path, outcomes: Sequence[Outcome]) -> None:
     tree = ET.ElementTree(build(outcomes))
     ET.indent(tree)
     atomic_write(path, lambda f: tree.write(f, encoding="utf-8", xml_declaration=True), mode="wb")

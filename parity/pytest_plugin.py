@@ -1,6 +1,7 @@
 """pytest plugin: fixtures and assertions for running parity comparisons inside a test suite.
 
-Installed with the harness (entry point ``parity`` in ``pytest11``), so a port's own tests can::
+Installed with the harness (entry point ``parity.pytest_plugin`` in ``pytest11``), so a port's own
+tests can::
 
     import pytest
 
@@ -9,27 +10,28 @@ Installed with the harness (entry point ``parity`` in ``pytest11``), so a port's
         result = parity_run(num_frames=3)      # component from the marker; config overrides as kwargs
         assert_parity(result)                  # fails naming the first diverging layer
 
-    def test_vae_bf16(parity_run, assert_parity):
-        assert_parity(parity_run("vae", dtype="bfloat16", seed=1))
+Listing it in a conftest (``pytest_plugins = ["parity.pytest_plugin"]``) as well is harmless: the
+entry point registers it under that same name, so pytest loads it once.
 
 Fixtures
     ``parity_run(component=None, dtype=None, seed=0, **overrides) -> parity.runner.RunResult``
-        runs one component (name or ``Component`` instance; default: the test's
-        ``parity_component`` marker) in ``dtype`` (default: ``parity_dtype``), writing its report
-        under ``parity_report_dir``; ``overrides`` update the component's config. The report folder
-        is recorded as the test's ``parity_report`` user property (visible in pytest's own JUnit).
-    ``parity_dtype``: from ``--parity-dtype``; with several (``float32,bfloat16`` or ``all``) every
-        test using it (or ``parity_run``) is parametrized over them.
+        runs one component (a name, or a ``Component`` instance; default: the test's
+        ``parity_component`` marker) in ``dtype`` (default: ``parity_dtype``); ``overrides`` are
+        merged into the component's config (an unknown key is an error). Every run of a session
+        goes into one run folder under ``parity_report_dir``, named by component and overrides
+        (``scheduler[shift=12]-float32``); the report folder is the test's ``parity_report`` user
+        property (visible in pytest's own JUnit).
+    ``parity_dtype``: from ``--parity-dtype`` (default float32; the summary says what bf16 would
+        add); with several (``float32,bfloat16`` or ``all``) every test using it, or ``parity_run``,
+        is parametrized over them.
     ``parity_report_dir``: ``--parity-report-dir``, default a temporary folder of the session.
-    ``assert_parity``: the :func:`assert_parity` function below.
+    ``parity_thresholds``: the harness's parity.toml, the project's own (``parity.toml`` or
+        ``[tool.parity]`` in ``pyproject.toml`` from the rootdir up), then ``--parity-thresholds``.
+    ``assert_parity``: :func:`parity.assertions.assert_parity`.
 
-Marker ``@pytest.mark.parity_component("vae", ...)``: the component(s) a test checks. With
-``--parity-components=rope,vae`` only marked tests naming one of those run (unmarked tests
-always run); naming a component nobody knows is a usage error.
-
-``assert_parity`` (``from parity.pytest_plugin import assert_parity``, or the fixture) lives in
-``parity.assertions``, registered for pytest's assertion rewriting before it is imported: the
-failure shows our explanation and pytest's comparison of the verdict.
+Options ``--parity-components=rope,vae`` (only marked tests naming one of those run; unmarked
+tests always do), ``--parity-component-module FILE`` (your own components, repeatable; also the
+ini option ``parity_component_modules``).
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ import pytest
 # plugins itself only when installed from a wheel -- not in an editable install.)
 pytest.register_assert_rewrite("parity.assertions")
 from parity.assertions import assert_parity, explain  # noqa: E402
+from parity.vocab import DTYPES, InputError  # noqa: E402
 
 __all__ = ["assert_parity", "explain"]
-DTYPES = ("float32", "bfloat16")
 _RUNS = pytest.StashKey[list]()
+_RUN_DIR = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,13 +61,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-report-dir", default=None, metavar="DIR",
                     help="where parity_run writes reports (default: a temporary folder of the session)")
     group.addoption("--parity-thresholds", default=None, metavar="FILE",
-                    help="thresholds file for parity_run (default: the harness's parity.toml)")
+                    help="thresholds layered over the harness's parity.toml and your project's")
+    group.addoption("--parity-component-module", action="append", default=[], metavar="FILE",
+                    help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
+    parser.addini("parity_component_modules", "component files (paths relative to the rootdir)", type="paths",
+                  default=[])
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parity_component(name, ...): the parity component(s) this test checks; "
                                        "selected with --parity-components, default component of parity_run")
     config.stash[_RUNS] = []
+    config.stash[_RUN_DIR] = []
+    from parity import registry
+
+    files = [*config.getini("parity_component_modules"), *config.getoption("parity_component_module")]
+    try:
+        registry.use_files(files)
+    except InputError as err:
+        raise pytest.UsageError(f"parity: {err}") from None
 
 
 def _dtypes(config: pytest.Config) -> list[str]:
@@ -108,7 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     known = set().union(*marked.values())
     unknown = wanted - known
     if unknown:
-        from parity import component as registry
+        from parity import registry
 
         unknown -= set(registry.available())
         if unknown:
@@ -122,13 +137,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from parity.dumps import mark_complete, mark_incomplete
+
+    for run_dir in session.config.stash.get(_RUN_DIR, []):
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            mark_incomplete(run_dir, "interrupted")
+        else:
+            mark_complete(run_dir)
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from parity.report import unchecked
+
     runs = config.stash.get(_RUNS, [])
     if runs:
         folders = sorted({str(Path(r.report_dir).parent) for r in runs if r.report_dir})
         failed = [r for r in runs if r.verdict != "PASS"]
         terminalreporter.write_sep("-", "parity")
         terminalreporter.write_line(f"{len(runs)} parity run(s), {len(failed)} not PASS; reports in {', '.join(folders)}")
+        for note in unchecked({r.comparison.dtype for r in runs}):
+            terminalreporter.write_line(f"note: {note} (--parity-dtype all runs both)")
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -150,9 +179,24 @@ def parity_dtype(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def parity_thresholds(request: pytest.FixtureRequest) -> Any:
-    from parity import thresholds
+    from parity import registry, thresholds
 
-    return thresholds.load(request.config.getoption("parity_thresholds"))
+    files = [f for f in (thresholds.project_file(request.config.rootpath),
+                         request.config.getoption("parity_thresholds")) if f]
+    try:
+        return thresholds.load(files, known_components=registry.available())
+    except InputError as err:
+        raise pytest.UsageError(f"parity: {err}") from None
+
+
+def _session_run_dir(config: pytest.Config, report_dir: Path) -> Path:
+    """The session's one run folder (created at its first parity run)."""
+    from parity.dumps import new_run_dir
+
+    folders = config.stash[_RUN_DIR]
+    if not folders:
+        folders.append(new_run_dir(report_dir))
+    return folders[0]
 
 
 @pytest.fixture
@@ -168,7 +212,8 @@ def parity_run(request: pytest.FixtureRequest, parity_dtype: str, parity_report_
         if component is None:
             raise TypeError("parity_run: name a component, or mark the test @pytest.mark.parity_component(name)")
         result = run_component(component, dtype or parity_dtype, seed=seed, out_dir=parity_report_dir,
-                               overrides=overrides or None, thresholds=parity_thresholds)
+                               overrides=overrides or None, thresholds=parity_thresholds,
+                               run_dir=_session_run_dir(request.config, parity_report_dir))
         request.config.stash[_RUNS].append(result)
         request.node.user_properties.append(("parity_report", str(result.report_dir)))
         return result

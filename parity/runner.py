@@ -1,33 +1,244 @@
-"""Run a component on both sides, compare, and write dumps and reports."""
+"""The run pipeline: prepare both sides, run them, judge, add sections, write the report.
+
+    prepare()      config validated, reference built (or a checkpoint loaded), weights converted,
+                   MLX model built, inputs drawn -- every input error is raised here, before
+                   anything runs or is written
+    run_sides()    truth (bf16 runs: the reference in float64), reference, then MLX; in memory,
+                   or streamed to disk and judged as each MLX tensor arrives; a forward that
+                   raises is recorded as a crash (a parity failure), not re-raised
+    compare()      the one verdict (:mod:`parity.compare`)
+    sections       the component's views (from the captures) and extra runs (need the models)
+    finish_run()   report.json / report.csv, dumps and manifest (:mod:`parity.report`, :mod:`parity.dumps`)
+
+``parity run``, ``parity gate``, ``parity baseline save``, the pytest plugin, ``dump-ref`` (the
+reference half) and ``compare --ref-bundle`` (the MLX half against stored tensors) all go
+through these functions.
+"""
 from __future__ import annotations
 
-import os
 import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
+import traceback
+from functools import cache
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from parity import component as registry
+from parity import registry
 from parity import thresholds as thresholds_mod
 from parity.capture import Capture
-from parity.compare import Comparison, LayerResult, compare
+from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
 from parity.component import Component, RunContext, Section
-from parity.dumps import layer_file, new_run_dir, write_json, write_npy
+from parity.dumps import (discard_if_empty, mark_complete, mark_incomplete, new_run_dir, write_dumps,
+                          writable_folder)
+from parity.progress import SILENT, Progress
 from parity.report import build_report, terminal_summary, write_reports
+from parity.streaming import StreamCapture, StreamJudge, spool_dir, stats_predicate
+from parity.vocab import DTYPES, TRUTH_DTYPE, InputError
 from parity.weights import read_checkpoint, select_prefix
 
-Progress = Callable[[str], None]
 REPO = Path(__file__).resolve().parent.parent
+#: What ``keep_tensors`` may be: every tensor, those of failing layers, none (statistics and report only).
+KEEP_TENSORS = ("all", "failing", "none")
 
 
-def stderr_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def check_seed(seed: Any, option: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"{option}: expected a non-negative integer, got {seed!r}")
+    return seed
 
+
+def check_dtype(dtype: Any) -> str:
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def variant(component: Component, overrides: Mapping[str, Any] | None) -> str:
+    """The run's name: the component, with its config overrides (``scheduler[shift=12]``)."""
+    if not overrides:
+        return component.name
+    parts = ",".join(f"{k}={_short(v)}" for k, v in sorted(overrides.items()))
+    return f"{component.name}[{parts}]"
+
+
+def _short(value: Any) -> str:
+    text = str(value).replace(" ", "")
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``path~2``, ``path~3``... when a run folder already holds one of that name."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}~{n}")
+    return candidate
+
+
+def _folder_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+\[\]-]", "_", text)
+
+
+@dataclass
+class Setup:
+    """One component, ready to run in one dtype: validated config, inputs, and the sides' models."""
+
+    component: Component
+    config: Any
+    seed: int
+    dtype: str
+    inputs: dict[str, Any]
+    reference: Any
+    mlx_model: Any
+    weights_source: str
+    name: str
+    started: float
+
+
+def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, config_path: str | Path | None = None,
+            weights_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+            reference: bool = True, mlx: bool = True, weights: dict[str, Any] | None = None,
+            config: Any = None, progress: Progress = SILENT) -> Setup:
+    """Validate and build everything a run needs; raises :class:`~parity.vocab.InputError` on bad input.
+
+    ``reference`` / ``mlx``: which sides to build (a bundle needs one each). ``weights``: a state
+    dict to use instead of random init or ``weights_path`` (a bundle's); ``config``: an already
+    validated config (a bundle's).
+    """
+    started = time.perf_counter()
+    comp = registry.get(component)
+    check_dtype(dtype)
+    check_seed(seed)
+    config = config if config is not None else comp.load_config(config_path, overrides)
+    say = f"[{variant(comp, overrides)} {dtype}]"
+    progress.step(f"{say} building the reference and converting weights")
+    ref_model = None
+    if weights is not None:
+        source = "reference bundle"
+    elif weights_path:
+        weights = select_prefix(read_checkpoint(weights_path), comp.weights_prefix)
+        source = str(weights_path)
+    else:
+        source = f"random init, seed {seed}"
+    if reference or weights is None:
+        if weights is not None:
+            ref_model = comp.load_reference(config, weights) if reference else None
+        else:
+            ref_model = comp.build_reference(config, seed)
+            weights = comp.reference_weights(ref_model)
+    mlx_model = comp.build_mlx(config, comp.convert_weights(weights), dtype) if mlx else None
+    inputs = comp.make_inputs(config, seed)
+    return Setup(comp, config, seed, dtype, inputs, ref_model if reference else None, mlx_model, source,
+                 variant(comp, overrides), started)
+
+
+# --- running the sides ------------------------------------------------------------------------
+
+def _forward(side: str, capture: Capture, run: Callable[[], None]) -> Crash | None:
+    """Run one side's forward; an exception inside it is a crash (a parity failure), returned, not raised."""
+    try:
+        run()
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - the forward of a port or reference: a parity failure
+        return Crash(side, f"{type(err).__name__}: {err}", traceback.format_exc(), capture.last)
+    return None
+
+
+def run_reference(setup: Setup, dtype: str, capture: Capture) -> Crash | None:
+    """The reference in ``dtype`` (``float64``: the truth) into ``capture``."""
+    import torch
+
+    comp = setup.component
+
+    def run() -> None:
+        with torch.no_grad():
+            comp.run_reference(comp.cast_reference(setup.reference, dtype), setup.inputs, dtype, capture)
+    return _forward("reference" if dtype != TRUTH_DTYPE else "float64 reference", capture, run)
+
+
+def run_mlx(setup: Setup, capture: Capture) -> Crash | None:
+    """The MLX side into ``capture`` (taps, or hooks by module path)."""
+    comp = setup.component
+
+    def run() -> None:
+        with comp.mlx_capture(setup.mlx_model, capture):
+            comp.run_mlx(setup.mlx_model, setup.inputs, setup.dtype)
+    return _forward("MLX", capture, run)
+
+
+@dataclass
+class Sides:
+    ref: Capture
+    mlx: Capture
+    truth: Capture | None
+    judged: dict[str, LayerResult]
+    crashes: list[Crash]
+
+
+def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path | None = None,
+              stats_only: Sequence[str] | None = None, ref: Capture | None = None, truth: Capture | None = None,
+              keep_mlx: bool = True, progress: Progress = SILENT) -> Sides:
+    """Run the sides a comparison needs; ``ref`` / ``truth`` given (a bundle): only the MLX side runs.
+
+    ``streaming``: tensors go to ``spool/<side>/`` as captured and each MLX tensor is judged as it
+    arrives; ``keep_mlx`` False writes no MLX tensor (statistics only, when nothing reads them).
+    """
+    label = f"[{setup.name} {setup.dtype}]"
+    keep = stats_predicate(stats_only)
+    crashes: list[Crash] = []
+
+    def capture(side: str) -> Capture:
+        if streaming:
+            return StreamCapture(side, spool / side, keep)
+        return Capture(side)
+
+    if ref is None:
+        if setup.dtype != "float32":
+            truth = capture("truth")
+            with progress.counter(f"{label} float64 reference") as count:
+                truth.observers.append(count)
+                crashes += filter(None, [run_reference(setup, TRUTH_DTYPE, truth)])
+        ref = capture("ref")
+        with progress.counter(f"{label} reference") as count:
+            ref.observers.append(count)
+            crashes += filter(None, [run_reference(setup, setup.dtype, ref)])
+    judged: dict[str, LayerResult] = {}
+    if streaming:
+        stream_judge = StreamJudge(judge, ref, truth, keep)
+        mlx = stream_judge.capture(spool / "mlx" if keep_mlx else None)
+        judged = stream_judge.judged
+    else:
+        mlx = Capture("mlx")
+    with progress.counter(f"{label} MLX", total=len(ref) or None) as count:
+        mlx.observers.append(count)
+        crashes += filter(None, [run_mlx(setup, mlx)])
+    return Sides(ref, mlx, truth, judged, crashes)
+
+
+def sections(setup: Setup, context: RunContext, crashed: bool, extra_runs: bool = True) -> list[Section]:
+    """The component's views and (with the models at hand) extra runs; a section that raises is reported as failed."""
+    comp = setup.component
+    out: list[Section] = []
+    producers = [("views", comp.views)] + ([("extra runs", comp.extra_runs)] if extra_runs else [])
+    for kind, produce in producers:
+        try:
+            out += produce(context)
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - a section must not take the report down
+            note = f"{type(err).__name__}: {err}"
+            out.append(Section(f"{kind.replace(' ', '_')}_error", f"{comp.name} {kind} could not be computed",
+                               "table", {"columns": ["error"], "rows": [[note]]},
+                               passed=None if crashed else False, note=note))
+    return out
+
+
+# --- one component run ----------------------------------------------------------------------
 
 @dataclass
 class RunResult:
@@ -66,7 +277,7 @@ def run_component(
     dtype: str = "float32",
     seed: int = 0,
     out_dir: str | Path | None = "reports",
-    overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
     config_path: str | Path | None = None,
     weights_path: str | Path | None = None,
     thresholds: thresholds_mod.Thresholds | None = None,
@@ -74,212 +285,154 @@ def run_component(
     progress: Progress | None = None,
     streaming: bool = False,
     stats_only: Sequence[str] | None = None,
+    keep_tensors: str = "all",
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
 
     bfloat16 runs also run the reference in float64 (the truth the precision budget is judged on).
-
     ``streaming=True`` keeps no tensor in memory: each one is written to the report folder (a
-    temporary folder when ``out_dir`` is None) as it is captured, and each MLX tap is judged as
-    it arrives against the reference read back from disk. ``stats_only`` (globs on reference
-    layer names; implies streaming) keeps only statistics and a small sample of those layers.
-    Same verdicts, metrics and report format; see ``parity.streaming``.
+    temporary folder when ``out_dir`` is None) as it is captured, and each MLX tensor is judged as
+    it arrives. ``stats_only`` (globs on reference layer names; implies streaming) keeps only
+    statistics and a small sample of those layers. ``keep_tensors``: which tensors the report
+    folder keeps (all, failing layers only, none).
     """
-    comp = registry.get(name) if isinstance(name, str) else name
-    if dtype not in registry.DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {registry.DTYPES}")
-    say = progress or (lambda _m: None)
+    progress = progress or SILENT
+    if keep_tensors not in KEEP_TENSORS:
+        raise InputError(f"keep_tensors: expected one of {KEEP_TENSORS}, got {keep_tensors!r}")
     thresholds = thresholds or thresholds_mod.load()
-    config = comp.load_config(config_path)
-    config = {**config, **(overrides or {})}
-    started = time.perf_counter()
-
-    say(f"[{comp.name} {dtype}] building reference and converting weights")
-    if weights_path:
-        weights = select_prefix(read_checkpoint(weights_path), comp.weights_prefix)
-        reference = comp.load_reference(config, weights)
-    else:
-        reference = comp.build_reference(config, seed)
-        weights = comp.reference_weights(reference)
-    mlx_model = comp.build_mlx(config, weights, dtype)
-    inputs = comp.make_inputs(config, seed)
-    del weights  # converted into both models; a full-size checkpoint should not stay in memory twice
-
-    if streaming or stats_only:
-        from parity import streaming as stream
-
-        created_run_dir = out_dir is not None and run_dir is None
-        if out_dir is not None:
-            run_dir = run_dir or new_run_dir(out_dir)
-        report_dir = run_dir / f"{comp.name}-{dtype}" if out_dir is not None else None
-        spool, tmp = stream.spool_dir(report_dir)
-        keep = stream.stats_predicate(stats_only)
-        try:
-            truth = None
-            if dtype != "float32":
-                say(f"[{comp.name} {dtype}] reference in float64 (truth), streamed to disk")
-                truth = stream.run_reference_side(comp, reference, inputs, "float64", spool / "truth", keep)
-            say(f"[{comp.name} {dtype}] reference in {dtype}, streamed to disk")
-            ref = stream.run_reference_side(comp, reference, inputs, dtype, spool / "ref", keep)
-            say(f"[{comp.name} {dtype}] MLX in {dtype}, each layer judged as it arrives")
-            keep_mlx = report_dir is not None or stream.needs_mlx_tensors(comp)
-            mlx, judged = stream.run_mlx_side(comp, mlx_model, inputs, dtype, ref, truth, thresholds,
-                                              spool / "mlx" if keep_mlx else None, keep)
-            stream.keep_alive([ref, mlx, truth], tmp)
-            comparison = compare(comp.name, dtype, ref, mlx, thresholds, comp.alignment, truth, judged=judged)
-        except BaseException:
-            if report_dir is not None:
-                shutil.rmtree(report_dir, ignore_errors=True)
-                if created_run_dir:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-    else:
-        truth = None
-        if dtype != "float32":
-            say(f"[{comp.name} {dtype}] reference in float64 (truth)")
-            truth = _run_reference(comp, reference, inputs, "float64")
-        say(f"[{comp.name} {dtype}] reference in {dtype}")
-        ref = _run_reference(comp, reference, inputs, dtype)
-        say(f"[{comp.name} {dtype}] MLX in {dtype}")
-        mlx = Capture("mlx")
-        comp.run_mlx(mlx_model, inputs, dtype, mlx)
-        comparison = compare(comp.name, dtype, ref, mlx, thresholds, comp.alignment, truth)
-
-    context = RunContext(comp, config, seed, dtype, inputs, reference, mlx_model, ref, mlx, truth, thresholds)
-    comparison.sections = comp.sections(context)
-    weights_note = str(weights_path) if weights_path else f"random init, seed {seed}"
-    return finish_run(comparison, context, run_meta(config, seed, weights_note, started), out_dir, run_dir, say)
+    setup = prepare(name, dtype, seed, config_path, weights_path, overrides, progress=progress)
+    comp = setup.component
+    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned())
+    created = run_dir is None and out_dir is not None
+    if out_dir is not None:
+        run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
+    report_dir = _free(run_dir / _folder_name(f"{setup.name}-{dtype}")) if out_dir is not None else None
+    try:
+        streaming = streaming or bool(stats_only)
+        spool, tmp = spool_dir(report_dir) if streaming else (None, None)
+        sides = run_sides(setup, judge, streaming, spool, stats_only,
+                          keep_mlx=report_dir is not None or comp.has_views() or comp.has_extra_runs(),
+                          progress=progress)
+        comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
+                             sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
+        context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
+                             sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
+        comparison.sections = sections(setup, context, bool(sides.crashes))
+        meta = run_meta(setup, thresholds, sides.crashes)
+        result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
+                            keep_tensors, progress)
+    except BaseException:
+        if report_dir is not None:
+            shutil.rmtree(report_dir, ignore_errors=True)
+        if created:
+            discard_if_empty(run_dir)
+        raise
+    if created:
+        mark_complete(run_dir)
+    return result
 
 
-def run_meta(config: dict[str, Any], seed: int, weights: str, started: float) -> dict[str, Any]:
-    """The metadata block of a report (``started``: ``time.perf_counter()`` at the start of the run)."""
+def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = ()) -> dict[str, Any]:
+    """The metadata block of a report."""
+    from parity import threads
+
     return {
-        "config": config,
-        "seed": seed,
-        "weights": weights,
+        "variant": setup.name,
+        "config": setup.config.to_dict(),
+        "seed": setup.seed,
+        "weights": setup.weights_source,
         "versions": versions(),
+        "threads": threads.current(),
         "git_commit": git_commit(),
-        "seconds": round(time.perf_counter() - started, 3),
+        "thresholds": [str(p) for p in thresholds.paths],
+        "crashes": [vars(c) for c in crashes],
+        "seconds": round(time.perf_counter() - setup.started, 3),
     }
 
 
-def finish_run(comparison: Comparison, context: RunContext, meta: dict[str, Any], out_dir: str | Path | None,
-               run_dir: Path | None, progress: Progress | None = None) -> RunResult:
-    """Build the report; unless ``out_dir`` is None, write it and the dumps to ``<run_dir>/<component>-<dtype>/``."""
+def finish_run(comparison: Comparison, context: RunContext, meta: dict[str, Any], run_dir: Path | None,
+               report_dir: Path | None, keep_tensors: str = "all", progress: Progress = SILENT) -> RunResult:
+    """Build the report; with a ``report_dir``, write it and the dumps there."""
     report = build_report(comparison, meta)
-    report_dir = None
-    if out_dir is not None:
-        run_dir = run_dir or new_run_dir(out_dir)
-        report_dir = run_dir / f"{comparison.component}-{comparison.dtype}"
+    if report_dir is not None:
         report["run_id"] = run_dir.name
         report["report_dir"] = str(report_dir)
-        write_dumps(report_dir, report, {"ref": context.ref, "mlx": context.mlx, "truth": context.truth})
+        failing = {l.name for l in comparison.layers if l.verdict == FAIL} | \
+                  {l.mlx_name for l in comparison.layers if l.verdict == FAIL}
+        keep = {"all": None, "failing": lambda side, layer: layer in failing, "none": lambda side, layer: False}[keep_tensors]
+        dump_meta = {k: report[k] for k in ("component", "variant", "dtype", "config", "seed", "weights", "versions",
+                                            "git_commit", "run_id")}
+        write_dumps(report_dir, dump_meta, {"ref": context.ref, "mlx": context.mlx, "truth": context.truth}, keep)
         write_reports(report_dir, report)
-    if progress:
-        progress(terminal_summary(report))
+    progress.step(terminal_summary(report))
     return RunResult(comparison, report, report_dir, context)
 
 
-def _run_reference(comp: Component, reference: Any, inputs: dict, dtype: str, capture: Capture | None = None) -> Capture:
-    """Run the reference in ``dtype`` into ``capture`` (a new in-memory one by default)."""
-    import torch
-
-    capture = capture if capture is not None else Capture("ref" if dtype != "float64" else "truth")
-    with torch.no_grad():
-        comp.run_reference(comp.cast_reference(reference, dtype), inputs, dtype, capture)
-    return capture
-
-
-def write_dumps(directory: Path, report: dict[str, Any], captures: dict[str, Capture | None]) -> None:
-    """Write each captured tensor as ``<side>/<layer>.npy`` and a ``manifest.json`` describing them."""
-    sides = {}
-    for side, capture in captures.items():
-        if capture is None:
-            continue
-        if hasattr(capture, "dump_entry"):  # a streamed capture: its tensors are on disk already
-            sides[side] = capture.dump_entry(directory, side)
-            continue
-        files = {}
-        for layer in capture.order:
-            relative = f"{side}/{layer_file(layer)}"
-            if layer in capture.tensors:
-                write_npy(directory / relative, capture.tensors[layer])
-                files[layer] = relative
-        sides[side] = {
-            "layer_order": capture.order,
-            "files": files,
-            "shapes": {k: list(v) for k, v in capture.shapes.items()},
-            "dtypes": capture.dtypes,
-        }
-    manifest = {k: report[k] for k in ("component", "dtype", "config", "seed", "weights", "versions", "git_commit", "run_id")}
-    write_json(directory / "manifest.json", {**manifest, "sides": sides})
-
-
 def run_many(
-    names: Iterable[str],
-    dtypes: Iterable[str] = ("float32",),
+    names: Iterable[str | Component],
+    dtypes: Iterable[str] = DTYPES,
     out_dir: str | Path = "reports",
-    progress: Progress | None = stderr_progress,
-    on_error: Callable[[str, str, Exception], None] | None = None,
+    progress: Progress | None = None,
+    on_error: Callable[[str, str, BaseException], None] | None = None,
+    config_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> list[RunResult]:
-    """Run several components and dtypes into one new run directory.
+    """Run several components and dtypes into one new run folder.
 
-    A run that raises stops everything, unless ``on_error(name, dtype, error)`` is given: then it
-    is told and the other runs go on (the failed run has no result).
+    Configs are validated for every component before the folder is created. A run that raises
+    an input error stops everything, unless ``on_error(name, dtype, error)`` is given: then it is
+    told and the other runs go on. An interrupted run folder stays, marked incomplete.
     """
-    run_dir = new_run_dir(out_dir)
+    components = [registry.get(n) for n in names]
+    for comp in components:
+        comp.load_config(config_path, overrides)
+    run_dir = new_run_dir(writable_folder(out_dir, "--out"))
     results = []
-    for name in names:
-        for dtype in dtypes:
-            try:
-                results.append(run_component(name, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress, **kwargs))
-            except Exception as err:  # noqa: BLE001 - handed to the caller
-                if on_error is None:
-                    raise
-                on_error(name, dtype, err)
+    try:
+        for comp in components:
+            for dtype in dtypes:
+                try:
+                    results.append(run_component(comp, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress,
+                                                 config_path=config_path, overrides=overrides, **kwargs))
+                except Exception as err:  # noqa: BLE001 - handed to the caller
+                    if on_error is None:
+                        raise
+                    on_error(comp.name, dtype, err)
+    except KeyboardInterrupt:
+        mark_incomplete(run_dir, "interrupted")
+        raise
+    except BaseException as err:
+        if not discard_if_empty(run_dir):
+            mark_incomplete(run_dir, f"stopped: {type(err).__name__}: {err}")
+        raise
+    mark_complete(run_dir)
     return results
 
 
+# --- metadata -----------------------------------------------------------------------------------
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for module in ("mlx", "torch", "diffusers", "numpy"):
+    for module in ("mlx.core", "torch", "diffusers", "numpy"):
         try:
-            found[module] = __import__(module).__version__
+            found[module.split(".")[0]] = __import__(module, fromlist=["__version__"]).__version__
         except (ImportError, AttributeError):
-            found[module] = "unavailable"
-    if found["mlx"] == "unavailable":
-        try:
-            import mlx.core as mx
-
-            found["mlx"] = mx.__version__
-        except ImportError:
-            pass
+            found[module.split(".")[0]] = "unavailable"
     found["mlx_blas"] = mlx_blas()
     return found
 
 
 def mlx_blas() -> str:
-    """The BLAS behind MLX's float32 CPU matmuls and convolutions.
+    """The BLAS behind MLX's float32 CPU matmuls and convolutions (see :mod:`parity.threads`)."""
+    from parity import threads
 
-    Linux ``mlx[cpu]`` wheels bundle the netlib reference BLAS, ~30x slower than OpenBLAS at
-    float32 GEMM; preloading OpenBLAS (``LD_PRELOAD=.../libopenblas.so.0``) replaces it.
-    """
-    preloaded = [Path(p).name for p in re.split(r"[\s:]+", os.environ.get("LD_PRELOAD", "")) if "blas" in p.lower()]
-    if preloaded:
-        return f"{preloaded[0]} (LD_PRELOAD)"
-    if sys.platform == "darwin":
-        return "Accelerate"
-    try:
-        import mlx
-    except ImportError:
-        return "unavailable"
-    bundled = sorted(Path(mlx.__path__[0]).parent.glob("mlx_cpu.libs/libblas*"))
-    return f"{bundled[0].name} (bundled netlib reference BLAS)" if bundled else "system"
+    return threads.mlx_blas()
 
 
+@cache
 def git_commit() -> str | None:
-    """The commit of the harness checkout (with ``-dirty`` if it has uncommitted changes)."""
+    """The commit of the harness checkout (with ``-dirty`` if it has uncommitted changes); asked once per process."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,

@@ -1,12 +1,19 @@
-"""Parity thresholds from ``parity.toml``: defaults per dtype, per component, per layer glob.
+"""Parity thresholds: defaults per dtype, per component, per layer glob, layered over several files.
 
-Layout::
+Layout of a thresholds file (``parity.toml``, or ``[tool.parity]`` in a ``pyproject.toml``)::
 
-    [defaults.<dtype>]                       # float32 / bfloat16
-    [components.<name>.<dtype>]              # overrides for one component
-    [components.<name>.<dtype>.layers."glob"]  # overrides for layers matching a glob
+    [defaults.<dtype>]                          # float32 / bfloat16
+    [components.<name>.<dtype>]                 # overrides for one component ("wan22_*": a glob)
+    [components.<name>.<dtype>.layers."glob"]   # overrides for layers matching a glob (first match wins)
 
-Unknown keys, dtypes or components raise :class:`ThresholdsError` naming the table and key.
+Files are layered: the harness's ``parity.toml`` first, then the user's project file, then a
+file given on the command line; a later file overrides an earlier one key by key, and its layer
+globs are tried first. A component inherits the tables of the components it subclasses (its
+*lineage*, most general first) and overrides them with its own.
+
+Unknown keys, dtypes or components are :class:`ThresholdsError` naming the file, table and key;
+so is a layer glob that matches no layer of its component (checked after a run, see
+:meth:`Thresholds.unmatched_globs`).
 """
 from __future__ import annotations
 
@@ -14,14 +21,15 @@ import fnmatch
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+from parity.vocab import DTYPES, InputError
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "parity.toml"
-DTYPES = ("float32", "bfloat16")
 
 
-class ThresholdsError(ValueError):
-    """The thresholds file is malformed."""
+class ThresholdsError(InputError):
+    """A thresholds file is malformed, or names something that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -33,39 +41,95 @@ class Tolerance:
     cosine_min: float | None = None
     max_rel: float | None = None
     budget_ratio: float | None = None
+    rounding_excess: float | None = None
     drift_ratio: float | None = None
     baseline_factor: float | None = None
 
+    def merged(self, override: "Tolerance") -> "Tolerance":
+        return replace(self, **{k: v for k, v in vars(override).items() if v is not None})
 
-KEYS = {f for f in Tolerance.__dataclass_fields__}
+    def abs_limit(self, ref_max_abs: float) -> float | None:
+        """``atol + rtol * max|ref|``, or None without either."""
+        if self.atol is None and self.rtol is None:
+            return None
+        return (self.atol or 0.0) + (self.rtol or 0.0) * ref_max_abs
+
+    def applied(self) -> dict[str, float]:
+        """The limits that are set, as report data."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+KEYS = tuple(Tolerance.__dataclass_fields__)
 #: Keys with a lower bound other than 0: a baseline factor below 1 would flag an unchanged run.
 MINIMUM = {"baseline_factor": 1.0}
 
 
+@dataclass(frozen=True)
+class Table:
+    """One ``[components.<pattern>.<dtype>]`` table: its overrides and its layer globs, and the file it is in."""
+
+    path: Path
+    name: str  # components.<pattern>.<dtype>
+    tolerance: Tolerance
+    layers: tuple[tuple[str, Tolerance], ...] = ()
+
+
 @dataclass
 class Thresholds:
-    path: Path
+    paths: list[Path]
     defaults: dict[str, Tolerance]
-    components: dict[str, dict[str, Tolerance]] = field(default_factory=dict)
-    layers: dict[str, dict[str, list[tuple[str, Tolerance]]]] = field(default_factory=dict)
+    #: component pattern -> dtype -> tables, later files first
+    components: dict[str, dict[str, list[Table]]] = field(default_factory=dict)
 
-    def for_layer(self, component: str, dtype: str, layer: str) -> Tolerance:
-        """The tolerance of ``layer``: dtype default, then component override, then first matching glob."""
-        tol = self.for_component(component, dtype)
-        for pattern, override in self.layers.get(component, {}).get(dtype, []):
-            if fnmatch.fnmatchcase(layer, pattern):
-                tol = _merge(tol, override)
-                break
-        return tol
+    @property
+    def path(self) -> Path:
+        return self.paths[-1]
 
-    def for_component(self, component: str, dtype: str) -> Tolerance:
+    def _tables(self, lineage: Sequence[str], dtype: str) -> list[Table]:
+        """Tables applying to a component, most general first: parents before children, globs before names."""
+        found: list[Table] = []
+        for name in reversed(list(lineage)):
+            for exact in (False, True):
+                for pattern, per_dtype in self.components.items():
+                    if (pattern == name) == exact and fnmatch.fnmatchcase(name, pattern):
+                        found += reversed(per_dtype.get(dtype, []))
+        return found
+
+    def for_component(self, lineage: str | Sequence[str], dtype: str) -> Tolerance:
         if dtype not in self.defaults:
             raise ThresholdsError(f"{self.path}: no [defaults.{dtype}] table")
-        return _merge(self.defaults[dtype], self.components.get(component, {}).get(dtype, Tolerance()))
+        tol = self.defaults[dtype]
+        for table in self._tables(_lineage(lineage), dtype):
+            tol = tol.merged(table.tolerance)
+        return tol
+
+    def for_layer(self, lineage: str | Sequence[str], dtype: str, layer: str) -> Tolerance:
+        """The tolerance of ``layer``: dtype default, component tables, then the first matching layer glob."""
+        tol = self.for_component(lineage, dtype)
+        for table in reversed(self._tables(_lineage(lineage), dtype)):
+            for pattern, override in table.layers:
+                if fnmatch.fnmatchcase(layer, pattern):
+                    return tol.merged(override)
+        return tol
+
+    def unmatched_globs(self, lineage: str | Sequence[str], dtype: str, layers: Iterable[str]) -> list[str]:
+        """``file: [table] "glob"`` of each layer glob of this component that matches none of ``layers``."""
+        names = list(layers)
+        return [f"{table.path}: [{table.name}].layers.{pattern!r}" for table in self._tables(_lineage(lineage), dtype)
+                for pattern, _ in table.layers if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+
+    def check_components(self, known: Iterable[str]) -> None:
+        """Every component table must name (or, as a glob, match) a registered component."""
+        known = list(known)
+        for pattern, per_dtype in self.components.items():
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+                path = next(t.path for tables in per_dtype.values() for t in tables)
+                raise ThresholdsError(f"{path}: [components.{pattern}] names an unknown component; "
+                                      f"registered: {sorted(known)}")
 
 
-def _merge(base: Tolerance, override: Tolerance) -> Tolerance:
-    return replace(base, **{k: v for k, v in vars(override).items() if v is not None})
+def _lineage(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -82,7 +146,7 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
             continue
         if key not in KEYS:
             raise ThresholdsError(f"{where}: unknown key {key!r}; expected one of {sorted(KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ThresholdsError(f"{where}.{key}: expected a non-negative number, got {value!r}")
         if value < MINIMUM.get(key, 0):
             raise ThresholdsError(f"{where}.{key}: must be at least {MINIMUM[key]:g}, got {value!r}")
@@ -90,41 +154,68 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
     return Tolerance(**values)
 
 
-def load(path: str | Path | None = None, known_components: Iterable[str] | None = None) -> Thresholds:
-    """Parse and validate a thresholds file (the repository's ``parity.toml`` by default)."""
-    path = Path(path) if path else DEFAULT_PATH
+def _read(path: Path) -> dict[str, Any]:
+    """The thresholds tables of ``path``: a whole file, or ``[tool.parity]`` of a ``pyproject.toml``."""
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ThresholdsError(f"thresholds file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ThresholdsError(f"thresholds file {path} cannot be read: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ThresholdsError(f"{path}: not valid TOML: {err}") from None
+    if path.name == "pyproject.toml":
+        data = (data.get("tool") or {}).get("parity") or {}
     for key in data:
         if key not in ("defaults", "components"):
             raise ThresholdsError(f"{path}: unknown top-level table [{key}]; expected defaults or components")
-    defaults = {}
-    for dtype, table in _table(data.get("defaults", {}), f"{path}: [defaults]").items():
-        _check_dtype(path, f"defaults.{dtype}", dtype)
-        defaults[dtype] = _tolerance(table, f"{path}: [defaults.{dtype}]")
-    known = set(known_components) if known_components is not None else None
-    components: dict[str, dict[str, Tolerance]] = {}
-    layers: dict[str, dict[str, list[tuple[str, Tolerance]]]] = {}
-    for name, per_dtype in _table(data.get("components", {}), f"{path}: [components]").items():
-        if known is not None and name not in known:
-            raise ThresholdsError(f"{path}: [components.{name}] names an unknown component; known: {sorted(known)}")
-        for dtype, table in _table(per_dtype, f"{path}: [components.{name}]").items():
-            _check_dtype(path, f"components.{name}.{dtype}", dtype)
-            where = f"{path}: [components.{name}.{dtype}]"
-            components.setdefault(name, {})[dtype] = _tolerance(table, where, allow=("layers",))
-            globs = table.get("layers", {})
-            if not isinstance(globs, dict):
-                raise ThresholdsError(f"{where}.layers: expected a table of glob = {{...}}")
-            layers.setdefault(name, {})[dtype] = [
-                (pattern, _tolerance(sub, f"{where}.layers.{pattern!r}")) for pattern, sub in globs.items()
-            ]
-    return Thresholds(path=path, defaults=defaults, components=components, layers=layers)
+    return data
+
+
+def load(paths: str | Path | Sequence[str | Path] | None = None, known_components: Iterable[str] | None = None,
+         base: bool = True) -> Thresholds:
+    """Parse, validate and layer thresholds files: the harness's ``parity.toml`` (unless ``base`` is False), then ``paths``."""
+    extra = [] if paths is None else [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files = ([DEFAULT_PATH] if base else []) + [Path(p) for p in extra]
+    files = list(dict.fromkeys(p.resolve() for p in files))
+    thresholds = Thresholds(paths=files, defaults={})
+    for path in files:
+        data = _read(path)
+        for dtype, table in _table(data.get("defaults", {}), f"{path}: [defaults]").items():
+            _check_dtype(path, f"defaults.{dtype}", dtype)
+            override = _tolerance(table, f"{path}: [defaults.{dtype}]")
+            thresholds.defaults[dtype] = thresholds.defaults.get(dtype, Tolerance()).merged(override)
+        for name, per_dtype in _table(data.get("components", {}), f"{path}: [components]").items():
+            for dtype, table in _table(per_dtype, f"{path}: [components.{name}]").items():
+                _check_dtype(path, f"components.{name}.{dtype}", dtype)
+                where = f"components.{name}.{dtype}"
+                tolerance = _tolerance(table, f"{path}: [{where}]", allow=("layers",))
+                globs = table.get("layers", {})
+                if not isinstance(globs, dict):
+                    raise ThresholdsError(f"{path}: [{where}].layers: expected a table of glob = {{...}}")
+                layers = tuple((pattern, _tolerance(sub, f"{path}: [{where}].layers.{pattern!r}"))
+                               for pattern, sub in globs.items())
+                tables = thresholds.components.setdefault(name, {}).setdefault(dtype, [])
+                tables.insert(0, Table(path, where, tolerance, layers))  # later files first
+    if known_components is not None:
+        thresholds.check_components(known_components)
+    return thresholds
 
 
 def _check_dtype(path: Path, where: str, dtype: str) -> None:
     if dtype not in DTYPES:
         raise ThresholdsError(f"{path}: [{where}]: unknown dtype {dtype!r}; expected one of {DTYPES}")
+
+
+def project_file(start: str | Path) -> Path | None:
+    """The user's thresholds next to their code: the nearest ``parity.toml``, or a ``pyproject.toml``
+    with a ``[tool.parity]`` table, in ``start`` or a parent folder; None when there is none (or it is ours)."""
+    folder = Path(start).resolve()
+    for candidate in (folder, *folder.parents):
+        toml = candidate / "parity.toml"
+        if toml.is_file():
+            return None if toml.resolve() == DEFAULT_PATH.resolve() else toml
+        pyproject = candidate / "pyproject.toml"
+        if pyproject.is_file() and "[tool.parity" in pyproject.read_text(errors="replace"):
+            return pyproject
+    return None

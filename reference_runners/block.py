@@ -10,21 +10,21 @@ checks this against the real models). Nothing captured is recomputed here:
   module-level functions the processors call (``apply_rotary_emb_transposed``,
   ``dispatch_attention_fn``) are wrapped to record their arguments / results, and the block's
   own local variables (modulation vectors, modulated norms, residual sums) are read by a
-  tracer as ``forward`` assigns them.
+  tracer as ``forward`` assigns them (the tools of :mod:`parity.capture_torch`, which also serve
+  a model of N blocks: every spec here is per block call).
 """
 from __future__ import annotations
 
-import sys
-from collections import defaultdict
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers.models.transformers import transformer_helios, transformer_wan
 
-from parity.capture import Capture, CaptureError, capture_torch, to_numpy
+from parity.capture import Capture, to_numpy
+from parity.capture_torch import hook_modules, record_calls, trace_locals
 
 #: Norm / scale parameters diffusers initialises to ones or zeros; randomised so that a port
 #: ignoring one of them cannot pass (a checkpoint's values are never exactly 1).
@@ -40,7 +40,7 @@ class Reference:
     """
 
     block: torch.nn.Module
-    config: dict[str, Any]
+    config: Any
     autocast: str | None = None
 
     def precision(self) -> AbstractContextManager:
@@ -83,22 +83,22 @@ def _perturb(block: torch.nn.Module) -> torch.nn.Module:
     return block.eval()
 
 
-def build_helios(transformer: dict[str, Any], seed: int) -> transformer_helios.HeliosTransformerBlock:
+def build_helios(transformer: Any, seed: int) -> transformer_helios.HeliosTransformerBlock:
     torch.manual_seed(seed)
-    dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    dim = transformer.num_attention_heads * transformer.attention_head_dim
     return _perturb(transformer_helios.HeliosTransformerBlock(
-        dim, transformer["ffn_dim"], transformer["num_attention_heads"], transformer["qk_norm"],
-        transformer["cross_attn_norm"], transformer["eps"], transformer["added_kv_proj_dim"],
-        guidance_cross_attn=transformer["guidance_cross_attn"], is_amplify_history=transformer["is_amplify_history"],
-        history_scale_mode=transformer["history_scale_mode"]))
+        dim, transformer.ffn_dim, transformer.num_attention_heads, transformer.qk_norm,
+        transformer.cross_attn_norm, transformer.eps, transformer.added_kv_proj_dim,
+        guidance_cross_attn=transformer.guidance_cross_attn, is_amplify_history=transformer.is_amplify_history,
+        history_scale_mode=transformer.history_scale_mode))
 
 
-def build_wan(transformer: dict[str, Any], seed: int) -> transformer_wan.WanTransformerBlock:
+def build_wan(transformer: Any, seed: int) -> transformer_wan.WanTransformerBlock:
     torch.manual_seed(seed)
-    dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    dim = transformer.num_attention_heads * transformer.attention_head_dim
     return _perturb(transformer_wan.WanTransformerBlock(
-        dim, transformer["ffn_dim"], transformer["num_attention_heads"], transformer["qk_norm"],
-        transformer["cross_attn_norm"], transformer["eps"], transformer["added_kv_proj_dim"]))
+        dim, transformer.ffn_dim, transformer.num_attention_heads, transformer.qk_norm,
+        transformer.cross_attn_norm, transformer.eps, transformer.added_kv_proj_dim))
 
 
 # --- inputs, laid out as the transformer models lay them out ------------------------------------
@@ -107,15 +107,15 @@ def _tokens(grid: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(grid).to(dtype).flatten(1, 3)
 
 
-def helios_rotary_emb(transformer: dict[str, Any], frame_indices: np.ndarray, height: int, width: int) -> torch.Tensor:
-    rope = transformer_helios.HeliosRotaryPosEmbed(tuple(transformer["rope_dim"]), transformer["rope_theta"])
+def helios_rotary_emb(transformer: Any, frame_indices: np.ndarray, height: int, width: int) -> torch.Tensor:
+    rope = transformer_helios.HeliosRotaryPosEmbed(tuple(transformer.rope_dim), transformer.rope_theta)
     emb = rope(frame_indices=torch.from_numpy(frame_indices), height=height, width=width, device="cpu")
     return emb.flatten(2).transpose(1, 2)
 
 
-def helios_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+def helios_block_inputs(config: Any, inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
     """The arguments ``HeliosTransformer3DModel.forward`` passes its blocks (history first, then main tokens)."""
-    transformer = config["transformer"]
+    transformer = config.transformer
     batch, _, height, width, _ = inputs["hidden"].shape
     history_len = int(np.prod(inputs["history"].shape[1:4]))
     main_len = int(np.prod(inputs["hidden"].shape[1:4]))
@@ -132,13 +132,13 @@ def helios_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], d
             "temb": temb, "rotary_emb": rotary.contiguous(), "original_context_length": main_len}
 
 
-def wan_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+def wan_block_inputs(config: Any, inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
     """The arguments ``WanTransformer3DModel.forward`` passes its blocks (Wan 2.1: one temb per sample)."""
-    transformer = config["transformer"]
+    transformer = config.transformer
     batch, frames, height, width, _ = inputs["hidden"].shape
-    pt, ph, pw = transformer["patch_size"]
-    head_dim = transformer["attention_head_dim"]
-    rope = transformer_wan.WanRotaryPosEmbed(head_dim, tuple(transformer["patch_size"]), transformer["rope_max_seq_len"])
+    pt, ph, pw = transformer.patch_size
+    head_dim = transformer.attention_head_dim
+    rope = transformer_wan.WanRotaryPosEmbed(head_dim, tuple(transformer.patch_size), transformer.rope_max_seq_len)
     rotary = rope(torch.zeros(batch, 1, frames * pt, height * ph, width * pw))  # only the latent's shape is used
     temb = torch.from_numpy(inputs["timestep_proj"]).to(dtype).unflatten(1, (6, -1))
     return {"hidden_states": _tokens(inputs["hidden"], dtype), "encoder_hidden_states": torch.from_numpy(inputs["text"]).to(dtype),
@@ -146,80 +146,6 @@ def wan_block_inputs(config: dict[str, Any], inputs: dict[str, np.ndarray], dtyp
 
 
 # --- capture -------------------------------------------------------------------------------------
-@contextmanager
-def trace_locals(code: Any, spec: dict[tuple[str, int], str], capture: Capture) -> Iterator[None]:
-    """Record local variables of frames running ``code`` as they are assigned, per ``spec``.
-
-    ``spec`` maps ``(variable, n)`` (its n-th assignment, arguments not counted) to a layer
-    name. Values are read, never recomputed; every entry must be seen, or :class:`CaptureError`.
-    """
-    seen: dict[str, Any] = {}
-    counts: dict[str, int] = defaultdict(int)
-    recorded: set[str] = set()
-
-    def on_line(frame, event, _arg):
-        if event in ("line", "return"):
-            for name, value in frame.f_locals.items():
-                if name in seen and seen[name] is value:
-                    continue
-                seen[name] = value
-                counts[name] += 1
-                layer = spec.get((name, counts[name]))
-                if layer is not None:
-                    capture.add(layer, value)
-                    recorded.add(layer)
-        return on_line
-
-    def on_call(frame, event, _arg):
-        if event == "call" and frame.f_code is code:
-            seen.update(frame.f_locals)  # the arguments
-            return on_line
-        return None
-
-    previous = sys.gettrace()
-    sys.settrace(on_call)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
-    missing = sorted(set(spec.values()) - recorded)
-    if missing:
-        raise CaptureError(f"{code.co_qualname} never assigned the locals for {missing}; has diffusers changed?")
-
-
-@contextmanager
-def record_calls(module: Any, name: str, calls: list[dict[str, str]], capture: Capture,
-                 arg_names: tuple[str, ...]) -> Iterator[None]:
-    """Wrap ``module.<name>`` so its i-th call records the arguments / result named in ``calls[i]``.
-
-    ``calls[i]`` maps an argument name (from ``arg_names``, positional order) or ``"out"`` to a
-    layer name. The original function computes the result; the wrapper only records.
-    """
-    original: Callable = getattr(module, name)
-    pending = iter(calls)
-
-    def wrapper(*args, **kwargs):
-        names = next(pending, None)
-        if names is None:
-            raise CaptureError(f"{module.__name__}.{name} was called more than the {len(calls)} time(s) expected")
-        bound = {**dict(zip(arg_names, args)), **kwargs}
-        for arg, layer in names.items():
-            if arg != "out":
-                capture.add(layer, bound[arg])
-        result = original(*args, **kwargs)
-        if "out" in names:
-            capture.add(names["out"], result)
-        return result
-
-    setattr(module, name, wrapper)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-    if next(pending, None) is not None:
-        raise CaptureError(f"{module.__name__}.{name} was called fewer than the {len(calls)} time(s) expected")
-
-
 _ATTENTION_ARGS = ("query", "key", "value")
 
 
@@ -230,12 +156,12 @@ def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch
     attn1 = {"key": "attn1/k_history_scaled", "out": "attn1/attention"} if amplified else {"out": "attn1/attention"}
     residual2 = 4 if block.guidance_cross_attn else 2
     with ExitStack() as stack:
-        stack.enter_context(capture_torch(block, capture, HOOKS))
+        stack.enter_context(hook_modules(block, capture, HOOKS))
         stack.enter_context(record_calls(transformer_helios, "apply_rotary_emb_transposed",
                                          [{"out": "attn1/q_rope"}, {"out": "attn1/k_rope"}], capture, ()))
         stack.enter_context(record_calls(transformer_helios, "dispatch_attention_fn",
                                          [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
-        stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(2, residual2), capture))
+        stack.enter_context(trace_locals({type(block).forward.__code__: _locals_spec(2, residual2)}, capture))
         stack.enter_context(reference.precision())
         block(**args)
 
@@ -245,10 +171,10 @@ def run_wan(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dt
     args = wan_block_inputs(reference.config, inputs, dtype)
     attn1 = {"query": "attn1/q_rope", "key": "attn1/k_rope", "out": "attn1/attention"}  # RoPE is nested in the processor
     with ExitStack() as stack:
-        stack.enter_context(capture_torch(block, capture, HOOKS))
+        stack.enter_context(hook_modules(block, capture, HOOKS))
         stack.enter_context(record_calls(transformer_wan, "dispatch_attention_fn",
                                          [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
-        stack.enter_context(trace_locals(type(block).forward.__code__, _locals_spec(args["temb"].ndim - 2, 2), capture))
+        stack.enter_context(trace_locals({type(block).forward.__code__: _locals_spec(args["temb"].ndim - 2, 2)}, capture))
         stack.enter_context(reference.precision())
         block(**args)
 

@@ -15,13 +15,13 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from parity.capture import Capture
 
 
-def build(config: dict) -> dict:
+def build(config) -> dict:
     """Both RoPE modules, with the config that fixes the position grid."""
-    head_dim = sum(config["rope_dim"])
+    head_dim = sum(config.rope_dim)
     return {
         "config": config,
-        "helios": HeliosRotaryPosEmbed(rope_dim=tuple(config["rope_dim"]), theta=config["theta"]),
-        "wan": WanRotaryPosEmbed(head_dim, tuple(config["wan_patch_size"]), config["wan_max_seq_len"], config["theta"]),
+        "helios": HeliosRotaryPosEmbed(rope_dim=tuple(config.rope_dim), theta=config.theta),
+        "wan": WanRotaryPosEmbed(head_dim, tuple(config.wan_patch_size), config.wan_max_seq_len, config.theta),
     }
 
 
@@ -30,8 +30,8 @@ def run(modules: dict, inputs: dict[str, np.ndarray], dtype: torch.dtype, captur
     helios = modules["helios"]
     for axis in "tyx":
         capture.add(f"helios/freqs_{axis}", getattr(helios, f"freqs_base_{axis}"))
-    emb = helios(frame_indices=torch.from_numpy(inputs["frame_indices"]), height=config["height"],
-                 width=config["width"], device="cpu")
+    emb = helios(frame_indices=torch.from_numpy(inputs["frame_indices"]), height=config.height,
+                 width=config.width, device="cpu")
     emb = emb.flatten(2).transpose(1, 2)  # (batch, tokens, 2*head_dim), as the transformer does
     cos, sin = emb.chunk(2, dim=-1)
     capture.add("helios/cos", cos)
@@ -43,8 +43,8 @@ def run(modules: dict, inputs: dict[str, np.ndarray], dtype: torch.dtype, captur
     wan = modules["wan"]
     capture.add("wan/table_cos", wan.freqs_cos)
     capture.add("wan/table_sin", wan.freqs_sin)
-    pt, ph, pw = config["wan_patch_size"]
-    latent = torch.zeros(config["batch"], 1, config["num_frames"] * pt, config["height"] * ph, config["width"] * pw)
+    pt, ph, pw = config.wan_patch_size
+    latent = torch.zeros(config.batch, 1, config.num_frames * pt, config.height * ph, config.width * pw)
     cos, sin = wan(latent)  # (1, tokens, 1, head_dim)
     capture.add("wan/cos", cos[:, :, 0])
     capture.add("wan/sin", sin[:, :, 0])

@@ -57,13 +57,13 @@ class StandInDenoiser(torch.nn.Module):
 class Reference(torch.nn.Module):
     """The scheduler under test, the pipeline's sampling settings and the stand-in denoiser (the only weights)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config):
         super().__init__()
-        self.scheduler = HeliosDMDScheduler(**config["scheduler"])
-        self.denoiser = StandInDenoiser(config["channels"])
-        self.steps = list(config["steps"])
-        self.patch_size = tuple(config["patch_size"])
-        self.is_amplify_first_chunk = bool(config["is_amplify_first_chunk"])
+        self.scheduler = HeliosDMDScheduler(**config.scheduler.to_dict())
+        self.denoiser = StandInDenoiser(config.channels)
+        self.steps = list(config.steps)
+        self.patch_size = tuple(config.patch_size)
+        self.is_amplify_first_chunk = config.is_amplify_first_chunk
 
 
 def channels_last(latents: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from diffusers import HeliosTransformer3DModel
 
-from parity.capture import Capture, capture_torch
+from parity.capture import Capture
+from parity.capture_torch import hook_modules
 
 PREFIX = "condition_embedder."
 #: The transformer calls its condition embedder twice: for the t = 0 history embedding, then for the timestep.
@@ -27,7 +28,7 @@ def build(transformer_config: dict, seed: int) -> HeliosTransformer3DModel:
 
 
 def run(model: HeliosTransformer3DModel, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
-    with capture_torch(model, capture, HOOKS):
+    with hook_modules(model, capture, HOOKS):
         model(
             hidden_states=torch.from_numpy(inputs["latents"]).to(dtype),
             timestep=torch.from_numpy(inputs["timesteps"]),

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from parity.capture import Capture, capture_torch
+from parity.capture import Capture
+from parity.capture_torch import hook_modules
 
 
 def build(vae_config: dict, seed: int) -> AutoencoderKLWan:
@@ -42,7 +43,7 @@ def hooks(model: AutoencoderKLWan, frames: int) -> dict[str, list[str]]:
 
 def run(model: AutoencoderKLWan, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
     video = torch.from_numpy(inputs["video"]).to(dtype)
-    with capture_torch(model, capture, hooks(model, video.shape[2])):
+    with hook_modules(model, capture, hooks(model, video.shape[2])):
         mode = model.encode(video).latent_dist.mode()
     config = model.config
     mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import cli
+from parity import commands as cli
 from parity.bisect import BAD, GOOD, SKIP, BisectError, search
 
 HARNESS = Path(__file__).resolve().parent.parent
@@ -71,16 +71,25 @@ import mlx.core as mx
 import numpy as np
 
 from fixtures.inputs import normal
-from parity.capture import Capture, capture_mlx
+from parity.capture import Capture
 from parity.component import Component
+from parity.config import ComponentConfig
+
+
+class TinyConfig(ComponentConfig):
+    dim: int
+    tokens: int
+    depth: int
+    gate: float
 
 
 class TinyComponent(Component):
     name = "tiny"
     description = "residual MLP stack whose residual stream is float32"
+    config_model = TinyConfig
 
     def make_inputs(self, config, seed):
-        x = normal(seed, "tiny/x", (config["tokens"], config["dim"]))
+        x = normal(seed, "tiny/x", (config.tokens, config.dim))
         return {"x": (x.view(np.uint32) & 0xFFFF0000).view(np.float32)}  # exact in bf16
 
     def build_reference(self, config, seed):
@@ -88,7 +97,7 @@ class TinyComponent(Component):
 
         torch.manual_seed(seed)
         return torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
-            torch.nn.Linear(config["dim"], config["dim"]) for _ in range(config["depth"]))})
+            torch.nn.Linear(config.dim, config.dim) for _ in range(config.depth))})
 
     def run_reference(self, reference, inputs, dtype, capture: Capture):
         import torch
@@ -97,24 +106,23 @@ class TinyComponent(Component):
         stream = torch.float64 if dtype == "float64" else torch.float32
         h = torch.from_numpy(inputs["x"]).to(stream)
         for i, layer in enumerate(reference["layers"]):
-            y = config["gate"] * torch.tanh(layer(h.to(getattr(torch, dtype))))
+            y = config.gate * torch.tanh(layer(h.to(getattr(torch, dtype))))
             capture.add(f"block{i}/update", y)
             h = h + y.to(stream)
             capture.add(f"block{i}/out", h)
 
     def build_mlx(self, config, weights, dtype):
-        expected = {f"layers.{i}.{p}" for i in range(config["depth"]) for p in ("weight", "bias")}
+        expected = {f"layers.{i}.{p}" for i in range(config.depth) for p in ("weight", "bias")}
         if set(weights) != expected:
             raise KeyError(f"tiny: keys {sorted(set(weights) ^ expected)} missing or unused")
         dt = getattr(mx, dtype)
         return [(mx.array(weights[f"layers.{i}.weight"]).astype(dt), mx.array(weights[f"layers.{i}.bias"]).astype(dt))
-                for i in range(config["depth"])]
+                for i in range(config.depth)]
 
-    def run_mlx(self, model, inputs, dtype, capture: Capture):
+    def run_mlx(self, model, inputs, dtype):
         from mlx_impl.tiny import forward
 
-        with capture_mlx(capture):
-            forward(model, mx.array(inputs["x"]), getattr(mx, dtype), self.load_config()["gate"])
+        forward(model, mx.array(inputs["x"]), getattr(mx, dtype), self.load_config().gate)
 
 
 COMPONENT = TinyComponent()
@@ -164,14 +172,9 @@ def _commit(repo: Path, message: str) -> str:
 
 
 def _copy_harness(repo: Path) -> None:
-    """The harness modules ``parity run`` needs (not the subcommand modules, nor the real components)."""
-    from parity.cli import COMMAND_MODULES
-
-    skip = {m.split(".")[-1] + ".py" for m in COMMAND_MODULES}
-    (repo / "parity" / "components").mkdir(parents=True)
-    for source in (HARNESS / "parity").glob("*.py"):
-        if source.name not in skip:
-            shutil.copy(source, repo / "parity" / source.name)
+    """The harness (its library and commands, templates, not the real components)."""
+    shutil.copytree(HARNESS / "parity", repo / "parity", ignore=shutil.ignore_patterns("__pycache__", "components"))
+    (repo / "parity" / "components").mkdir()
     shutil.copy(HARNESS / "parity" / "components" / "__init__.py", repo / "parity" / "components" / "__init__.py")
     for package, modules in (("mlx_impl", ("__init__.py", "taps.py")), ("fixtures", ("__init__.py", "inputs.py"))):
         (repo / package).mkdir()

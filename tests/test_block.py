@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlx_impl import block
-from parity.component import get
+from parity.registry import get
 from parity.runner import run_component
 from parity.weights import WeightLoadError
 
@@ -31,7 +31,7 @@ def _drift(result):
 
 
 def _transformer(name, **changes):
-    return {"transformer": {**get(name).load_config()["transformer"], **changes}}
+    return {"transformer": changes}  # overrides are merged into the default config key by key
 
 
 #: Mixed precision as the official inference runs it (float32 stream, bf16 matmuls), with a
@@ -80,13 +80,13 @@ def test_mixed_precision_parity(name, seed):
 def test_mixed_precision_config_file_and_component():
     from parity.component import CONFIG_DIR
 
-    mixed = {**get("block").load_config(), **MIXED}
+    mixed = get("block").load_config().model_copy(update=MIXED)
     assert get("block").load_config(CONFIG_DIR / "block_mixed.json") == mixed
     assert get("block_mixed").load_config() == mixed  # the component `make parity` and the gate run
 
 
 def test_unknown_stream_is_named():
-    with pytest.raises(ValueError, match=r"stream must be one of \('model', 'float32'\), got 'bf16'"):
+    with pytest.raises(ValueError, match=r"config key 'stream': Input should be 'model' or 'float32' \(got 'bf16'\)"):
         run_component("block", "bfloat16", out_dir=None, overrides={"stream": "bf16"})
 
 
@@ -103,9 +103,11 @@ def test_history_key_amplification_has_no_bf16_reference():
 
     If this starts passing, diffusers fixed it and bf16 parity of the amplified path can be added.
     Under autocast (mixed precision) it runs: test_history_key_amplification_mixed_precision.
+    A crash inside a forward is a parity failure: the run reports it, naming the side and where it stopped.
     """
-    with pytest.raises(RuntimeError, match="same dtype"):
-        run_component("block", "bfloat16", out_dir=None, overrides=_transformer("block", is_amplify_history=True))
+    result = run_component("block", "bfloat16", out_dir=None, overrides=_transformer("block", is_amplify_history=True))
+    crash = result.comparison.crash
+    assert result.verdict == "FAIL" and crash.side == "reference" and "same dtype" in crash.error
 
 
 def test_history_key_amplification_mixed_precision():
@@ -118,14 +120,15 @@ def test_history_key_amplification_mixed_precision():
 
 
 def test_capture_does_not_change_results():
-    from parity.capture import Capture, capture_mlx
+    from parity.capture import Capture
+    from parity.capture_mlx import record_taps
 
     component = get("block")
     config = component.load_config()
     model = component.build_mlx(config, component.reference_weights(component.build_reference(config, 0)), "bfloat16")
     args = component.mlx_inputs(model, component.make_inputs(config, 0), "bfloat16")
     plain = model.block(**args)
-    with capture_mlx(Capture("mlx")):
+    with record_taps(Capture("mlx")):
         recorded = model.block(**args)
     assert mx.array_equal(plain, recorded).item()
 
@@ -155,7 +158,7 @@ def test_helios_block_inputs_match_the_real_transformer():
     from reference_runners import block as reference
 
     config = get("block").load_config()
-    t = config["transformer"]
+    t = config.transformer.to_dict()
     torch.manual_seed(0)
     model = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=t["num_attention_heads"],
                                      attention_head_dim=t["attention_head_dim"], in_channels=4, out_channels=4,
@@ -185,7 +188,7 @@ def test_wan_block_inputs_match_the_real_transformer():
     from reference_runners import block as reference
 
     config = get("wan_block").load_config()
-    t = config["transformer"]
+    t = config.transformer.to_dict()
     torch.manual_seed(0)
     model = WanTransformer3DModel(patch_size=tuple(t["patch_size"]), num_attention_heads=t["num_attention_heads"],
                                   attention_head_dim=t["attention_head_dim"], in_channels=4, out_channels=4, text_dim=24,
@@ -206,7 +209,13 @@ def test_wan_block_inputs_match_the_real_transformer():
 # --- faults ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BLOCKS)
 def test_fault_modulation_in_bf16_caught_by_budget_not_by_cosine(monkeypatch, name):
-    """scale_shift_table cast to bf16 and added in bf16: a cosine gate passes it, the precision budget does not."""
+    """scale_shift_table cast to bf16 and added in bf16: a cosine gate passes it, the rounding rule does not.
+
+    diffusers computes the modulation exactly (float32), so a port may round it to bf16 once (tests/test_judging.py);
+    this one rounds the table and then the sum: its distance to the once-rounded reference is 0.14-1.5 roundings
+    per vector (0 for a single rounding), over the 0.25 limit on the first vector or, for Wan's 36-element vectors
+    (noisier), on one of the first two.
+    """
     def bf16_modulation(self, temb):
         mod = self.scale_shift_table.astype(temb.dtype) + temb
         parts = [mod[:, :, i] if temb.ndim == 4 else mod[:, i:i + 1] for i in range(6)]  # per token (Helios) / sample (Wan)
@@ -215,10 +224,11 @@ def test_fault_modulation_in_bf16_caught_by_budget_not_by_cosine(monkeypatch, na
     monkeypatch.setattr(block.TransformerBlock, "modulation", bf16_modulation)
     result = run_component(name, "bfloat16", out_dir=None)
     assert result.verdict == "FAIL"
-    assert result.first_divergence == "modulation/shift_msa"
-    layer = result.layer("modulation/shift_msa")
+    assert result.first_divergence in ("modulation/shift_msa", "modulation/scale_msa")
+    layer = result.layer(result.first_divergence)
     assert layer.metrics["cosine"] > 0.99999  # per-call cosine: a naive gate would pass this
-    assert layer.metrics["budget_ratio"] > 100 and "precision budget" in layer.reasons[0]
+    assert layer.metrics["rounding_excess"] > 0.25 and "more than one bfloat16 rounding" in layer.reasons[0]
+    assert (layer.dtype_ref, layer.dtype_mlx) == ("float32", "bfloat16")
 
 
 def _bf16_residual_adds(monkeypatch):
@@ -398,7 +408,7 @@ def test_fault_cross_attn_norm_dropped_fails_at_load(monkeypatch):
 def test_unsupported_config_is_named(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"qk_norm": "rms_norm"}')
-    with pytest.raises(ValueError, match="qk_norm must be 'rms_norm_across_heads'"):
+    with pytest.raises(ValueError, match="config key 'transformer.qk_norm': Input should be 'rms_norm_across_heads'"):
         get("block").load_config(tmp_path)
 
 

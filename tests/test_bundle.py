@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import cli
+from parity import commands as cli
 from parity.bundle import BundleMismatch, compare_bundle, dump_reference, weights_fingerprint
 from parity.report import load_report
 from parity.runner import run_component

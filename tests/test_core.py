@@ -6,10 +6,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from parity import cli, thresholds
+from parity import thresholds
+from parity import commands as cli
 from parity.capture import Capture, CaptureError
 from parity.compare import compare
-from parity.dumps import load_npy, new_run_dir, write_npy
+from parity.dumps import new_run_dir, write_npy
+from parity.vocab import load_npy
 from parity.report import load_report
 from parity.runner import run_component
 from parity.weights import WeightLoadError, read_checkpoint, strict_load
@@ -159,7 +161,7 @@ def test_malformed_thresholds_name_the_key(tmp_path):
         thresholds.load(path)
     path.write_text("[components.nope.float32]\natol = 1\n[defaults.float32]\natol = 1\n")
     with pytest.raises(thresholds.ThresholdsError, match="unknown component"):
-        thresholds.load(path, known_components=["rope"])
+        thresholds.load(path, known_components=["rope"], base=False)
 
 
 def test_layer_glob_overrides_component_default(tmp_path):

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 
 from mlx_impl import rope
-from parity import baseline, cli, gate, junit
-from parity import component as registry
+from parity import baseline, compare, gate, junit
+from parity import commands as cli
+from parity import registry
 from parity import thresholds
 from parity.component import Component
+from parity.config import ComponentConfig
+from parity.vocab import fmt
 
 LIMITS = """
 [defaults.float32]
@@ -29,23 +32,44 @@ budget_ratio = 4.0
 EPS32 = 2.0**-23
 
 
+LIMITS_FILE = None
+
+
 @pytest.fixture
 def limits(tmp_path):
-    path = tmp_path / "parity.toml"
-    path.write_text(LIMITS)
-    return thresholds.load(path)
+    global LIMITS_FILE
+    LIMITS_FILE = tmp_path / "parity.toml"
+    LIMITS_FILE.write_text(LIMITS)
+    return thresholds.load(LIMITS_FILE, base=False)
 
 
-def row(layer, **metrics):
-    base = {"layer": layer, "mlx_layer": layer, "verdict": "PASS", "reasons": "", "shape_ref": [4], "shape_mlx": [4],
-            "dtype_ref": "float32", "dtype_mlx": "float32", "numel": 4, "cosine": 1.0, "max_abs": 0.0,
-            "max_rel": 0.0, "mean_abs": 0.0, "rmse": 0.0, "ref_max_abs": 1.0, "ref_rms": 1.0,
-            "nan_ref": 0, "inf_ref": 0, "nan_mlx": 0, "inf_mlx": 0}
-    return {**base, **metrics}
+def row(layer, verdict=None, reasons="", shape_ref=(4,), shape_mlx=(4,), dtype_ref="float32", dtype_mlx="float32",
+        **metrics):
+    """A report row judged by the run's one verdict (compare.apply_rules) on these metrics, as the runner writes it.
+
+    ``verdict``/``reasons`` given: a row whose verdict the run recorded without metrics to show for it."""
+    values = {"numel": 4, "cosine": 1.0, "max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "rmse": 0.0,
+              "ref_max_abs": 1.0, "ref_rms": 1.0, "nan_ref": 0, "inf_ref": 0, "nan_mlx": 0, "inf_mlx": 0, **metrics}
+    result = compare.LayerResult(layer, layer, "PASS", [], values, tuple(shape_ref), tuple(shape_mlx), dtype_ref, dtype_mlx)
+    dtype = "bfloat16" if "budget_ratio" in metrics else "float32"
+    rules = thresholds.load(LIMITS_FILE, base=False)
+    compare.apply_rules(result, rules.for_layer("c", dtype, layer),
+                        rules.for_layer("c", "float32", layer) if dtype != "float32" else None)
+    data = result.row()
+    if verdict is not None:
+        data.update(verdict=verdict, reasons=reasons, failures=[])
+    return data
+
+
+def missing(layer, side):
+    """A layer captured on one side only, as compare records it."""
+    result = compare.LayerResult(layer, layer, "PASS", [], {}, (4,), None, "float32", None)
+    result.fail("structure", "presence", "missing", "present", f"missing on the {side} side")
+    return result.row()
 
 
 def report(*rows, dtype="float32", verdict="PASS", component="c", sections=()):
-    return {"schema": 1, "component": component, "dtype": dtype, "verdict": verdict, "seed": 0,
+    return {"schema": 2, "component": component, "dtype": dtype, "verdict": verdict, "seed": 0,
             "config": {"size": 4}, "first_divergence": None, "layers": list(rows), "sections": list(sections)}
 
 
@@ -98,7 +122,7 @@ def test_zero_baseline_is_floored_at_a_few_ulps(limits, tmp_path):
     assert noise.passed  # a couple of ulps off a bit-exact baseline is rounding, not a regression
     drift = gate.evaluate(report(row("blk/a", max_abs=9 * EPS32 * 4.0, rmse=EPS32, ref_max_abs=4.0)), limits,
                           known, device="cpu")
-    assert [(f.metric, f.threshold) for f in drift.failures] == [("max_abs", f"<= {gate.fmt(8 * EPS32 * 4.0)} (2x floor)")]
+    assert [(f.metric, f.threshold) for f in drift.failures] == [("max_abs", f"<= {fmt(8 * EPS32 * 4.0)} (2x floor)")]
 
 
 def test_budget_ratio_floor_and_regression(limits, tmp_path):
@@ -117,10 +141,9 @@ def test_excused_budget_ratio_is_not_gated(limits, tmp_path):
     assert outcome.passed
 
 
-@pytest.mark.parametrize("reason", ["missing on the MLX side", "missing on the reference side"])
-def test_layer_missing_on_one_side_fails(limits, reason):
-    bad = row("blk/b", verdict="FAIL", reasons=reason, shape_mlx=None, numel=None, cosine=None, max_abs=None)
-    outcome = gate.evaluate(report(row("blk/a"), bad, verdict="FAIL"), limits)
+@pytest.mark.parametrize("side", ["MLX", "reference"])
+def test_layer_missing_on_one_side_fails(limits, side):
+    outcome = gate.evaluate(report(row("blk/a"), missing("blk/b", side), verdict="FAIL"), limits)
     assert metrics_of(outcome) == [("blk/b", "presence", "structure")]
 
 
@@ -140,7 +163,7 @@ def test_nan_fails(limits, tmp_path):
     known = saved(tmp_path, report(row("a")))
     outcome = gate.evaluate(report(row("a", nan_mlx=3, max_abs=0.0)), limits, known, device="cpu")
     assert metrics_of(outcome) == [("a", "nan/inf", "absolute")]
-    assert "MLX 3 NaN" in outcome.failures[0].message
+    assert "MLX has 3 NaN" in outcome.failures[0].message
     outcome = gate.evaluate(report(row("a", rmse=math.nan)), limits)  # a NaN metric, however it got there
     assert metrics_of(outcome) == [("a", "rmse", "absolute")]
 
@@ -186,7 +209,7 @@ def test_failure_table_is_compact(limits):
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("component"))
     assert lines[header].split() == list(gate.COLUMNS)
-    assert lines[header + 1].split()[:5] == ["c", "float32", "blk/0", "max_abs", "1.000000"]
+    assert lines[header + 1].split()[:5] == ["c", "float32", "blk/0", "max_abs", "1"]
     assert "12 more failed checks" in text and "gate FAIL: 1/1" in text
 
 
@@ -220,12 +243,11 @@ def test_junit_groups_and_first_divergence(limits, tmp_path):
     ("[defaults.float32]\natol = 1\n[components.rope.float32.layers]\n'q*' = 2\n",
      "[components.rope.float32].layers.'q*': expected a table"),
     ("[defaults.float32]\natol = 1\n[components.no_such_thing.float32]\natol = 1\n", "unknown component"),
-    ("[defaults.bfloat16]\nbudget_ratio = 2\n", "no [defaults.float32] table"),
 ])
 def test_malformed_thresholds_file_is_a_usage_error(tmp_path, capsys, text, expected):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    assert gate.main(["--component", "rope", "--thresholds", str(path), "--out", str(tmp_path)]) == 2
+    assert cli.main(["gate", "--component", "rope", "--thresholds", str(path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and str(path) in err
 
@@ -234,19 +256,19 @@ def test_malformed_baseline_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "rope-float32.json").write_text(json.dumps({"schema": 1, "component": "rope", "dtype": "float32",
                                                             "seed": 0, "device": "cpu", "config": {},
                                                             "layers": {"helios/cos": {"max_abs": "big"}}}))
-    assert gate.main(["--component", "rope", "--baselines", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert cli.main(["gate", "--component", "rope", "--baselines", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "layers['helios/cos'].max_abs = 'big'" in capsys.readouterr().err
 
 
 def test_require_baselines(tmp_path, capsys):
-    assert gate.main(["--component", "rope", "--baselines", str(tmp_path), "--require-baselines",
+    assert cli.main(["gate", "--component", "rope", "--baselines", str(tmp_path), "--require-baselines",
                       "--out", str(tmp_path)]) == 2
     assert "rope-float32.json does not exist" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
 def test_unknown_component_is_a_usage_error(tmp_path, capsys):
-    assert gate.main(["--component", "nope", "--out", str(tmp_path)]) == 2
+    assert cli.main(["gate", "--component", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown component 'nope'" in capsys.readouterr().err
 
 
@@ -254,7 +276,7 @@ def test_unknown_component_is_a_usage_error(tmp_path, capsys):
 
 def test_committed_rope_baselines_pass(tmp_path, capsys):
     """The committed baselines describe the current code (re-save them if this fails after a deliberate change)."""
-    code = gate.main(["--component", "rope", "--dtype", "all", "--require-baselines", "--out", str(tmp_path)])
+    code = cli.main(["gate", "--component", "rope", "--dtype", "all", "--require-baselines", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "gate PASS: 2/2 component runs pass (26 layers; baselines for 2/2)" in out
@@ -266,7 +288,8 @@ def test_fault_in_rope_fails_gate_and_junit_names_layer(tmp_path, capsys, monkey
     correct = rope.apply_rotary_emb
     monkeypatch.setattr(rope, "apply_rotary_emb", lambda x, cos, sin: correct(x, sin, cos))  # sin/cos swapped
     xml = tmp_path / "junit.xml"
-    assert gate.main(["--component", "rope", "--junit", str(xml), "--out", str(tmp_path)]) == 1
+    assert cli.main(["gate", "--component", "rope", "--dtype", "float32", "--junit", str(xml),
+                     "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "rope       float32  helios/q_rot  max_abs" in out
     assert "FAIL rope float32: first divergence helios/q_rot" in out
@@ -280,7 +303,7 @@ def test_fault_in_rope_fails_gate_and_junit_names_layer(tmp_path, capsys, monkey
 def test_drift_within_tolerance_fails_on_baseline(tmp_path, capsys, monkeypatch):
     correct = rope.apply_rotary_emb
     monkeypatch.setattr(rope, "apply_rotary_emb", lambda x, cos, sin: correct(x, cos, sin) * (1 + 3e-6))
-    assert gate.main(["--component", "rope", "--out", str(tmp_path)]) == 1
+    assert cli.main(["gate", "--component", "rope", "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "helios/q_rot  max_abs" in out and "(2x floor)" in out
     assert "within absolute thresholds" in out
@@ -292,7 +315,7 @@ def test_crash_fails_gate_and_others_still_run(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rope, "apply_rotary_emb", broken)
     xml = tmp_path / "junit.xml"
-    assert gate.main(["--component", "rope", "--dtype", "all", "--junit", str(xml), "--out", str(tmp_path)]) == 1
+    assert cli.main(["gate", "--component", "rope", "--dtype", "all", "--junit", str(xml), "--out", str(tmp_path)]) == 1
     assert "RuntimeError: port exploded" in capsys.readouterr().out
     assert ET.parse(xml).getroot().get("errors") == "2"
 
@@ -302,8 +325,8 @@ class NothingCaptured(Component):
 
     name = "nothing_captured"
 
-    def load_config(self, path=None):
-        return {}
+    def load_config(self, path=None, overrides=None):
+        return ComponentConfig()
 
     def make_inputs(self, config, seed):
         return {"x": np.zeros(2, np.float32)}
@@ -323,24 +346,26 @@ class NothingCaptured(Component):
     def build_mlx(self, config, weights, dtype):
         return None
 
-    def run_mlx(self, model, inputs, dtype, capture):
+    def run_mlx(self, model, inputs, dtype):
         pass
 
 
 def test_component_with_empty_capture_fails_gate(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(registry._registry(), NothingCaptured.name, NothingCaptured())
     xml = tmp_path / "junit.xml"
-    assert gate.main(["--component", "nothing_captured", "--junit", str(xml), "--out", str(tmp_path)]) == 1
+    assert cli.main(["gate", "--component", "nothing_captured", "--junit", str(xml), "--out", str(tmp_path)]) == 1
     assert "nothing compared" in capsys.readouterr().out
     case = next(ET.parse(xml).getroot().iter("testcase"))
     assert case.get("name") == "(none)" and case.find("failure") is not None
 
 
 def test_gate_over_no_components_fails(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "_components", {})
     path = tmp_path / "parity.toml"
-    path.write_text("[defaults.float32]\natol = 1e-5\n")
-    assert gate.main(["--thresholds", str(path), "--out", str(tmp_path)]) == 1
+    path.write_text("[defaults.float32]\natol = 1e-5\n[defaults.bfloat16]\nbudget_ratio = 2\n")
+    monkeypatch.setattr(thresholds, "DEFAULT_PATH", path)  # the harness's own tables name its components
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["gate", "--thresholds", str(path), "--out", str(tmp_path)]) == 1
     assert "gate FAIL: nothing was compared" in capsys.readouterr().out
 
 

@@ -1,13 +1,16 @@
 """The pytest plugin (entry point ``parity``), exercised in inner pytest sessions via pytester."""
 import mlx.core  # noqa: F401
 import pytest
+import torch  # noqa: F401
 
-from parity import component as registry
+import reference_runners.rope  # noqa: F401
+from parity import registry
 from parity import runner  # noqa: F401
 
 pytest_plugins = ["pytester"]
 # Import every module the inner sessions use up front: pytester's in-process runs forget modules
-# first imported inside them, and a native extension (mlx) cannot be initialised twice.
+# first imported inside them, and a native extension (mlx, torch) cannot be initialised twice --
+# without this, running this file alone fails where running it after another file passes.
 registry.available()
 
 PASSING = """
@@ -39,7 +42,7 @@ def test_passing_run_writes_reports_where_asked(pytester, tmp_path):
     junit = tmp_path / "junit.xml"
     result = pytester.runpytest(f"--parity-report-dir={reports}", f"--junitxml={junit}")
     result.assert_outcomes(passed=1)
-    assert list(reports.glob("*/rope-float32/report.json"))
+    assert list(reports.glob("*/rope[[]num_frames=2[]]-float32/report.json"))  # named by its overrides
     assert 'name="parity_report"' in junit.read_text()  # the report folder, in the suite's own JUnit
     result.stdout.fnmatch_lines(["parity: dtype float32; components all; reports *", "*1 parity run(s), 0 not PASS*"])
 
@@ -51,7 +54,7 @@ def test_failing_run_names_first_diverging_layer(pytester):
     result.stdout.fnmatch_lines([
         "E * parity FAIL: rope float32, 4/13 layers fail",
         "E * first diverging layer: helios/q_rot",
-        "E * max abs * > *; cosine * < 0.99999",
+        "E * max abs * > *; cosine * < 0.99999 (1 - cos = *)",
         "E * worst layer: helios/k_rot  cosine *",
         "E * failing layers: helios/q_rot, helios/k_rot, wan/q_rot, wan/k_rot",
         "E * report: *rope-float32",

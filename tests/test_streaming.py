@@ -7,9 +7,11 @@ import pytest
 
 from parity import metrics
 from parity.components.rope import RopeComponent
+from parity.capture_mlx import record_taps
 from parity.metrics import tensor_metrics
 from parity.runner import run_component
-from parity.streaming import StreamCapture, sample_indices, take_sample, tensor_stats
+from parity.stats import sample_indices, take_sample, tensor_stats
+from parity.streaming import StreamCapture
 
 
 class _Scaling:
@@ -26,8 +28,8 @@ class _FaultyRope(RopeComponent):
     def __init__(self, layer, scale):
         self.layer, self.scale = layer, scale
 
-    def run_mlx(self, model, inputs, dtype, capture):
-        super().run_mlx(model, inputs, dtype, _Scaling(capture, self.layer, self.scale))
+    def mlx_capture(self, model, capture):
+        return record_taps(_Scaling(capture, self.layer, self.scale))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

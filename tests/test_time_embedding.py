@@ -114,8 +114,9 @@ def test_fault_time_embedder_not_kept_in_float32(monkeypatch):
 
 
 def test_capture_does_not_change_results():
-    from parity.capture import Capture, capture_mlx
-    from parity.component import get
+    from parity.capture import Capture
+    from parity.capture_mlx import record_taps
+    from parity.registry import get
 
     component = get("time_embedding")
     config = component.load_config()
@@ -123,14 +124,14 @@ def test_capture_does_not_change_results():
     model = component.build_mlx(config, component.reference_weights(reference), "float32")
     timesteps = mx.array([999.0, 0.0])
     plain = model.embed_time(timesteps, mx.float32)[1]
-    with capture_mlx(Capture("mlx")):
+    with record_taps(Capture("mlx")):
         recorded = model.embed_time(timesteps, mx.float32)[1]
     assert mx.array_equal(plain, recorded).item()
 
 
 def test_real_diffusers_checkpoint_and_config(tmp_path):
     """`--weights/--config` load a diffusers save_pretrained folder through the strict loader."""
-    from parity.component import get
+    from parity.registry import get
 
     component = get("time_embedding")
     component.build_reference(component.load_config(), seed=7).save_pretrained(tmp_path)
@@ -142,7 +143,7 @@ def test_real_diffusers_checkpoint_and_config(tmp_path):
 def test_checkpoint_missing_a_key_fails_loudly(tmp_path):
     from safetensors.torch import save_file
 
-    from parity.component import get
+    from parity.registry import get
     from parity.weights import WeightLoadError
 
     component = get("time_embedding")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlx_impl import vae
-from parity.component import get
+from parity.registry import get
 from parity.runner import run_component
 from parity.weights import WeightLoadError
 
@@ -60,14 +60,15 @@ def test_one_shot_encoding_equals_the_chunked_reference():
 
 
 def test_capture_does_not_change_results():
-    from parity.capture import Capture, capture_mlx
+    from parity.capture import Capture
+    from parity.capture_mlx import record_taps
 
     component = get("vae")
     config = component.load_config()
     model = component.build_mlx(config, component.reference_weights(component.build_reference(config, 0)), "float32")
     video = mx.array(component.make_inputs(config, 0)["video"].transpose(0, 2, 3, 4, 1))
     plain = model.encode(video)
-    with capture_mlx(Capture("mlx")):
+    with record_taps(Capture("mlx")):
         recorded = model.encode(video)
     assert mx.array_equal(plain, recorded).item()
 
@@ -175,12 +176,12 @@ def test_frame_count_not_one_plus_four_k_is_an_error():
     import torch
 
     component = get("vae")
-    config = {**component.load_config(), "frames": 7}
+    config = component.load_config()
     reference = component.build_reference(config, seed=0)
-    video = torch.from_numpy(component.make_inputs(config, seed=0)["video"])
+    video = torch.from_numpy(component.make_inputs(config.model_copy(update={"frames": 7}), seed=0)["video"])
     with torch.no_grad():
         assert torch.equal(reference.encode(video).latent_dist.mode(), reference.encode(video[:, :, :5]).latent_dist.mode())
-    with pytest.raises(ValueError, match=r"expected 1 \+ 4k frames \(1, 5, 9, 13, \.\.\.\), got 7; .* drop the last 2"):
+    with pytest.raises(ValueError, match=r"config key 'frames': expected 1 \+ 4k frames \(1, 5, 9, 13, \.\.\.\), got 7; .* drop the last 2"):
         run_component("vae", "float32", out_dir=None, overrides={"frames": 7})
 
 

@@ -20,19 +20,22 @@ fixtures/configs/block_mixed.json``) is the mixed-precision run, with ``stream_s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
+from pydantic import Field
 
 from fixtures.inputs import normal
 from mlx_impl import block as mlx_block
 from mlx_impl import rope as mlx_rope
+from mlx_impl.taps import muted
 from parity import drift
-from parity.capture import Capture, capture_mlx
+from parity.capture import Capture
 from parity.component import Component, RunContext, Section
-from parity.weights import read_config, strict_load
+from parity.components._diffusers import HeliosTransformerConfig
+from parity.config import ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt
+from parity.weights import strict_load
 
 
 def bf16_exact(x: np.ndarray) -> np.ndarray:
@@ -49,50 +52,48 @@ class MlxBlock:
     """Our block and the config its inputs are laid out by."""
 
     block: Any
-    config: dict[str, Any]
+    config: Any
 
 
-#: Values of the config key ``stream`` (see the module docstring).
-STREAMS = ("model", "float32")
+class GridConfig(ComponentConfig):
+    """The token grid a DiT block runs on, the drift run, and the precision mode."""
+
+    batch: PositiveInt = 1
+    frames: PositiveInt
+    height: PositiveInt
+    width: PositiveInt
+    text_len: PositiveInt
+    temb_scale: PositiveFloat = 1.0
+    drift_steps: PositiveInt = 12
+    hf_cutoff: float = Field(0.5, strict=True, ge=0, lt=1.414)
+    #: How a bfloat16 run is computed (see the module docstring).
+    stream: Literal["model", "float32"] = "model"
+    stream_scale: PositiveFloat = 1.0
+
+
+class BlockConfig(GridConfig):
+    transformer: HeliosTransformerConfig
+    history_frames: NonNegativeInt = 1
 
 
 class BlockComponent(Component):
     name = "block"
     description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
+    config_model = BlockConfig
+    diffusers_config_key = "transformer"
     reference_submodule = "block"
     weights_prefix = "blocks.0."
-    keep_fp32_modules = mlx_block.KEEP_FLOAT32
+    keep_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
+    #: Mixed precision (``stream: float32``): under autocast only the Linear layers compute in bf16.
+    autocast_fp32 = (*keep_fp32, "norm_q", "norm_k")
 
     # --- configuration and inputs -------------------------------------------------------------
-    def load_config(self, path: str | Path | None = None) -> dict[str, Any]:
-        """The tiny default; a diffusers transformer ``config.json`` replaces its ``transformer`` part."""
-        if path and Path(path).suffix == ".json" and "transformer" in read_config(path):
-            config = super().load_config(path)  # one of ours (e.g. fixtures/configs/block_14b.json)
-        else:
-            config = super().load_config()
-            if path:
-                config["transformer"] = {**config["transformer"],
-                                         **{k: v for k, v in read_config(path).items() if not k.startswith("_")}}
-        self.check_config(config["transformer"])
-        return config
-
-    def check_config(self, transformer: dict[str, Any]) -> None:
-        if transformer["qk_norm"] != "rms_norm_across_heads":
-            raise ValueError(f"{self.name}: qk_norm must be 'rms_norm_across_heads' (the only kind the block has), "
-                             f"got {transformer['qk_norm']!r}")
-        if transformer["added_kv_proj_dim"] is not None:
-            raise ValueError(f"{self.name}: added_kv_proj_dim (image cross-attention) is not ported; expected null, "
-                             f"got {transformer['added_kv_proj_dim']!r}")
-
-    def stream_dtype(self, config: dict[str, Any], dtype: str) -> str:
+    def stream_dtype(self, config: BlockConfig, dtype: str) -> str:
         """The dtype of the residual stream, inputs, norms and modulation in a ``dtype`` run.
 
         float32 for a bf16 run with ``"stream": "float32"`` (mixed precision), else ``dtype``.
         """
-        stream = config.get("stream", "model")
-        if stream not in STREAMS:
-            raise ValueError(f"{self.name}: stream must be one of {STREAMS}, got {stream!r}")
-        return "float32" if stream == "float32" and dtype == "bfloat16" else dtype
+        return "float32" if config.stream == "float32" and dtype == "bfloat16" else dtype
 
     def stream_grid(self, config: dict[str, Any], seed: int, stream: str, shape: tuple[int, ...]) -> np.ndarray:
         """A residual-stream input: a structured token grid times ``stream_scale``, bf16-exact.
@@ -104,32 +105,32 @@ class BlockComponent(Component):
         than the update's own bf16 error. block_mixed.json uses 4; at 1 the bf16-rounded stream
         costs only 1.6-1.75x the reference's error at residual1 and is not separable from it.
         """
-        return bf16_exact(config.get("stream_scale", 1.0) * drift.structured_grid(seed, stream, shape))
+        return bf16_exact(config.stream_scale * drift.structured_grid(seed, stream, shape))
 
-    def dim(self, config: dict[str, Any]) -> int:
-        return config["transformer"]["num_attention_heads"] * config["transformer"]["attention_head_dim"]
+    def dim(self, config: Any) -> int:
+        return config.transformer.num_attention_heads * config.transformer.attention_head_dim
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         """Token grids with smooth and near-Nyquist content, text tokens, timestep projections; all bf16-exact."""
-        dim, batch = self.dim(config), config["batch"]
-        grid = (config["height"], config["width"], dim)
-        history = config["history_frames"]
-        frames = np.arange(history, history + config["frames"], dtype=np.int64)
+        dim, batch = self.dim(config), config.batch
+        grid = (config.height, config.width, dim)
+        history = config.history_frames
+        frames = np.arange(history, history + config.frames, dtype=np.int64)
         return {
-            "hidden": self.stream_grid(config, seed, "block/hidden", (batch, config["frames"], *grid)),
+            "hidden": self.stream_grid(config, seed, "block/hidden", (batch, config.frames, *grid)),
             "history": self.stream_grid(config, seed, "block/history", (batch, history, *grid)),
-            "frame_indices": np.broadcast_to(frames, (batch, config["frames"])).copy(),
+            "frame_indices": np.broadcast_to(frames, (batch, config.frames)).copy(),
             "history_indices": np.broadcast_to(np.arange(history, dtype=np.int64), (batch, history)).copy(),
-            "text": bf16_exact(normal(seed, "block/text", (batch, config["text_len"], dim))),
-            "timestep_proj": bf16_exact(normal(seed, "block/timestep_proj", (batch, 6 * dim), config["temb_scale"])),
-            "timestep_proj_t0": bf16_exact(normal(seed, "block/timestep_proj_t0", (1, 6 * dim), config["temb_scale"])),
+            "text": bf16_exact(normal(seed, "block/text", (batch, config.text_len, dim))),
+            "timestep_proj": bf16_exact(normal(seed, "block/timestep_proj", (batch, 6 * dim), config.temb_scale)),
+            "timestep_proj_t0": bf16_exact(normal(seed, "block/timestep_proj_t0", (1, 6 * dim), config.temb_scale)),
         }
 
     # --- reference --------------------------------------------------------------------------------
     def build_reference(self, config: dict[str, Any], seed: int) -> Any:
         from reference_runners import block as reference
 
-        return reference.Reference(reference.build_helios(config["transformer"], seed), config)
+        return reference.Reference(reference.build_helios(config.transformer, seed), config)
 
     def cast_reference(self, reference: Any, dtype: str) -> Any:
         """The block in ``dtype``; in mixed precision, float32 and run under autocast to ``dtype``."""
@@ -153,28 +154,28 @@ class BlockComponent(Component):
         ref_runner.run_helios(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture)
 
     # --- MLX -----------------------------------------------------------------------------------
-    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
-        t = config["transformer"]
+    def build_mlx(self, config: BlockConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
+        t = config.transformer
         block = mlx_block.HeliosTransformerBlock(
-            self.dim(config), t["ffn_dim"], t["num_attention_heads"], t["cross_attn_norm"], t["eps"],
-            guidance_cross_attn=t["guidance_cross_attn"], is_amplify_history=t["is_amplify_history"],
-            history_scale_mode=t["history_scale_mode"])
+            self.dim(config), t.ffn_dim, t.num_attention_heads, t.cross_attn_norm, t.eps,
+            guidance_cross_attn=t.guidance_cross_attn, is_amplify_history=t.is_amplify_history,
+            history_scale_mode=t.history_scale_mode)
         return self.load_mlx(block, config, weights, dtype)
 
-    def load_mlx(self, block: Any, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> MlxBlock:
+    def load_mlx(self, block: Any, config: Any, weights: dict[str, np.ndarray], dtype: str) -> MlxBlock:
         """Strict-load ``block`` in ``dtype``; in mixed precision only its Linear layers are cast."""
         mixed = self.stream_dtype(config, dtype) != dtype
         strict_load(block, weights, convert=mlx_block.convert_key, dtype=getattr(mx, dtype),
-                    keep_float32=mlx_block.KEEP_FLOAT32_MIXED if mixed else mlx_block.KEEP_FLOAT32)
+                    keep_float32=self.autocast_fp32 if mixed else self.keep_fp32)
         return MlxBlock(block, config)
 
     def mlx_inputs(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
         """The block's arguments: history then main tokens, per-token timestep projections, RoPE cos/sin."""
-        t, mx_dtype = model.config["transformer"], getattr(mx, self.stream_dtype(model.config, dtype))
+        t, mx_dtype = model.config.transformer, getattr(mx, self.stream_dtype(model.config, dtype))
         batch, _, height, width, dim = inputs["hidden"].shape
         history_len, main_len = (int(np.prod(inputs[k].shape[1:4])) for k in ("history", "hidden"))
         cos, sin = (mx.concatenate(parts, axis=1) for parts in zip(*[
-            mlx_rope.helios_rotary_emb(mx.array(inputs[k]), height, width, t["rope_dim"], t["rope_theta"])
+            mlx_rope.helios_rotary_emb(mx.array(inputs[k]), height, width, t.rope_dim, t.rope_theta)
             for k in ("history_indices", "frame_indices")]))
         tokens = [mx.array(inputs[k]).reshape(batch, -1, dim) for k in ("history", "hidden")]
         temb = mlx_block.helios_timestep_proj(mx.array(inputs["timestep_proj"]).astype(mx_dtype),
@@ -182,36 +183,38 @@ class BlockComponent(Component):
         return {"x": mx.concatenate(tokens, axis=1).astype(mx_dtype), "context": mx.array(inputs["text"]).astype(mx_dtype),
                 "temb": temb, "rope": (cos, sin), "history_len": history_len}
 
-    def run_mlx(self, model: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        args = self.mlx_inputs(model, inputs, dtype)  # outside the capture: RoPE tables are the rope component's
-        with capture_mlx(capture):
-            mx.eval(model.block(**args))
+    def run_mlx(self, model: Any, inputs: dict, dtype: str) -> None:
+        with muted():  # the RoPE tables are the rope component's
+            args = self.mlx_inputs(model, inputs, dtype)
+        mx.eval(model.block(**args))
 
     # --- drift ---------------------------------------------------------------------------------
-    def main_grid(self, config: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
+    def main_grid(self, config: Any, tokens: np.ndarray) -> np.ndarray:
         """The main (non-history) tokens of ``(batch, tokens, dim)`` as a ``(batch, frames, height, width, dim)`` grid."""
-        main = config["frames"] * config["height"] * config["width"]
-        return tokens[:, -main:].reshape(tokens.shape[0], config["frames"], config["height"], config["width"], -1)
+        main = config.frames * config.height * config.width
+        return tokens[:, -main:].reshape(tokens.shape[0], config.frames, config.height, config.width, -1)
 
     def mlx_recurrent(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str, steps: int) -> list[np.ndarray]:
-        args = self.mlx_inputs(model, inputs, dtype)
+        with muted():
+            args = self.mlx_inputs(model, inputs, dtype)
         outputs = []
         for _ in range(steps):
             args["x"] = model.block(**args)
             outputs.append(np.array(args["x"].astype(mx.float32)))
         return outputs
 
-    def sections(self, run: RunContext) -> list[Section]:
+    def extra_runs(self, run: RunContext) -> list[Section]:
+        """Drift: the block applied recurrently on both sides and in float64 (needs the models)."""
         from reference_runners import block as ref_runner
 
-        steps, cutoff = run.config["drift_steps"], run.config["hf_cutoff"]
+        steps, cutoff = run.config.drift_steps, run.config.hf_cutoff
         sides = {}
         for side, dtype in (("truth", "float64"), ("ref", run.dtype)):
             reference = self.cast_reference(run.reference, dtype)
             sides[side] = ref_runner.run_recurrent(reference, self.reference_inputs(reference, run.inputs, dtype), steps)
         mlx = self.mlx_recurrent(run.mlx_model, run.inputs, run.dtype, steps)
         series = drift.drift_series(sides["truth"], sides["ref"], mlx, lambda x: self.main_grid(run.config, x), cutoff)
-        tolerance = run.thresholds.for_component(self.name, run.dtype) if run.thresholds else None
+        tolerance = run.thresholds.for_component(self.lineage(), run.dtype) if run.thresholds else None
         bound = tolerance.drift_ratio if tolerance else None
         level = tolerance.budget_ratio if tolerance else None
         failing = None if bound is None else drift.first_failing_step(series, bound, level)

@@ -5,32 +5,54 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from pydantic import model_validator
 
 from fixtures.inputs import normal
 from mlx_impl import rope
 from mlx_impl.taps import tap, tap_scope
-from parity.capture import Capture
 from parity.component import Component
+from parity.config import ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt, Triple
+from parity.weights import WeightLoadError
+
+
+class RopeConfig(ComponentConfig):
+    rope_dim: Triple
+    heads: PositiveInt
+    theta: PositiveFloat
+    batch: PositiveInt
+    frame_start: NonNegativeInt
+    num_frames: PositiveInt
+    height: PositiveInt
+    width: PositiveInt
+    wan_patch_size: Triple
+    wan_max_seq_len: PositiveInt
+
+    @model_validator(mode="after")
+    def _fits_wan_table(self) -> "RopeConfig":
+        longest = max(self.num_frames, self.height, self.width)
+        if longest > self.wan_max_seq_len:
+            raise ValueError(f"a grid axis of {longest} positions does not fit Wan's table of wan_max_seq_len = "
+                             f"{self.wan_max_seq_len} positions")
+        return self
 
 
 class RopeComponent(Component):
     name = "rope"
     description = "Helios HeliosRotaryPosEmbed and Wan WanRotaryPosEmbed: frequencies, cos/sin, rotated q/k"
+    config_model = RopeConfig
     reference_runner = "rope"
 
-    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
-        tokens = config["num_frames"] * config["height"] * config["width"]
-        head_dim = sum(config["rope_dim"])
-        shape = (config["batch"], tokens, config["heads"], head_dim)
-        start = config["frame_start"]
-        frames = np.arange(start, start + config["num_frames"], dtype=np.int64)
+    def make_inputs(self, config: RopeConfig, seed: int) -> dict[str, np.ndarray]:
+        tokens = config.num_frames * config.height * config.width
+        shape = (config.batch, tokens, config.heads, sum(config.rope_dim))
+        frames = np.arange(config.frame_start, config.frame_start + config.num_frames, dtype=np.int64)
         return {
-            "frame_indices": np.broadcast_to(frames, (config["batch"], config["num_frames"])).copy(),
+            "frame_indices": np.broadcast_to(frames, (config.batch, config.num_frames)).copy(),
             **{f"{model}_{name}": normal(seed, f"rope/{model}_{name}", shape)
                for model in ("helios", "wan") for name in ("q", "k")},
         }
 
-    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+    def build_reference(self, config: RopeConfig, seed: int) -> Any:
         from reference_runners import rope as reference
 
         return reference.build(config)
@@ -43,27 +65,23 @@ class RopeComponent(Component):
         # only q/k take the run's dtype (see run_reference).
         return reference_modules
 
-    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
+    def build_mlx(self, config: RopeConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
         if weights:
-            raise KeyError(f"rope has no weights, got unused keys {sorted(weights)}")
+            raise WeightLoadError(f"rope has no weights, got unused keys {sorted(weights)}")
         return config
 
-    def run_mlx(self, config: Any, inputs: dict, dtype: str, capture: Capture) -> None:
-        from parity.capture import capture_mlx
-
+    def run_mlx(self, config: RopeConfig, inputs: dict, dtype: str) -> None:
         mx_dtype = getattr(mx, dtype)
-        with capture_mlx(capture):
-            with tap_scope("helios"):
-                cos, sin = rope.helios_rotary_emb(mx.array(inputs["frame_indices"]), config["height"], config["width"],
-                                                  config["rope_dim"], config["theta"])
-                for name in ("q", "k"):
-                    tap(f"{name}_rot", rope.apply_rotary_emb(mx.array(inputs[f"helios_{name}"]).astype(mx_dtype), cos, sin))
-            with tap_scope("wan"):
-                head_dim = sum(config["rope_dim"])
-                tables = rope.wan_rope_tables(head_dim, config["wan_max_seq_len"], config["theta"])
-                cos, sin = rope.wan_rotary_emb(tables, config["num_frames"], config["height"], config["width"])
-                for name in ("q", "k"):
-                    tap(f"{name}_rot", rope.apply_rotary_emb(mx.array(inputs[f"wan_{name}"]).astype(mx_dtype), cos, sin))
+        with tap_scope("helios"):
+            cos, sin = rope.helios_rotary_emb(mx.array(inputs["frame_indices"]), config.height, config.width,
+                                              config.rope_dim, config.theta)
+            for name in ("q", "k"):
+                tap(f"{name}_rot", rope.apply_rotary_emb(mx.array(inputs[f"helios_{name}"]).astype(mx_dtype), cos, sin))
+        with tap_scope("wan"):
+            tables = rope.wan_rope_tables(sum(config.rope_dim), config.wan_max_seq_len, config.theta)
+            cos, sin = rope.wan_rotary_emb(tables, config.num_frames, config.height, config.width)
+            for name in ("q", "k"):
+                tap(f"{name}_rot", rope.apply_rotary_emb(mx.array(inputs[f"wan_{name}"]).astype(mx_dtype), cos, sin))
 
 
 COMPONENT = RopeComponent()

@@ -21,12 +21,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from pydantic import Field, model_validator
 
 from fixtures.inputs import normal
 from mlx_impl import scheduler as sched
 from mlx_impl.taps import tap
-from parity.capture import Capture, capture_mlx
 from parity.component import Component, RunContext, Section
+from parity.components._diffusers import HeliosDMDSchedulerConfig
+from parity.config import Bool, ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt, Triple
 from parity.metrics import rmse_and_rms, tensor_metrics
 from parity.weights import load_torch_strict, strict_load
 
@@ -50,18 +52,45 @@ class StandInDenoiser(nn.Module):
         return mx.tanh(self.proj(latents) + t * self.time)
 
 
+class SchedulerConfig(ComponentConfig):
+    scheduler: HeliosDMDSchedulerConfig
+    steps: list[NonNegativeInt] = Field(min_length=1)
+    is_amplify_first_chunk: Bool = False
+    batch: PositiveInt = 1
+    channels: PositiveInt
+    frames: PositiveInt
+    height: PositiveInt
+    width: PositiveInt
+    patch_size: Triple = (1, 2, 2)
+    mu_grid: list[PositiveFloat]
+    t_grid_points: int = Field(strict=True, ge=2)
+
+    @model_validator(mode="after")
+    def _pyramid(self) -> "SchedulerConfig":
+        stages = self.scheduler.stages
+        if len(self.steps) != stages:
+            raise ValueError(f"steps {self.steps}: expected one step count per stage ({stages} stages)")
+        factor = 2 ** (stages - 1)
+        _, ph, pw = self.patch_size
+        if self.height % (factor * ph) or self.width % (factor * pw):
+            raise ValueError(f"latent size {self.height}x{self.width}: expected multiples of {factor * ph}x"
+                             f"{factor * pw} for {stages} stages with patch {tuple(self.patch_size)}")
+        return self
+
+
 @dataclass
 class Sampler:
     """Our side: the MLX scheduler, the stand-in denoiser and the pipeline's sampling settings."""
 
     scheduler: sched.HeliosDMDScheduler
     denoiser: StandInDenoiser
-    config: dict[str, Any]
+    config: SchedulerConfig
 
 
 class SchedulerComponent(Component):
     name = "scheduler"
     description = "HeliosDMDScheduler: per-stage schedules, dynamic time shift, DMD steps and pyramid stage transitions"
+    config_model = SchedulerConfig
     reference_runner = "scheduler"
     diffusers_config_key = "scheduler"
     diffusers_config_file = "scheduler_config.json"
@@ -69,24 +98,24 @@ class SchedulerComponent(Component):
     weights_prefix = PREFIX
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
-        b, c, f = config["batch"], config["channels"], config["frames"]
-        _, ph, pw = config["patch_size"]
-        num_stages = len(config["steps"])
+        b, c, f = config.batch, config.channels, config.frames
+        _, ph, pw = config.patch_size
+        num_stages = len(config.steps)
         inputs = {
-            "latents": normal(seed, "scheduler/latents", (b, c, f, config["height"], config["width"])),
-            "mu_grid": np.asarray(config["mu_grid"], dtype=np.float64),
-            "t_grid": np.linspace(0.0, 1.0, config["t_grid_points"]),
+            "latents": normal(seed, "scheduler/latents", (b, c, f, config.height, config.width)),
+            "mu_grid": np.asarray(config.mu_grid, dtype=np.float64),
+            "t_grid": np.linspace(0.0, 1.0, config.t_grid_points),
         }
         for s in range(1, num_stages):
             scale = 2 ** (num_stages - 1 - s)  # stage s runs at 1/scale of the full resolution
-            blocks = b * c * f * (config["height"] // scale // ph) * (config["width"] // scale // pw)
+            blocks = b * c * f * (config.height // scale // ph) * (config.width // scale // pw)
             inputs[f"block_noise/stage{s}"] = normal(seed, f"scheduler/block_noise/stage{s}", (blocks, ph * pw))
         return inputs
 
     def build_reference(self, config: dict[str, Any], seed: int) -> Any:
         from reference_runners.scheduler import Reference
 
-        c = config["channels"]
+        c = config.channels
         reference = Reference(config)
         load_torch_strict(reference.denoiser, {
             "proj.weight": normal(seed, "scheduler/denoiser/proj.weight", (c, c), scale=1 / math.sqrt(c)),
@@ -96,30 +125,29 @@ class SchedulerComponent(Component):
         return reference
 
     def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
-        denoiser = StandInDenoiser(config["channels"])
+        denoiser = StandInDenoiser(config.channels)
         strict_load(denoiser, weights, dtype=getattr(mx, dtype))
-        return Sampler(sched.HeliosDMDScheduler(**config["scheduler"]), denoiser, config)
+        return Sampler(sched.HeliosDMDScheduler(**config.scheduler.to_dict()), denoiser, config)
 
-    def run_mlx(self, model: Sampler, inputs: dict, dtype: str, capture: Capture) -> None:
+    def run_mlx(self, model: Sampler, inputs: dict, dtype: str) -> None:
         scheduler, config = model.scheduler, model.config
         construction = {
             "sigmas": scheduler.train_sigmas,
             **{name: np.array(getattr(scheduler, name)) for name in CONSTRUCTION[1:]},
         }
-        num_stages = len(config["steps"])
-        with capture_mlx(capture):
-            for name in CONSTRUCTION:
-                tap(f"construction/{name}", construction[name])
-            for kind in sched.TIME_SHIFT_TYPES:
-                tap(f"time_shift/{kind}", np.stack([sched.time_shift(float(mu), 1.0, inputs["t_grid"], kind)
-                                                    for mu in inputs["mu_grid"]]))
-            sched.pyramid_sample(
-                scheduler, mx.array(inputs["latents"].transpose(0, 2, 3, 4, 1)), model.denoiser, config["steps"],
-                [inputs[f"block_noise/stage{s}"] for s in range(1, num_stages)], config["patch_size"],
-                getattr(mx, dtype), config["is_amplify_first_chunk"],
-            )
+        num_stages = len(config.steps)
+        for name in CONSTRUCTION:
+            tap(f"construction/{name}", construction[name])
+        for kind in sched.TIME_SHIFT_TYPES:
+            tap(f"time_shift/{kind}", np.stack([sched.time_shift(float(mu), 1.0, inputs["t_grid"], kind)
+                                                for mu in inputs["mu_grid"]]))
+        sched.pyramid_sample(
+            scheduler, mx.array(inputs["latents"].transpose(0, 2, 3, 4, 1)), model.denoiser, config.steps,
+            [inputs[f"block_noise/stage{s}"] for s in range(1, num_stages)], config.patch_size,
+            getattr(mx, dtype), config.is_amplify_first_chunk,
+        )
 
-    def sections(self, run: RunContext) -> list[Section]:
+    def views(self, run: RunContext) -> list[Section]:
         """The trajectory's drift: error per stage transition and step (information only)."""
         labels = [name for name in run.ref.order if TRAJECTORY.fullmatch(name)]
         series: dict[str, list[float]] = {"max abs (MLX vs ref)": [], "rmse (MLX vs ref)": []}

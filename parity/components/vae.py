@@ -1,21 +1,42 @@
 """Wan2.1 VAE encoder: chunked causal encoding, compared per block and per chunk, plus boundary-artifact metrics."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import numpy as np
+from pydantic import field_validator
 
-from fixtures.videos import video
+from fixtures.videos import KINDS, video
 from parity import artifacts
-from parity.capture import Capture, capture_mlx
+from parity.capture import Capture
 from parity.component import Component, RunContext, Section
+from parity.components._diffusers import WanVaeConfig
+from parity.config import ComponentConfig, PositiveInt
 from parity.weights import strict_load
 
 #: Keys of a full AutoencoderKLWan checkpoint that belong to the decoder, deliberately left out
 #: (the encoder loads ``encoder.*`` and ``quant_conv.*``; any other key stays, to be reported unused).
 DECODER_KEYS = ("decoder.", "post_quant_conv.")
 ENCODINGS = ("chunked", "one_shot")
+
+
+class VaeConfig(ComponentConfig):
+    vae: WanVaeConfig
+    kind: Literal[KINDS]
+    frames: PositiveInt
+    height: PositiveInt
+    width: PositiveInt
+    batch: PositiveInt = 1
+    mlx_encoding: Literal[ENCODINGS] = "chunked"
+
+    @field_validator("frames")
+    @classmethod
+    def _chunkable(cls, frames: int) -> int:
+        if (frames - 1) % 4:
+            raise ValueError(f"expected 1 + 4k frames (1, 5, 9, 13, ...), got {frames}; diffusers' _encode would "
+                             f"silently drop the last {(frames - 1) % 4}")
+        return frames
 #: Spatial period of the VAE's patches: 8 px in pixel space, 1 latent px (Nyquist: checkerboard period 2) in latent space.
 PIXEL_PERIOD, LATENT_PERIOD = 8, 2
 
@@ -28,38 +49,35 @@ def encoder_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class VaeComponent(Component):
     name = "vae"
     description = "AutoencoderKLWan (Wan2.1) encoder: chunked causal encode with feature cache, quant_conv, normalised latents"
+    config_model = VaeConfig
     reference_runner = "vae"
     diffusers_config_key = "vae"
 
-    def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
-        channels = config["vae"].get("in_channels", 3)
-        return {"video": video(config["kind"], config["frames"], config["height"], config["width"],
-                               config["batch"], channels, seed)}
+    def make_inputs(self, config: VaeConfig, seed: int) -> dict[str, np.ndarray]:
+        return {"video": video(config.kind, config.frames, config.height, config.width, config.batch,
+                               config.vae.in_channels, seed)}
 
-    def build_reference(self, config: dict[str, Any], seed: int) -> Any:
+    def build_reference(self, config: VaeConfig, seed: int) -> Any:
         from reference_runners import vae as reference
 
-        return reference.build(config["vae"], seed)
+        return reference.build(config.vae.to_dict(), seed)
 
-    def build_mlx(self, config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str) -> Any:
+    def build_mlx(self, config: VaeConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
         from mlx_impl.vae import WanVAEEncoder, convert
 
-        if config["mlx_encoding"] not in ENCODINGS:
-            raise ValueError(f"mlx_encoding: expected one of {ENCODINGS}, got {config['mlx_encoding']!r}")
-        model = WanVAEEncoder.from_config(config["vae"], chunked=config["mlx_encoding"] == "chunked")
+        model = WanVAEEncoder.from_config(config.vae.to_dict(), chunked=config.mlx_encoding == "chunked")
         strict_load(model, encoder_weights(weights), convert=convert, dtype=getattr(mx, dtype))
         return model
 
-    def run_mlx(self, model: Any, inputs: dict, dtype: str, capture: Capture) -> None:
+    def run_mlx(self, model: Any, inputs: dict, dtype: str) -> None:
         video_cl = mx.array(np.ascontiguousarray(inputs["video"].transpose(0, 2, 3, 4, 1))).astype(getattr(mx, dtype))
-        with capture_mlx(capture):
-            mx.eval(model.encode(video_cl))
+        mx.eval(model.encode(video_cl))
 
-    def sections(self, run: RunContext) -> list[Section]:
+    def views(self, run: RunContext) -> list[Section]:
         """Boundary-artifact views: where (block x chunk) and when (latent frame) the error sits, seam jumps,
         patch-period patterns, per-frame statistics. Information only: the layer verdicts localise faults."""
         blocks = [name.removeprefix("chunk0/") for name in run.ref.order if name.startswith("chunk0/")]
-        chunks = 1 + (run.config["frames"] - 1) // 4
+        chunks = 1 + (run.config.frames - 1) // 4
         return [s for s in (
             _block_chunk_heatmap(run, blocks, chunks),
             _latent_frame_heatmap(run),

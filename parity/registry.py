@@ -1,0 +1,157 @@
+"""Where components come from: this package, installed packages, and the user's own files.
+
+1. ``parity/components/*.py``: each module defines ``COMPONENT`` (or a list ``COMPONENTS``);
+2. the entry-point group ``parity.components`` of any installed package (an entry point names
+   a module, a component instance or a list of them);
+3. ``--component-module path/to/file.py`` on any command, the pytest plugin option of the same
+   name, or ``PARITY_COMPONENT_MODULES`` (paths separated by ``os.pathsep``): a file defining
+   ``COMPONENT`` / ``COMPONENTS``, loaded as a module (its folder goes on ``sys.path``, so it
+   can import its neighbours).
+
+Two components with one name is an error naming both sources. Component modules must not import
+PyTorch at import time (``parity compare`` against a bundle runs without it).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from parity.component import Component
+from parity.vocab import InputError
+
+ENTRY_POINT_GROUP = "parity.components"
+ENV_MODULES = "PARITY_COMPONENT_MODULES"
+
+
+class UnknownComponentError(InputError):
+    def __str__(self) -> str:
+        return f"unknown component {self.args[0]!r}; available: {', '.join(available())}"
+
+
+_components: dict[str, Component] | None = None
+_sources: dict[str, str] = {}
+_files: list[Path] = []
+
+
+def _found_in(obj: Any) -> list[Component]:
+    """The components a module, an instance or a list of instances provides."""
+    if isinstance(obj, Component):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [c for item in obj for c in _found_in(item)]
+    if isinstance(obj, ModuleType):
+        return _found_in(getattr(obj, "COMPONENT", None)) + _found_in(getattr(obj, "COMPONENTS", None) or [])
+    return []
+
+
+def _add(registry: dict[str, Component], component: Component, source: str) -> None:
+    if not component.name:
+        raise InputError(f"{source}: component {type(component).__name__} has no name")
+    if component.name in registry and registry[component.name] is not component:
+        raise InputError(f"component {component.name!r} is defined twice: in {_sources[component.name]} and in {source}")
+    registry[component.name] = component
+    _sources[component.name] = source
+
+
+def load_file(path: str | Path) -> list[Component]:
+    """Import a component file (``--component-module``) and return what it defines."""
+    path = Path(path).resolve()
+    if not path.is_file() or path.suffix != ".py":
+        raise InputError(f"--component-module {path}: expected an existing .py file")
+    name = f"parity_user_components.{path.stem}_{abs(hash(str(path))) % 10**8}"
+    if name in sys.modules:
+        return _found_in(sys.modules[name])
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's file: name it
+        sys.modules.pop(name, None)
+        raise InputError(f"--component-module {path}: importing it failed: {type(err).__name__}: {err}") from err
+    found = _found_in(module)
+    if not found:
+        raise InputError(f"--component-module {path}: defines no COMPONENT (a parity.component.Component instance) "
+                         "or COMPONENTS list")
+    return found
+
+
+def use_files(paths: Iterable[str | Path]) -> None:
+    """Add component files to the registry (``--component-module``)."""
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in _files:
+            continue
+        found = load_file(resolved)
+        _files.append(resolved)
+        if _components is not None:
+            for component in found:
+                _add(_components, component, str(resolved))
+
+
+def _discover() -> dict[str, Component]:
+    registry: dict[str, Component] = {}
+    import parity.components as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue  # shared definitions, not components
+        module = importlib.import_module(f"parity.components.{info.name}")
+        for component in _found_in(module):
+            _add(registry, component, module.__name__)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+        except Exception as err:  # noqa: BLE001 - a broken plugin package: name it
+            raise InputError(f"entry point {entry.name!r} ({entry.value}) of group {ENTRY_POINT_GROUP} failed to load: "
+                             f"{type(err).__name__}: {err}") from err
+        for component in _found_in(loaded):
+            _add(registry, component, f"entry point {entry.value}")
+    env = [p for p in os.environ.get(ENV_MODULES, "").split(os.pathsep) if p]
+    for path in [*_files, *(Path(p).resolve() for p in env if Path(p).resolve() not in _files)]:
+        for component in load_file(path):
+            _add(registry, component, str(path))
+    return registry
+
+
+def _registry() -> dict[str, Component]:
+    global _components
+    if _components is None:
+        _components = _discover()
+    return _components
+
+
+def available() -> list[str]:
+    """Names of all registered components, sorted."""
+    return sorted(_registry())
+
+
+def get(name: str | Component) -> Component:
+    """The component called ``name`` (a component instance is returned as it is)."""
+    if isinstance(name, Component):
+        return name
+    registry = _registry()
+    if name not in registry:
+        raise UnknownComponentError(name)
+    return registry[name]
+
+
+def select(names: Iterable[str]) -> list[str]:
+    """Component names to run: all for none or ``all``; each checked to exist."""
+    names = list(names)
+    if not names or names == ["all"]:
+        return available()
+    for name in names:
+        get(name)
+    return names
