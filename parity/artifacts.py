@@ -186,3 +186,12 @@ def periodicity_report(ref: np.ndarray, test: np.ndarray, period: int) -> dict[s
         r, t = float(fn(ref, period).mean()), float(fn(test, period).mean())
         out.update({f"{name}_ref": r, f"{name}_test": t, f"{name}_ratio": _ratio(t, r)})
     return out
+
+
+def spatial_power(video: np.ndarray) -> np.ndarray:
+    """Per frame: mean square of each frame after removing its mean and best-fit plane, averaged over batch
+    and channels -- the total that ``checkerboard`` and ``periodic_power`` take their fractions of, so
+    ``sqrt(checkerboard(v, p) * spatial_power(v))`` is the RMS amplitude of the checkerboard in ``v``."""
+    x = _check_video("video", video)
+    n, c, _t, h, w = x.shape
+    return _spectrum(x).sum(axis=(0, 1, 3, 4)) / float(h * w) ** 2 / (n * c)
