@@ -364,23 +364,22 @@ def _psnr(mse: float) -> float:
 
 
 def _periodicity(ref: np.ndarray, ours: np.ndarray) -> dict[str, np.ndarray]:
-    """Per frame, over frame batches: each side's share of spatial power on the checkerboard and on all
-    periodic frequencies (:mod:`parity.artifacts`), the same shares of our error (ours - reference), and
-    the RMS amplitude of the error's checkerboard / periodic component."""
-    keys = ("checkerboard_ref", "checkerboard_ours", "checkerboard_error", "periodic_ref", "periodic_ours",
-            "periodic_error", "error_power")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    """Per frame, over frame batches (:func:`parity.artifacts.pattern_power`, one spectrum per array): each
+    side's share of spatial power on the checkerboard and on all periodic frequencies, the same shares of
+    our error (ours - reference), and the RMS amplitude of the error's checkerboard / periodic component."""
+    parts: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(ref), FFT_BATCH):
         r, o = ref[s:s + FFT_BATCH], ours[s:s + FFT_BATCH]
-        e = o.astype(np.float64) - r
-        for side, v in (("ref", r), ("ours", o), ("error", e)):
-            parts[f"checkerboard_{side}"].append(artifacts.checkerboard(_five(v), PERIOD))
-            parts[f"periodic_{side}"].append(artifacts.periodic_power(_five(v), PERIOD))
-        parts["error_power"].append(artifacts.spatial_power(_five(e)))
+        for side, v in (("ref", r), ("ours", o), ("error", o.astype(np.float64) - r)):
+            shares = artifacts.pattern_power(_five(v), PERIOD)
+            parts.setdefault(f"checkerboard_{side}", []).append(shares["checkerboard"])
+            parts.setdefault(f"periodic_{side}", []).append(shares["periodic_power"])
+            if side == "error":
+                parts.setdefault("error_power", []).append(shares["spatial"])
     out = {k: np.concatenate(v) for k, v in parts.items()}
+    power = out.pop("error_power")
     for kind in ("checkerboard", "periodic"):
-        out[f"{kind}_amplitude"] = np.sqrt(out[f"{kind}_error"] * out["error_power"])
-    del out["error_power"]
+        out[f"{kind}_amplitude"] = np.sqrt(out[f"{kind}_error"] * power)
     return out
 
 
@@ -615,7 +614,11 @@ NULL_SUFFIXES = {
 }
 
 
-def _null_reason(key: str, number: float) -> str:
+def _null_reason(path: str, number: float) -> str:
+    if path.startswith("seam_ratios."):
+        return ("parity.artifacts.seam_report: no inside-chunk transition or frame to compare the seams with"
+                if math.isnan(number) else "parity.artifacts.seam_report: nothing changes inside the chunks (0)")
+    key = path.rsplit(".", 1)[-1]
     for suffix, reason in NULL_SUFFIXES.items():
         if key.endswith(suffix):
             return reason
@@ -638,7 +641,7 @@ def _strict(value: Any, path: str, nulls: dict[str, dict[str, Any]]) -> Any:
         number = float(value)
         if math.isfinite(number):
             return number
-        entry = nulls.setdefault(path, {"count": 0, "reason": _null_reason(path.rsplit(".", 1)[-1], number)})
+        entry = nulls.setdefault(path, {"count": 0, "reason": _null_reason(path, number)})
         entry["count"] += 1
         return None
     return value

@@ -165,10 +165,16 @@ def test_frame_metrics_respond_to_what_they_measure(ref):
     assert video.ssim(ref[0], ref[0]) == pytest.approx(1.0)
 
 
-def test_spatial_power_gives_the_pattern_amplitude():
+def test_pattern_power_is_the_artifacts_shares_from_one_spectrum():
     e = 0.01 * checker()[None, None, None, ..., 0] * np.ones((1, 3, 2, 1, 1))
-    amplitude = np.sqrt(artifacts.checkerboard(e, 8) * artifacts.spatial_power(e))
-    assert np.allclose(artifacts.spatial_power(e), 1e-4)
+    rng = np.random.default_rng(0)
+    for v in (e, rng.standard_normal((1, 3, 2, 40, 56)), e + 0.001 * rng.standard_normal(e.shape)):
+        shares = artifacts.pattern_power(v, 8)
+        assert np.array_equal(shares["checkerboard"], artifacts.checkerboard(v, 8))
+        assert np.array_equal(shares["periodic_power"], artifacts.periodic_power(v, 8))
+    shares = artifacts.pattern_power(e, 8)
+    amplitude = np.sqrt(shares["checkerboard"] * shares["spatial"])
+    assert np.allclose(shares["spatial"], 1e-4)
     assert np.all((amplitude > 0.8 * 0.01) & (amplitude < 0.01))  # the fundamental of a +-0.01 square wave
 
 
