@@ -589,8 +589,8 @@ def judge(m: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 #: The per-frame series behind each per-frame finding kind (the value a finding reports).
 FINDING_SERIES = {
-    "sharpness_loss": "sharpness_ratio", "gradient_loss": "gradient_ratio", "checkerboard": "checkerboard_ours",
-    "periodic": "periodic_ours", "brightness": "brightness_offset", "colour": "colour_offset",
+    "sharpness_loss": "sharpness_ratio", "gradient_loss": "gradient_ratio",
+    "checkerboard": "checkerboard_concentration", "periodic": "periodic_concentration", "brightness": "brightness_offset", "colour": "colour_offset",
     "centre_periphery": "centre_periphery_offset", "contrast": "contrast_offset", "ssim": "ssim",
 }
 
@@ -747,6 +747,8 @@ def write_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
 THUMB_SIDE = 192
 #: At most this many seams and this many worst frames in the filmstrip.
 MAX_STRIP_SEAMS, MAX_STRIP_WORST = 8, 8
+#: Frames larger than a thumbnail also get a crop of the difference at full resolution, this many px a side.
+CROP_SIDE = 64
 
 
 def _png(image: np.ndarray) -> dict[str, Any]:
@@ -773,8 +775,8 @@ def _png(image: np.ndarray) -> dict[str, Any]:
 
 def _frame_list(frames: Sequence[int]) -> str:
     """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
-    parts = []
-    for run in _runs(i in set(frames) for i in range(max(frames, default=-1) + 1)):
+    parts, wanted = [], set(frames)
+    for run in _runs(i in wanted for i in range(max(wanted, default=-1) + 1)):
         parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}–{run[-1]}")
     return ", ".join(parts)
 
@@ -806,6 +808,22 @@ def _gain(diff: np.ndarray) -> int:
     return gain
 
 
+def _crop(diff: np.ndarray, gain: int) -> dict[str, Any]:
+    """For a frame larger than a thumbnail (whose downscaling would wash out an 8 px pattern): the
+    :data:`CROP_SIDE` px window of the difference with the most error, at full resolution."""
+    import cv2
+
+    h, w = diff.shape[:2]
+    if max(h, w) <= THUMB_SIDE:
+        return {}
+    side_y, side_x = min(CROP_SIDE, h), min(CROP_SIDE, w)
+    energy = cv2.GaussianBlur(np.square(diff, dtype=np.float32).sum(axis=-1), (0, 0), CROP_SIDE / 4)  # peaks mid-error
+    cy, cx = np.unravel_index(int(np.argmax(energy)), energy.shape)
+    y0, x0 = int(min(max(cy - side_y // 2, 0), h - side_y)), int(min(max(cx - side_x // 2, 0), w - side_x))
+    return {"crop": _png(0.5 + diff[y0:y0 + side_y, x0:x0 + side_x] * gain),
+            "crop_at": f"x {x0}–{x0 + side_x - 1}, y {y0}–{y0 + side_y - 1}"}
+
+
 def _strip(result: dict[str, Any], ref: np.ndarray, ours: np.ndarray) -> list[dict[str, Any]]:
     """Filmstrip rows at the seams and the worst frames: reference, ours, and ours - reference x its own gain
     around mid-grey (signed: |difference| would turn a +-a checkerboard into a flat image)."""
@@ -829,8 +847,8 @@ def _strip(result: dict[str, Any], ref: np.ndarray, ours: np.ndarray) -> list[di
     for i in sorted(f for f in reasons if 0 <= f < len(ref)):
         diff = ours[i].astype(np.float32) - ref[i]
         gain = _gain(diff)
-        rows.append({"frame": i, "why": "; ".join(reasons[i]), "gain": gain,
-                     "ref": _png(ref[i]), "ours": _png(ours[i]), "diff": _png(0.5 + diff * gain)})
+        rows.append({"frame": i, "why": "; ".join(reasons[i]), "gain": gain, "ref": _png(ref[i]),
+                     "ours": _png(ours[i]), "diff": _png(0.5 + diff * gain), **_crop(diff, gain)})
     return rows
 
 

@@ -299,3 +299,11 @@ def test_page_is_self_contained_and_escapes_names(tmp_path, ref):
 def test_analyse_is_quick(ref):
     result = video.analyse(ref, noisy(ref), chunk_frames=CHUNK)
     assert math.isfinite(result["seconds"]) and result["seconds"] < 30  # ~0.2 s; a bound, not a benchmark
+
+
+def test_large_frames_get_a_full_resolution_crop_where_the_error_is():
+    diff = np.zeros((240, 320, 3), np.float32)
+    diff[150:170, 40:60] = 0.1 * checker(20)  # a patch of checkerboard far from the centre: the crop centres on it
+    assert video._crop(diff[:64, :64], 4) == {}  # small frames are shown whole
+    crop = video._crop(diff, 4)
+    assert crop["crop_at"] == "x 17–80, y 127–190" and crop["crop"]["src"].startswith("data:image/png;base64,")
