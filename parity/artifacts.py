@@ -152,30 +152,50 @@ def _fraction(power: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.divide(on, total, out=np.zeros_like(on), where=total > 0)
 
 
-def periodic_power(video: np.ndarray, period: int) -> np.ndarray:
-    """Per frame: fraction of the spatial (non-DC) power on the frequencies of a ``period``-px periodic
-    pattern (multiples of size/period in each axis), i.e. how much of the frame repeats every ``period``
-    px. Sizes not divisible by ``period`` use the nearest frequency bins."""
-    x = _check_video("video", video)
-    h, w = x.shape[3:]
+def _periodic_mask(h: int, w: int, period: int) -> np.ndarray:
+    """Frequencies of a ``period``-px periodic pattern: multiples of size/period in each axis, without DC."""
     fy = {round(a * h / period) % h for a in range(period)}
     fx = {round(a * w / period) % w for a in range(period)}
     mask = np.zeros((h, w))
     mask[np.ix_(sorted(fy), sorted(fx))] = 1.0
     mask[0, 0] = 0.0
-    return _fraction(_spectrum(x), mask)
+    return mask
+
+
+def _checkerboard_mask(h: int, w: int, period: int) -> np.ndarray:
+    """The fundamental of a ``period``-px checkerboard: (±size/period) in both axes (none if it rounds to DC)."""
+    mask = np.zeros((h, w))
+    fy, fx = round(h / period) % h, round(w / period) % w
+    if fy and fx:
+        mask[np.ix_([fy, -fy % h], [fx, -fx % w])] = 1.0
+    return mask
+
+
+def periodic_power(video: np.ndarray, period: int) -> np.ndarray:
+    """Per frame: fraction of the spatial (non-DC) power on the frequencies of a ``period``-px periodic
+    pattern (multiples of size/period in each axis), i.e. how much of the frame repeats every ``period``
+    px. Sizes not divisible by ``period`` use the nearest frequency bins."""
+    x = _check_video("video", video)
+    return _fraction(_spectrum(x), _periodic_mask(*x.shape[3:], period))
 
 
 def checkerboard(video: np.ndarray, period: int) -> np.ndarray:
     """Per frame: fraction of the spatial power at the fundamental of a ``period``-px checkerboard,
     frequency (±size/period) in both axes (period 2: the Nyquist corner, the classic stride-2 artifact)."""
     x = _check_video("video", video)
-    h, w = x.shape[3:]
-    mask = np.zeros((h, w))
-    fy, fx = round(h / period) % h, round(w / period) % w
-    if fy and fx:
-        mask[np.ix_([fy, -fy % h], [fx, -fx % w])] = 1.0
-    return _fraction(_spectrum(x), mask)
+    return _fraction(_spectrum(x), _checkerboard_mask(*x.shape[3:], period))
+
+
+def pattern_power(video: np.ndarray, period: int) -> dict[str, np.ndarray]:
+    """``checkerboard`` and ``periodic_power`` (per frame) from one spectrum, and ``spatial``: the total
+    they are fractions of, as a mean square per pixel (each frame after removing its mean and best-fit
+    plane, averaged over batch and channels). ``sqrt(fraction * spatial)`` is the pattern's RMS amplitude."""
+    x = _check_video("video", video)
+    n, c, _t, h, w = x.shape
+    power = _spectrum(x)
+    return {"checkerboard": _fraction(power, _checkerboard_mask(h, w, period)),
+            "periodic_power": _fraction(power, _periodic_mask(h, w, period)),
+            "spatial": power.sum(axis=(0, 1, 3, 4)) / float(h * w) ** 2 / (n * c)}
 
 
 def periodicity_report(ref: np.ndarray, test: np.ndarray, period: int) -> dict[str, float]:
@@ -186,3 +206,4 @@ def periodicity_report(ref: np.ndarray, test: np.ndarray, period: int) -> dict[s
         r, t = float(fn(ref, period).mean()), float(fn(test, period).mean())
         out.update({f"{name}_ref": r, f"{name}_test": t, f"{name}_ratio": _ratio(t, r)})
     return out
+

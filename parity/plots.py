@@ -436,3 +436,53 @@ def trend_plot(labels: Sequence[str], series: dict[str, Sequence[Any]], statuses
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return to_data_uri(fig)
+
+
+# --- videos --------------------------------------------------------------------------------------
+
+def frame_panels(panels: Sequence[dict[str, Any]], seams: Sequence[int] = (), title: str = "") -> str | None:
+    """Per-frame curves of a video comparison, stacked panels sharing the frame axis.
+
+    Each panel: ``{"ylabel", "series": {label: values}, "styles": {label: matplotlib kwargs},
+    "limits": [(value, label)], "log": bool, "flagged": [frame, ...]}``. Seams (first frames of
+    chunks) are dotted vertical lines between frames; flagged frames are shaded. None (or NaN/Inf)
+    values leave gaps. Returns None when no panel has a finite value.
+    """
+    panels = [p for p in panels if any(np.isfinite([_num(v) for v in values]).any()
+                                       for values in (p.get("series") or {}).values())]
+    if not panels:
+        return None
+    length = max(len(v) for p in panels for v in p["series"].values())
+    x = np.arange(length)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.9 * len(panels) + 0.9), sharex=True, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        for frame in panel.get("flagged") or ():
+            ax.axvspan(frame - 0.5, frame + 0.5, color=FAIL_COLOR, alpha=0.12, lw=0)
+        for i, seam in enumerate(seams):
+            ax.axvline(seam - 0.5, color="#555", lw=1, ls=":", label="seam" if i == 0 else None)
+        styles = panel.get("styles") or {}
+        zero_points: list = []
+        for label, values in panel["series"].items():
+            style = {"marker": "o", "ms": 2.5, "lw": 1.2, **styles.get(label, {})}
+            if panel.get("log"):
+                y, zeros = _positive(values)
+                if zeros.any():
+                    zero_points.append((x[:len(values)][zeros], style.get("color")))
+            else:
+                y = np.array([_num(v) for v in values], dtype=np.float64)
+                y[~np.isfinite(y)] = np.nan
+            ax.plot(x[:len(y)], y, label=str(label), **style)
+        for value, label in panel.get("limits") or ():
+            ax.axhline(_num(value), color=FAIL_COLOR, lw=1, ls="--", label=str(label))
+        if panel.get("log"):
+            ax.set_yscale("log")
+            _draw_zero_markers(ax, zero_points)
+        ax.set_ylabel(str(panel.get("ylabel", "")), fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[-1, 0].set_xlim(-0.5, length - 0.5)
+    axes[-1, 0].set_xlabel("frame")
+    if title:
+        axes[0, 0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    return to_data_uri(fig)
