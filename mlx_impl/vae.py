@@ -370,7 +370,7 @@ class WanVAEEncoder(nn.Module):
         if chunked:
             cache, outputs = FeatureCache(), []
             for i, (start, stop) in enumerate(ranges):
-                outputs.append(self.encoder(video[:, start:stop], cache, record=_scoped(f"chunk{i}")))
+                outputs.append(self.encoder(video[:, start:stop], cache, record=scoped(f"chunk{i}")))
             h = mx.concatenate(outputs, axis=1)
         else:
             h = self.encoder(video, record=ChunkSlices(len(ranges)))
@@ -390,7 +390,7 @@ class WanVAEEncoder(nn.Module):
                              f"silently drop the last {(frames - 1) % CHUNK}")
 
 
-def _scoped(prefix: str) -> Record:
+def scoped(prefix: str) -> Record:
     return lambda name, x: tap_cf(f"{prefix}/{name}", x)
 
 
