@@ -1,4 +1,5 @@
-"""The Wan2.1 VAE encoder in MLX: diffusers' ``WanEncoder3d`` + ``quant_conv`` + the pipelines' latent normalisation.
+"""The Wan2.1 VAE encoder in MLX: diffusers' ``WanEncoder3d`` + ``quant_conv`` + the pipelines' latent normalisation,
+and the building blocks the decoder (:mod:`mlx_impl.vae_decoder`) shares with it.
 
 Channels-last throughout: videos are ``(N, T, H, W, C)``. Parameter names match the
 ``AutoencoderKLWan`` state dict (``encoder.*``, ``quant_conv.*``); ``convert`` maps its layouts.
@@ -38,16 +39,30 @@ def tap_cf(name: str, x: mx.array) -> mx.array:
     return x
 
 
-def chunk_ranges(frames: int) -> list[tuple[int, int]]:
-    """Frame ranges of the chunks ``_encode`` feeds the encoder: ``[0, 1)``, then 4 frames each."""
-    return [(0, 1)] + [(1 + CHUNK * i, 1 + CHUNK * (i + 1)) for i in range((frames - 1) // CHUNK)]
+def chunk_ranges(frames: int, chunk: int | None = None) -> list[tuple[int, int]]:
+    """The chunk rule of ``AutoencoderKLWan``: ``[0, 1)``, then ``chunk`` frames each (default :data:`CHUNK`).
+
+    ``_encode`` feeds the encoder 1 + 4 + 4 ... input frames; ``_decode`` feeds the decoder one latent
+    frame at a time (``chunk=1``). A whole-video tensor inside either splits the same way with its own
+    frames per chunk (:class:`ChunkSlices`)."""
+    chunk = CHUNK if chunk is None else chunk
+    return [(0, 1)] + [(1 + chunk * i, 1 + chunk * (i + 1)) for i in range((frames - 1) // chunk)]
 
 
 class FeatureCache:
-    """The frames each causal layer carries from one chunk into the next, keyed by layer."""
+    """The frames each causal layer carries from one chunk into the next, keyed by layer, and which
+    layers have seen their first chunk (diffusers' ``"Rep"`` marker of ``upsample3d``)."""
 
     def __init__(self) -> None:
         self._frames: dict[int, mx.array] = {}
+        self._seen: set[int] = set()
+
+    def first_call(self, layer: nn.Module) -> bool:
+        """True on ``layer``'s first call (the first chunk), False from then on."""
+        if id(layer) in self._seen:
+            return False
+        self._seen.add(id(layer))
+        return True
 
     def get(self, layer: nn.Module) -> mx.array | None:
         return self._frames.get(id(layer))
@@ -155,25 +170,54 @@ class PadRightBottom(nn.Module):
         return mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
 
 
+class Upsample2x(nn.Module):
+    """``WanUpsample(scale_factor=2, mode="nearest-exact")`` on ``(B, H, W, C)``: every pixel repeated 2 x 2.
+
+    nearest-exact reads source pixel ``floor((i + 0.5) / 2) = i // 2``, so at scale 2 it is an exact copy
+    (diffusers upsamples in float32 and casts back: the same values in any dtype)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+def interleave_frames(x: mx.array) -> mx.array:
+    """``upsample3d``'s frame doubling: ``(N, T, H, W, 2C)`` -> ``(N, 2T, H, W, C)``, frame ``t`` becoming
+    frames ``2t`` (channels ``[0, C)``) and ``2t + 1`` (channels ``[C, 2C)``), as diffusers'
+    ``reshape(b, 2, c, t, h, w)`` + ``stack(..., 3)``."""
+    n, t, h, w, c2 = x.shape
+    x = x.reshape(n, t, h, w, 2, c2 // 2)
+    return mx.transpose(x, (0, 1, 4, 2, 3, 5)).reshape(n, 2 * t, h, w, c2 // 2)
+
+
 class Resample(nn.Module):
-    """``WanResample`` in ``downsample2d`` / ``downsample3d`` mode."""
+    """``WanResample`` in ``upsample2d`` / ``upsample3d`` (decoder) or ``downsample2d`` / ``downsample3d`` (encoder) mode."""
+
+    MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
     def __init__(self, dim: int, mode: str):
         super().__init__()
-        if mode not in ("downsample2d", "downsample3d"):
-            raise ValueError(f"Resample: expected mode downsample2d or downsample3d, got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"Resample: expected mode one of {self.MODES}, got {mode!r}")
         self.mode = mode
-        self.resample = [PadRightBottom(), nn.Conv2d(dim, dim, 3, stride=2)]
-        if mode == "downsample3d":
+        if mode.startswith("upsample"):  # diffusers' default upsample_out_dim = dim // 2
+            self.resample = [Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1)]
+        else:
+            self.resample = [PadRightBottom(), nn.Conv2d(dim, dim, 3, stride=2)]
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def __call__(self, x: mx.array, cache: FeatureCache | None = None) -> mx.array:
+        if self.mode == "upsample3d":  # in time first, then in space
+            x = self.time_upsample(x, cache)
         n, t, h, w, c = x.shape
         y = x.reshape(n * t, h, w, c)
         for layer in self.resample:
             y = layer(y)
         y = y.reshape(n, t, *y.shape[1:])
-        if self.mode == "downsample2d":
+        if self.mode != "downsample3d":
             return y
         if cache is None:
             return self.time_downsample_whole(y)
@@ -188,6 +232,22 @@ class Resample(nn.Module):
         if y.shape[1] == 1:
             return y
         return mx.concatenate([y[:, :1], self.time_conv(y)], axis=1)
+
+    def time_upsample(self, x: mx.array, cache: FeatureCache | None) -> mx.array:
+        """``upsample3d`` in time, chunked as diffusers: the first chunk passes through untouched (the
+        ``"Rep"`` marker) and is *not* ``time_conv``'s context; from the next chunk on ``time_conv`` runs
+        causally with its own cache, starting from zeros, and every frame becomes two."""
+        if cache is None:
+            return self.time_upsample_whole(x)
+        if cache.first_call(self):
+            return x
+        return interleave_frames(self.time_conv(x, cache))
+
+    def time_upsample_whole(self, x: mx.array) -> mx.array:
+        """The chunked rule over a whole latent video: frame 0 as is, then ``time_conv`` over frames 1.. only."""
+        if x.shape[1] == 1:
+            return x
+        return mx.concatenate([x[:, :1], interleave_frames(self.time_conv(x[:, 1:]))], axis=1)
 
 
 class MidBlock(nn.Module):
@@ -230,23 +290,51 @@ class Encoder3d(nn.Module):
         for i, block in enumerate(self.down_blocks):
             x = record(f"down_blocks.{i}", block(x, cache))
         x = self.mid_block(x, cache, record)
-        x = record("norm_out", self.norm_out(x))
-        return record("conv_out", self.conv_out(nn.silu(x), cache))
+        return head(self.norm_out, self.conv_out, x, cache, record)
+
+
+def head(norm_out: RMSNorm, conv_out: CausalConv3d, x: mx.array, cache: FeatureCache | None, record: Record) -> mx.array:
+    """The output head of ``WanEncoder3d`` and ``WanDecoder3d``: ``norm_out``, SiLU, causal ``conv_out``."""
+    x = record("norm_out", norm_out(x))
+    return record("conv_out", conv_out(nn.silu(x), cache))
 
 
 class ChunkSlices:
-    """Records a whole-video block output as the per-chunk tensors the chunked path would tap."""
+    """Records a whole-video block output as the per-chunk tensors the chunked path would tap
+    (chunk 0 is the first frame, every later chunk the same number of frames: :func:`chunk_ranges`)."""
 
     def __init__(self, chunks: int):
         self.chunks = chunks
 
     def __call__(self, name: str, x: mx.array) -> mx.array:
         if recording():
-            step = (x.shape[1] - 1) // (self.chunks - 1) if self.chunks > 1 else 0
-            for i in range(self.chunks):
-                start, stop = (0, 1) if i == 0 else (1 + step * (i - 1), 1 + step * i)
+            step = max((x.shape[1] - 1) // (self.chunks - 1), 1) if self.chunks > 1 else 1
+            for i, (start, stop) in enumerate(chunk_ranges(x.shape[1], step)[: self.chunks]):
                 tap_cf(f"chunk{i}/{name}", x[:, start:stop])
         return x
+
+
+def check_wan21(config: dict, who: str) -> None:
+    """Refuse ``AutoencoderKLWan`` configs outside the Wan2.1 layout."""
+    unsupported = {k: config[k] for k in ("attn_scales", "is_residual", "patch_size") if config.get(k)}
+    if unsupported:
+        raise ValueError(f"{who} supports the Wan2.1 VAE (no attn_scales, is_residual, patch_size); "
+                         f"config sets {unsupported}")
+
+
+def check_temporal_flags(flags: Sequence[bool], dim_mult: Sequence[int]) -> None:
+    if len(flags) != len(dim_mult) - 1:
+        raise ValueError(f"temperal_downsample: expected {len(dim_mult) - 1} flags (one per downsampling), "
+                         f"got {list(flags)}")
+
+
+def latent_stats(z_dim: int, latents_mean: Sequence[float], latents_std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``latents_mean`` and ``1 / latents_std`` as the Wan pipelines build them: float32 tensors, the
+    reciprocal taken in float32 (cast to the latents' dtype only when used)."""
+    for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+        if len(values) != z_dim:
+            raise ValueError(f"{name}: expected z_dim = {z_dim} values, got {len(values)}")
+    return np.asarray(latents_mean, np.float32), np.float32(1.0) / np.asarray(latents_std, np.float32)
 
 
 class WanVAEEncoder(nn.Module):
@@ -256,27 +344,18 @@ class WanVAEEncoder(nn.Module):
                  temperal_downsample: Sequence[bool], latents_mean: Sequence[float], latents_std: Sequence[float],
                  in_channels: int = 3, chunked: bool = True):
         super().__init__()
-        if len(temperal_downsample) != len(dim_mult) - 1:
-            raise ValueError(f"temperal_downsample: expected {len(dim_mult) - 1} flags (one per downsampling), "
-                             f"got {list(temperal_downsample)}")
-        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
-            if len(values) != z_dim:
-                raise ValueError(f"{name}: expected z_dim = {z_dim} values, got {len(values)}")
+        check_temporal_flags(temperal_downsample, dim_mult)
+        self.latents_mean, self.latents_inv_std = latent_stats(z_dim, latents_mean, latents_std)
         self.z_dim = z_dim
         self.in_channels = in_channels
         self.chunked = chunked
         self.encoder = Encoder3d(in_channels, base_dim, 2 * z_dim, dim_mult, num_res_blocks, temperal_downsample)
         self.quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, 1)
-        self.latents_mean = np.asarray(latents_mean, np.float32)
-        self.latents_inv_std = 1.0 / np.asarray(latents_std, np.float32)  # as the pipelines: 1 / std in float32
 
     @classmethod
     def from_config(cls, config: dict, chunked: bool = True) -> "WanVAEEncoder":
         """Build from an ``AutoencoderKLWan`` config (Wan2.1 layout only)."""
-        unsupported = {k: config[k] for k in ("attn_scales", "is_residual", "patch_size") if config.get(k)}
-        if unsupported:
-            raise ValueError(f"WanVAEEncoder supports the Wan2.1 VAE (no attn_scales, is_residual, patch_size); "
-                             f"config sets {unsupported}")
+        check_wan21(config, cls.__name__)
         return cls(config["base_dim"], config["z_dim"], config["dim_mult"], config["num_res_blocks"],
                    config["temperal_downsample"], config["latents_mean"], config["latents_std"],
                    config.get("in_channels", 3), chunked)
@@ -291,7 +370,7 @@ class WanVAEEncoder(nn.Module):
         if chunked:
             cache, outputs = FeatureCache(), []
             for i, (start, stop) in enumerate(ranges):
-                outputs.append(self.encoder(video[:, start:stop], cache, record=_scoped(f"chunk{i}")))
+                outputs.append(self.encoder(video[:, start:stop], cache, record=scoped(f"chunk{i}")))
             h = mx.concatenate(outputs, axis=1)
         else:
             h = self.encoder(video, record=ChunkSlices(len(ranges)))
@@ -311,7 +390,7 @@ class WanVAEEncoder(nn.Module):
                              f"silently drop the last {(frames - 1) % CHUNK}")
 
 
-def _scoped(prefix: str) -> Record:
+def scoped(prefix: str) -> Record:
     return lambda name, x: tap_cf(f"{prefix}/{name}", x)
 
 

@@ -35,17 +35,30 @@ def block_names(model: AutoencoderKLWan) -> list[str]:
     return ["conv_in", *[f"down_blocks.{i}" for i in range(len(encoder.down_blocks))], *mid, "norm_out", "conv_out"]
 
 
-def hooks(model: AutoencoderKLWan, frames: int) -> dict[str, list[str]]:
+def hooks(model: AutoencoderKLWan, frames: int, prefix: str = "") -> dict[str, list[str]]:
     chunks = 1 + (frames - 1) // 4  # as AutoencoderKLWan._encode
-    found = {f"encoder.{name}": [f"chunk{i}/{name}" for i in range(chunks)] for name in block_names(model)}
-    return {**found, "quant_conv": ["quant_conv"]}
+    found = {f"encoder.{name}": [f"{prefix}chunk{i}/{name}" for i in range(chunks)] for name in block_names(model)}
+    return {**found, "quant_conv": [f"{prefix}quant_conv"]}
 
 
-def run(model: AutoencoderKLWan, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
-    video = torch.from_numpy(inputs["video"]).to(dtype)
-    with hook_modules(model, capture, hooks(model, video.shape[2])):
-        mode = model.encode(video).latent_dist.mode()
+def latent_stats(model: AutoencoderKLWan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latents_mean`` and ``1 / latents_std`` as the Wan pipelines build them (reciprocal in float32, then cast)."""
     config = model.config
     mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(dtype)
     inv_std = (1.0 / torch.tensor(config.latents_std)).view(1, config.z_dim, 1, 1, 1).to(dtype)
-    capture.add("latents", (mode.to(dtype) - mean) * inv_std)
+    return mean, inv_std
+
+
+def encode(model: AutoencoderKLWan, video: torch.Tensor, dtype: torch.dtype, capture: Capture,
+           prefix: str = "") -> torch.Tensor:
+    """The pipelines' normalised latents of ``video`` (N, C, T, H, W), recording the encoder's blocks."""
+    with hook_modules(model, capture, hooks(model, video.shape[2], prefix)):
+        mode = model.encode(video).latent_dist.mode()
+    mean, inv_std = latent_stats(model, dtype)
+    latents = (mode.to(dtype) - mean) * inv_std
+    capture.add(f"{prefix}latents", latents)
+    return latents
+
+
+def run(model: AutoencoderKLWan, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+    encode(model, torch.from_numpy(inputs["video"]).to(dtype), dtype, capture)
