@@ -132,9 +132,9 @@ def solver_coefficients(sigmas: np.ndarray, t: int, s0: int, previous: Sequence[
     alpha_t, _ = alpha_sigma(sigma_t)
     lambda_t, lambda_s0 = log_snr(sigma_t), log_snr(sigma_s0)
     h = lambda_t - lambda_s0
-    rks = [(log_snr(sigmas[si]) - lambda_s0) / h for si in previous[: order - 1]]
     hh = -h
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # h = inf (final sigma 0) or 0 (final "sigma_min")
+        rks = [(log_snr(sigmas[si]) - lambda_s0) / h for si in previous[: order - 1]]
         h_phi_1 = np.expm1(hh)
         h_phi_k = h_phi_1 / hh - F32(1)
         if solver_type == "bh1":
@@ -288,6 +288,12 @@ class UniPCMultistepScheduler:
         if d1s:  # order >= 2; order 2 uses rho = 0.5 instead of the solve, as the reference
             rhos = np.array([0.5], np.float32) if order == 2 else solve(c["R"][:-1, :-1], c["b"][:-1])
             x_t = x_t - weighted_differences(rhos, d1s) * float(c["alpha_b_h"])
+        else:
+            # The reference still subtracts alpha_t * B_h * 0: a no-op, except with bh1 and a final sigma
+            # of 0, where B_h = -inf and -inf * 0 makes its last step NaN. Mirrored, not fixed.
+            zero = float(c["alpha_b_h"]) * 0.0
+            if zero != 0:
+                x_t = x_t - zero
         return x_t.astype(sample.dtype)
 
     def corrector(self, model_t: mx.array, last_sample: mx.array, this_sample: mx.array, order: int) -> mx.array:
@@ -332,23 +338,34 @@ class UniPCMultistepScheduler:
 Denoiser = Callable[[mx.array, int], mx.array]
 
 
+Forced = Sequence[tuple[np.ndarray, "np.ndarray | None"]]
+
+
 def sample(scheduler: UniPCMultistepScheduler, latents: mx.array, denoiser: Denoiser, dtype: mx.Dtype,
-           forced: Sequence[np.ndarray] | None = None) -> mx.array:
+           forced: Forced | None = None) -> mx.array:
     """The Wan pipelines' denoising loop over ``scheduler``'s current schedule (one model, no guidance).
 
     ``latents``: channels-last float32 (the pipeline's ``prepare_latents(dtype=torch.float32)``);
     ``denoiser(latents, timestep)`` predicts the flow in ``dtype`` (the model's dtype).
-    ``forced`` (teacher forcing): ``forced[k]`` (channels-last) replaces the latents entering step k,
-    so each step's error is local. Taps ``sigmas``, ``timesteps`` and per step the solver's taps and
+
+    ``forced`` (teacher forcing): per step k, ``(x_k, last_k)`` (channels-last) replace the latents
+    entering step k and the scheduler's ``last_sample`` (the corrected sample of step k - 1, from
+    which the corrector restarts; ``None`` at step 0). UniPC carries both, and the corrector
+    recomputes from ``last_sample``, so forcing ``x_k`` alone would let an error chain through it;
+    with both forced, each step's error is local (the history of x0 predictions is then computed
+    from forced samples too). Taps ``sigmas``, ``timesteps`` and per step the solver's taps and
     ``step{k}/sample``.
     """
     if forced is not None and len(forced) < len(scheduler.timesteps):
-        raise ValueError(f"forced: expected a sample for each of the {len(scheduler.timesteps)} steps, got {len(forced)}")
+        raise ValueError(f"forced: expected a state for each of the {len(scheduler.timesteps)} steps, got {len(forced)}")
     tap("sigmas", scheduler.sigmas)
     tap("timesteps", scheduler.timesteps)
     for k, t in enumerate(scheduler.timesteps):
         if forced is not None:
-            latents = mx.array(np.asarray(forced[k])).astype(latents.dtype)
+            x_k, last_k = forced[k]
+            latents = mx.array(np.asarray(x_k)).astype(latents.dtype)
+            if last_k is not None:
+                scheduler.last_sample = mx.array(np.asarray(last_k)).astype(latents.dtype)
         flow = denoiser(latents.astype(dtype), int(t))
         latents = tap(f"step{k}/sample", scheduler.step(flow, latents))
     return latents

@@ -25,8 +25,11 @@ Two teacher-forced modes:
   then assigns ``scheduler.sigmas`` (float32, N + 1) and ``scheduler.timesteps`` (int64, N): all
   ``step`` reads is ``sigmas[step_index (+1, -1, -2)]`` and ``len(timesteps)``, and the first
   step's index comes from ``index_for_timestep(timesteps[0])`` = 0;
-- ``forced=[x_0, x_1, ...]``: the latents entering step k are replaced by ``forced[k]``
-  (channels-last, e.g. a reference run's ``step{k-1}/sample``), so each step's error is local.
+- ``forced=[(x_0, None), (x_1, last_1), ...]``: the latents entering step k and the scheduler's
+  ``last_sample`` are replaced by ``forced[k]`` (channels-last, e.g. a reference run's
+  ``step{k-1}/sample`` and ``step{k-1}/corrector``), so each step's error is local. UniPC carries
+  two samples from step to step: the corrector of step k restarts from ``last_sample`` (the
+  corrected sample of step k - 1), so forcing only the latents would let an error chain through it.
 
 Recorded, channels-last ``(b, f, h, w, c)``: ``sigmas``, ``timesteps``, then per step
 ``step{k}/corrector`` (when it runs), ``step{k}/predictor``, ``step{k}/sample``.
@@ -66,6 +69,10 @@ def channels_last(latents: torch.Tensor) -> torch.Tensor:
     return latents.permute(0, 2, 3, 4, 1)
 
 
+def channels_first(latents: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(latents).transpose(0, 4, 1, 2, 3))).to(dtype)
+
+
 @contextmanager
 def recorded_updates(scheduler: UniPCMultistepScheduler, capture: Capture,
                      orders: dict[str, list[int]]) -> Iterator[None]:
@@ -100,8 +107,11 @@ def set_schedule(scheduler: UniPCMultistepScheduler, sigmas: np.ndarray, timeste
 
 def run(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: torch.dtype, capture: Capture,
         schedule: tuple[np.ndarray, np.ndarray] | None = None,
-        forced: Sequence[np.ndarray] | None = None) -> dict[str, list[int]]:
+        forced: Sequence[tuple[np.ndarray, np.ndarray | None]] | None = None) -> dict[str, list[int]]:
     """The denoising loop from ``inputs["latents"]`` ``(b, c, f, h, w)``; ``dtype``: the model's dtype.
+
+    ``schedule``: run on these ``(sigmas, timesteps)``; ``forced``: per step ``(x_k, last_k)``
+    channels-last, the latents entering step k and the scheduler's ``last_sample`` (see the module docstring).
 
     Returns the orders the predictor and the corrector ran at, per call.
     """
@@ -113,15 +123,17 @@ def run(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: torch.dty
     latents = torch.from_numpy(np.asarray(inputs["latents"])).to(torch.float64 if dtype == torch.float64 else torch.float32)
     timesteps = scheduler.timesteps
     if forced is not None and len(forced) < len(timesteps):
-        raise ValueError(f"forced: expected a sample for each of the {len(timesteps)} steps, got {len(forced)}")
+        raise ValueError(f"forced: expected a state for each of the {len(timesteps)} steps, got {len(forced)}")
     capture.add("sigmas", scheduler.sigmas)
     capture.add("timesteps", timesteps)
     orders: dict[str, list[int]] = {"predictor": [], "corrector": []}
     with torch.no_grad(), recorded_updates(scheduler, capture, orders):
         for i, t in enumerate(timesteps):
             if forced is not None:
-                latents = torch.from_numpy(np.ascontiguousarray(np.asarray(forced[i]).transpose(0, 4, 1, 2, 3)))
-                latents = latents.to(torch.float64 if dtype == torch.float64 else torch.float32)
+                x_i, last_i = forced[i]
+                latents = channels_first(x_i, latents.dtype)
+                if last_i is not None:
+                    scheduler.last_sample = channels_first(last_i, latents.dtype)
             timestep = t.expand(latents.shape[0])
             noise_pred = denoiser(latents.to(dtype), timestep)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
