@@ -297,7 +297,10 @@ class UniPCMultistepScheduler:
         return x_t.astype(sample.dtype)
 
     def corrector(self, model_t: mx.array, last_sample: mx.array, this_sample: mx.array, order: int) -> mx.array:
-        """``multistep_uni_c_bh_update`` (predict_x0): corrects the sample at ``sigmas[k]`` reached from ``last_sample``."""
+        """``multistep_uni_c_bh_update`` (predict_x0): corrects the sample at ``sigmas[k]`` reached from ``last_sample``.
+
+        Restarts from ``last_sample`` with the new x0 ``model_t``; ``this_sample`` (the predictor's result) is not
+        read, as in the reference, which only takes its device."""
         k = self.step_index
         m0 = self.model_outputs[-1]
         c = solver_coefficients(self.sigmas, k, k - 1, [k - (i + 1) for i in range(1, order)], order, self.solver_type)

@@ -189,6 +189,25 @@ def test_bfloat16_denoiser_within_precision_budget(steps):
           f"{max(r.ratio for r in rows if r.ref):.3g}")
 
 
+def test_bfloat16_x0_conversion_is_the_references():
+    """On the same bf16 flow, x0 = sample - sigma * flow equals diffusers' convert_model_output exactly: sigma is
+    rounded to bf16 and the product is bf16 (a 0-d float32 tensor does not promote a bf16 tensor), the difference
+    float32. Two IEEE-rounded elementwise ops, no reduction or BLAS, so exact equality is the right check.
+    (The bf16 trajectories still differ by ~1 bf16 ulp: the stand-in's bf16 Linear rounds differently per side.)"""
+    cfg = config(8)
+    reference = R.build(cfg, weights(cfg)).scheduler
+    reference.set_timesteps(8)
+    flow = normal(0, "unipc/flow", (1, 4, 3, 8, 8))
+    sample = latents(cfg)
+    for k in range(8):
+        reference._step_index = k
+        expected = reference.convert_model_output(torch.from_numpy(flow).to(torch.bfloat16),
+                                                  sample=torch.from_numpy(sample)).numpy()
+        got = U.convert_model_output(mx.array(flow).astype(mx.bfloat16), mx.array(sample), reference.sigmas[k].numpy())
+        assert got.dtype == mx.float32
+        np.testing.assert_array_equal(np.array(got), expected)
+
+
 def test_bfloat16_teacher_forced_local_error():
     """Teacher forced on the float64 trajectory: per-step local bf16 errors, ours within 2x the reference's."""
     cfg = config(8)
