@@ -106,15 +106,27 @@ def test_reference_is_the_installed_pipeline_source():
     assert fn.__qualname__ == "prepare_latents"
 
 
+def test_compiling_a_missing_definition_names_it():
+    from reference_runners.pipeline_source import compile_functions
+
+    with pytest.raises(RuntimeError, match=r"WanImageToVideoPipeline\.no_such_method"):
+        compile_functions(R.PIPELINE_MODULE, ["retrieve_latents"], {"WanImageToVideoPipeline": ["no_such_method"]})
+
+
 # --- faults ----------------------------------------------------------------------------------
-def test_fault_mask_first_temporal_position_cleared(vaes, monkeypatch):
+def clear_latent_frame_0(mask):
+    return mx.concatenate([mx.zeros_like(mask[:, :1]), mask[:, 1:]], axis=1)
+
+
+def clear_first_folded_frame(mask):
+    return mx.concatenate([mx.zeros_like(mask[..., :1]), mask[..., 1:]], axis=-1)
+
+
+@pytest.mark.parametrize("clear", [clear_latent_frame_0, clear_first_folded_frame])
+def test_fault_mask_first_temporal_position_cleared(vaes, monkeypatch, clear):
+    """The first latent frame's mask cleared (no frame conditioned), or only the first of its 4 folded pixel frames."""
     correct = W.first_frame_mask
-
-    def cleared(*args, **kwargs):
-        mask = correct(*args, **kwargs)
-        return mx.concatenate([mx.zeros_like(mask[..., :1]), mask[..., 1:]], axis=-1)
-
-    monkeypatch.setattr(W, "first_frame_mask", cleared)
+    monkeypatch.setattr(W, "first_frame_mask", lambda *args, **kwargs: clear(correct(*args, **kwargs)))
     layers = compare(*run_both(vaes))
     assert first_difference(layers).name == "mask"
     assert [layer.ok for layer in layers] == [False, True, False]
