@@ -9,7 +9,7 @@ What is real diffusers code and what mirrors it:
   ``HeliosPyramidPipeline.sample_block_noise``, called unbound on a minimal object holding only
   the scheduler. Importing the pipeline module needs ``transformers`` (its text encoder), which
   this harness does not install, so both functions are compiled from the installed pipeline's
-  source file, unmodified (:func:`pipeline_functions`). The one ``torch.randn`` draw of
+  source file, unmodified (:func:`pipeline_functions`, via :mod:`reference_runners.pipeline_source`). The one ``torch.randn`` draw of
   ``sample_block_noise`` is replaced, for that call only, by the shared numpy draws
   (:func:`shared_randn`), so both sides get the same noise;
 - the rest of the stage transition lives inline in ``HeliosPyramidPipeline.__call__`` and cannot
@@ -23,12 +23,9 @@ the MLX port.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator, Sequence
 
@@ -38,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import HeliosDMDScheduler
 
 from parity.capture import Capture
+from reference_runners.pipeline_source import compile_functions
 
 
 class StandInDenoiser(torch.nn.Module):
@@ -101,20 +99,11 @@ PIPELINE_MODULE = "diffusers.pipelines.helios.pipeline_helios_pyramid"
 def pipeline_functions() -> SimpleNamespace:
     """``calculate_shift`` and ``HeliosPyramidPipeline.sample_block_noise`` from the installed pipeline's source.
 
-    Their definitions are compiled as they are, in a namespace holding what they use (``torch``, ``math``).
+    Their definitions are compiled as they are, in a namespace holding what they use (``torch``, ``math``);
+    see :mod:`reference_runners.pipeline_source`.
     """
-    path = Path(importlib.util.find_spec(PIPELINE_MODULE).origin)
-    tree = ast.parse(path.read_text(), str(path))
-    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "HeliosPyramidPipeline"]
-    wanted = {"calculate_shift": tree.body, "sample_block_noise": classes[0].body if classes else []}
-    found = [node for name, body in wanted.items() for node in body
-             if isinstance(node, ast.FunctionDef) and node.name == name]
-    if len(found) != len(wanted):
-        raise RuntimeError(f"{path}: expected module function calculate_shift and method "
-                           f"HeliosPyramidPipeline.sample_block_noise, found {[f.name for f in found]}")
-    namespace = {"torch": torch, "math": math}
-    exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), namespace)
-    return SimpleNamespace(**{name: namespace[name] for name in wanted})
+    return compile_functions(PIPELINE_MODULE, ["calculate_shift"], {"HeliosPyramidPipeline": ["sample_block_noise"]},
+                             {"torch": torch, "math": math})
 
 
 @contextmanager
