@@ -20,7 +20,8 @@ from fixtures.inputs import normal
 from layer_compare import assert_match, compare, first_difference, precision_budget
 from mlx_impl import unipc as U
 from mlx_impl.stand_in import StandInDenoiser
-from parity.capture import Capture, capture_mlx
+from parity.capture import Capture
+from parity.capture_mlx import record_taps
 from reference_runners import unipc as R
 
 CONFIG = json.loads((Path(__file__).parents[1] / "fixtures/configs/unipc_scheduler.json").read_text())
@@ -64,7 +65,7 @@ def run_ours(cfg, dtype="float32", seed=0, scheduler=None, forced=None):
     scheduler = scheduler or ours(cfg)
     capture = Capture("mlx")
     denoiser = StandInDenoiser.from_weights(weights(cfg, seed), MX_DTYPES[dtype])
-    with capture_mlx(capture):
+    with record_taps(capture):
         mx.eval(U.sample(scheduler, mx.array(latents(cfg, seed).transpose(0, 2, 3, 4, 1)), denoiser,
                          MX_DTYPES[dtype], forced))
     return capture, scheduler

@@ -18,7 +18,8 @@ from fixtures.videos import video
 from layer_compare import assert_match, compare, first_difference
 from mlx_impl import wan_i2v as W
 from mlx_impl.vae import WanVAEEncoder, convert
-from parity.capture import Capture, capture_mlx
+from parity.capture import Capture
+from parity.capture_mlx import record_taps
 from reference_runners import wan_i2v as R
 
 CONFIG = json.loads((Path(__file__).parents[1] / "fixtures/configs/wan_i2v_conditioning.json").read_text())
@@ -53,7 +54,7 @@ def run_both(vaes, cfg=None, dtype="float32", seed=0):
     ref = Capture("reference")
     R.run(reference, data, cfg["num_frames"], {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], ref)
     mine = Capture("mlx")
-    with capture_mlx(mine):
+    with record_taps(mine):
         mx.eval(W.prepare_conditioning(
             ours, mx.array(data["image"].transpose(0, 2, 3, 1)), mx.array(data["latents"].transpose(0, 2, 3, 4, 1)),
             cfg["num_frames"], getattr(mx, dtype), cfg["vae"]["scale_factor_temporal"],
