@@ -49,7 +49,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from parity import artifacts
-from parity.dumps import load_npy, write_json, write_text
+from parity.dumps import write_json, write_text
+from parity.vocab import InputError, load_npy
 
 #: The VAE's spatial stride: the period of the checkerboard a broken decoder paints.
 PERIOD = 8
@@ -187,35 +188,35 @@ def frames_from_array(array: np.ndarray, name: str = "array",
                 "uint8 or float in [0, 1] / [-1, 1]")
     if x.ndim == 5:
         if shape[0] != 1 or shape[1] not in (1, 3):
-            raise ValueError(f"{name}: shape {list(shape)} is not one video (1, C, T, H, W) with C = 1 or 3; {expected}")
+            raise InputError(f"{name}: shape {list(shape)} is not one video (1, C, T, H, W) with C = 1 or 3; {expected}")
         x = x[0].transpose(1, 2, 3, 0)
         layout = "(N, C, T, H, W)"
     elif x.ndim == 4:
         if shape[-1] not in (1, 3):
-            raise ValueError(f"{name}: shape {list(shape)} has {shape[-1]} channels last; {expected}")
+            raise InputError(f"{name}: shape {list(shape)} has {shape[-1]} channels last; {expected}")
         layout = "(T, H, W, C)"
     else:
-        raise ValueError(f"{name}: {x.ndim}-D array of shape {list(shape)}; {expected}")
+        raise InputError(f"{name}: {x.ndim}-D array of shape {list(shape)}; {expected}")
     t, h, w, _c = x.shape
     if t < 1 or min(h, w) < MIN_SIDE:
-        raise ValueError(f"{name}: {t} frames of {h}x{w} px; expected at least 1 frame of {MIN_SIDE}x{MIN_SIDE} px")
+        raise InputError(f"{name}: {t} frames of {h}x{w} px; expected at least 1 frame of {MIN_SIDE}x{MIN_SIDE} px")
     if x.dtype == np.uint8:
         frames = x.astype(np.float32) / np.float32(255.0)
         return frames, {"layout": layout, "dtype": "uint8", "range": "0..255"}
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name}: dtype {x.dtype}; {expected}")
+        raise InputError(f"{name}: dtype {x.dtype}; {expected}")
     bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
     if bad:
-        raise ValueError(f"{name}: {bad} NaN/Inf values; expected finite frames")
+        raise InputError(f"{name}: {bad} NaN/Inf values; expected finite frames")
     lo, hi = float(x.min()), float(x.max())
     if value_range is None:
         value_range = (-1.0, 1.0) if layout == "(N, C, T, H, W)" or lo < 0 else (0.0, 1.0)
     a, b = (float(v) for v in value_range)
     if not b > a:
-        raise ValueError(f"{name}: value_range {value_range} is empty")
+        raise InputError(f"{name}: value_range {value_range} is empty")
     slack = RANGE_SLACK * (b - a)
     if lo < a - slack or hi > b + slack:
-        raise ValueError(f"{name}: float values span [{lo:.4g}, {hi:.4g}]; expected [{a:g}, {b:g}] "
+        raise InputError(f"{name}: float values span [{lo:.4g}, {hi:.4g}]; expected [{a:g}, {b:g}] "
                          f"({'decoder outputs are taken as [-1, 1]' if layout == '(N, C, T, H, W)' else 'float frames are [0, 1], or [-1, 1] when negative'})")
     frames = np.clip((x.astype(np.float32) - np.float32(a)) / np.float32(b - a), 0.0, 1.0)
     return frames, {"layout": layout, "dtype": str(x.dtype), "range": f"[{a:g}, {b:g}]"}
@@ -227,7 +228,7 @@ def _read_video_file(path: Path) -> np.ndarray:
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
-            raise ValueError(f"{path}: OpenCV cannot open it as a video (not a video, or an unsupported "
+            raise InputError(f"{path}: OpenCV cannot open it as a video (not a video, or an unsupported "
                              f"container/codec); expected a video file or a .npy frame stack")
         frames: list[np.ndarray] = []
         while True:
@@ -241,13 +242,13 @@ def _read_video_file(path: Path) -> np.ndarray:
             elif frame.shape[-1] == 4:
                 frame = frame[..., 2::-1]
             if frames and frame.shape != frames[0].shape:
-                raise ValueError(f"{path}: frame {len(frames)} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is "
+                raise InputError(f"{path}: frame {len(frames)} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is "
                                  f"{frames[0].shape[1]}x{frames[0].shape[0]}; expected one frame size")
             frames.append(frame)
     finally:
         capture.release()
     if not frames:
-        raise ValueError(f"{path}: no frame could be decoded; expected a readable video")
+        raise InputError(f"{path}: no frame could be decoded; expected a readable video")
     stack = np.stack(frames)
     if stack.dtype != np.uint8:  # a 16-bit decode: to [0, 1]
         stack = stack.astype(np.float32) / np.float32(np.iinfo(stack.dtype).max)
@@ -257,9 +258,9 @@ def _read_video_file(path: Path) -> np.ndarray:
 def _load(path: str | Path, value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file; expected a video file or a .npy frame stack")
+        raise InputError(f"{path}: no such file; expected a video file or a .npy frame stack")
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected a video file or a .npy frame stack")
+        raise InputError(f"{path}: is a directory; expected a video file or a .npy frame stack")
     if path.suffix.lower() == ".npy":
         frames, info = frames_from_array(load_npy(path), str(path), value_range)
         return frames, {"path": str(path), "source": ".npy", **info}
@@ -289,10 +290,10 @@ def chunk_boundaries(frames: int, chunk_frames: int | None = None,
     """Chunk start frames (from 0): every ``chunk_frames`` frames, or the given ``boundaries`` (0 is
     added when missing); ``[0]`` (one chunk, no seam) with neither."""
     if chunk_frames is not None and boundaries is not None:
-        raise ValueError("give chunk_frames or boundaries, not both")
+        raise InputError("give chunk_frames or boundaries, not both")
     if chunk_frames is not None:
         if isinstance(chunk_frames, bool) or int(chunk_frames) != chunk_frames or chunk_frames < 1:
-            raise ValueError(f"chunk_frames: expected a positive whole number of frames, got {chunk_frames!r}")
+            raise InputError(f"chunk_frames: expected a positive whole number of frames, got {chunk_frames!r}")
         return list(range(0, frames, int(chunk_frames)))
     if boundaries is None:
         return [0]
@@ -660,11 +661,11 @@ def _stat(values: np.ndarray, fn) -> float:
 def _check_pair(ref: np.ndarray, ours: np.ndarray, names: Sequence[str]) -> None:
     (tr, hr, wr, cr), (to, ho, wo, co) = ref.shape, ours.shape
     if tr != to:
-        raise ValueError(f"{names[1]} has {to} frames, {names[0]} has {tr}; expected the same frame count")
+        raise InputError(f"{names[1]} has {to} frames, {names[0]} has {tr}; expected the same frame count")
     if (hr, wr) != (ho, wo):
-        raise ValueError(f"{names[1]} frames are {wo}x{ho} px, {names[0]} frames are {wr}x{hr}; expected the same size")
+        raise InputError(f"{names[1]} frames are {wo}x{ho} px, {names[0]} frames are {wr}x{hr}; expected the same size")
     if cr != co:
-        raise ValueError(f"{names[1]} has {co} channels, {names[0]} has {cr}; expected the same channel count")
+        raise InputError(f"{names[1]} has {co} channels, {names[0]} has {cr}; expected the same channel count")
 
 
 def analyse(ref: Any, ours: Any, chunk_frames: int | None = None, boundaries: Sequence[int] | None = None,
@@ -767,7 +768,7 @@ def _png(image: np.ndarray) -> dict[str, Any]:
     bgr = pixels[..., ::-1] if pixels.shape[-1] == 3 else pixels
     ok, data = cv2.imencode(".png", np.ascontiguousarray(bgr))
     if not ok:
-        raise ValueError("could not encode a thumbnail as PNG")
+        raise InputError("could not encode a thumbnail as PNG")
     factor = max(int(scale), 1)
     return {"src": "data:image/png;base64," + base64.b64encode(data.tobytes()).decode("ascii"),
             "width": pixels.shape[1] * factor, "height": pixels.shape[0] * factor}
@@ -969,7 +970,7 @@ def render_page(result: dict[str, Any], ref_frames: Any, our_frames: Any) -> str
 
     ref, ours = _input(ref_frames, "reference frames")[0], _input(our_frames, "our frames")[0]
     if ref.shape != ours.shape or len(ref) != result.get("frames"):
-        raise ValueError(f"frames for the page: reference {list(ref.shape)}, ours {list(ours.shape)}; expected both "
+        raise InputError(f"frames for the page: reference {list(ref.shape)}, ours {list(ours.shape)}; expected both "
                          f"{[result.get(k) for k in ('frames', 'height', 'width', 'channels')]}, as analysed")
     s = result.get("summary") or {}
     inputs = result.get("inputs") or {}

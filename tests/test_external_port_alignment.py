@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers.models.transformers import transformer_helios
 
-from test_external_port_models import SEED, block_case, config, normal, port_model, run_port_block, state_dict, video
+from test_external_port_models import SEED, block_case, config, get, normal, port_model, run_port_block, state_dict, video
 from external_port import dit_block, embedding, rope, wan_vae  # noqa: E402  (sys.path set by the import above)
 
 Adapter = Callable[[np.ndarray, tuple], np.ndarray]  # (port output, reference shape) -> reference layout
@@ -131,7 +131,8 @@ def test_block_alignment():
     from reference_runners import block as reference_runner
 
     cfg = config("block")
-    reference = reference_runner.build_helios(cfg["transformer"], SEED)
+    typed = get("block").config_model.model_validate(cfg)  # the reference runner reads the validated config
+    reference = reference_runner.build_helios(typed.transformer, SEED)
     inputs = block_case(cfg, 1)
     _, port = port_model("block")
     dit_block.load(port, dit_block.convert_state_dict(state_dict(reference)))
@@ -149,7 +150,7 @@ def test_block_alignment():
     ref_paths = sorted({r for _, r, _, _ in table} - {"apply_rotary_emb_transposed", "dispatch_attention_fn"})
     functions = [(transformer_helios, "apply_rotary_emb_transposed"), (transformer_helios, "dispatch_attention_fn")]
     with capture_reference(reference, ref_paths, functions) as ref, torch.no_grad():
-        reference(**reference_runner.helios_block_inputs(cfg, inputs, torch.float32))
+        reference(**reference_runner.helios_block_inputs(typed, inputs, torch.float32))
     port_paths = sorted({p for p, _, _, _ in table} - {"rotate", "attention"})
     with capture_port(port, port_paths, [(rope, "rotate"), (dit_block, "attention")]) as got:
         mx.eval(run_port_block(cfg, port, inputs))

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from external_port import ConversionError, dit_block, embedding, rope, wan_vae  # noqa: E402
 
+from parity.registry import get  # noqa: E402
+
 ATOL = RTOL = 1e-5
 SEED = 0
 
@@ -162,10 +164,11 @@ def test_block_matches_helios_transformer_block(overrides, batch):
     cfg = config("block")
     cfg["transformer"].update(overrides)
     t = cfg["transformer"]
-    reference = reference_runner.build_helios(t, SEED)
+    typed = get("block").config_model.model_validate(cfg)  # the reference runner reads the validated config
+    reference = reference_runner.build_helios(typed.transformer, SEED)
     inputs = block_case(cfg, batch)
     with torch.no_grad():
-        ref = reference(**reference_runner.helios_block_inputs(cfg, inputs, torch.float32))
+        ref = reference(**reference_runner.helios_block_inputs(typed, inputs, torch.float32))
 
     port = dit_block.HeliosBlock(t["num_attention_heads"] * t["attention_head_dim"], t["ffn_dim"],
                                  t["num_attention_heads"], t["cross_attn_norm"], t["eps"], t["guidance_cross_attn"],
@@ -200,7 +203,7 @@ def diffusers_states() -> dict[str, dict[str, np.ndarray]]:
     from reference_runners import block, time_embedding, vae
 
     return {
-        "block": state_dict(block.build_helios(config("block")["transformer"], SEED)),
+        "block": state_dict(block.build_helios(get("block").load_config().transformer, SEED)),
         "embedding": state_dict(time_embedding.build(config("time_embedding")["transformer"], SEED),
                                 "condition_embedder."),
         "vae": state_dict(vae.build(config("vae")["vae"], SEED)),
