@@ -338,6 +338,7 @@ def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Seque
 
     return {
         "variant": setup.name,
+        "lineage": setup.component.lineage(),
         "config": setup.config.to_dict(),
         "seed": setup.seed,
         "weights": setup.weights_source,
