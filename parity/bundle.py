@@ -265,7 +265,7 @@ def compare_bundle(
     setup = prepare(comp, dtype, manifest["seed"], reference=False, weights=weights, config=config, progress=progress)
     setup.inputs = inputs
     setup.weights_source = manifest["weights"]["source"]
-    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned())
+    judge = Judge(comp.lineage(), dtype, thresholds, setup.alignment)
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))

@@ -17,9 +17,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from parity.capture import CallCounter, Capture, CaptureError, expand, match_pattern
-
-Names = str | Sequence[str]
+from parity.capture import CallCounter, Capture, CaptureError, Names, expand, match_pattern, name_for
 
 
 def _select(root: Any, patterns: Mapping[str, Any], what: str) -> list[tuple[str, Any, tuple[str, ...], Any]]:
@@ -33,15 +31,6 @@ def _select(root: Any, patterns: Mapping[str, Any], what: str) -> list[tuple[str
             raise CaptureError(f"reference has no submodule {pattern!r} to {what}")
         found += [(path, module, groups, spec) for path, module, groups in hits]
     return found
-
-
-def _layer_name(names: Names, groups: tuple[str, ...], call: int, path: str) -> str:
-    """The name of the ``call``-th call: a template, or the ``call``-th of a list of names."""
-    if isinstance(names, str):
-        return expand(names, groups, call)
-    if call >= len(names):
-        raise CaptureError(f"submodule {path!r} was called more than the {len(names)} time(s) expected")
-    return expand(names[call], groups, call)
 
 
 @contextmanager
@@ -60,12 +49,12 @@ def hook_modules(root: Any, capture: Capture, hooks: Mapping[str, Names], inputs
     try:
         for path, module, groups, names in _select(root, hooks, "hook"):
             def hook(_module, _args, output, path=path, groups=groups, names=names):
-                capture.add_tree(_layer_name(names, groups, counter.next(("out", path)), path), output)
+                capture.add_tree(name_for(names, groups, counter.next(("out", path)), f"submodule {path!r}"), output)
             handles.append(module.register_forward_hook(hook))
         for path, module, groups, names in _select(root, inputs or {}, "hook"):
             def pre_hook(_module, args, path=path, groups=groups, names=names):
                 if args:
-                    capture.add_tree(_layer_name(names, groups, counter.next(("in", path)), path), args[0])
+                    capture.add_tree(name_for(names, groups, counter.next(("in", path)), f"submodule {path!r}"), args[0])
             handles.append(module.register_forward_pre_hook(pre_hook))
         yield capture
     finally:

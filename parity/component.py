@@ -111,6 +111,9 @@ class Component(ABC):
     diffusers_config_file: ClassVar[str] = "config.json"
     #: Capture by module path (a port without taps); None: our ``mlx_impl.taps``.
     mlx_hooks: ClassVar["MlxHooks | None"] = None
+    #: Reference submodules (globs, in the state dict's namespace) whose outputs the reference records,
+    #: and their layer names: what ``MlxHooks(derive=True)`` matches the port's converter against.
+    reference_layers: ClassVar[Mapping[str, str]] = {}
 
     # --- identity and configuration -----------------------------------------------------------
     def lineage(self) -> list[str]:
@@ -234,13 +237,31 @@ class Component(ABC):
     def run_mlx(self, model: Any, inputs: dict[str, np.ndarray], dtype: str) -> None:
         """Run the MLX implementation; what it computes is captured by :meth:`mlx_capture`."""
 
-    def mlx_capture(self, model: Any, capture: "Capture") -> AbstractContextManager:
-        """Where the MLX side's tensors come from: ``mlx_hooks`` by module path, or our taps."""
+    def run_hooks(self, weights: dict[str, np.ndarray]) -> tuple["MlxHooks | None", Alignment]:
+        """This run's MLX hooks and alignment: the declared ones, completed (``MlxHooks(derive=True)``)
+        by what the port's weight converter says of ``weights`` (the reference's state dict), see
+        :func:`parity.alignment.derive`. Declared hooks and rules win over derived ones."""
+        from dataclasses import replace
+
+        from parity.alignment import derive
+
+        hooks, alignment = self.mlx_hooks, self.aligned()
+        if hooks is None or not hooks.derive:
+            return hooks, alignment
+        outputs, rules = derive(self.convert_weights, weights, self.reference_layers)
+        taken = {n for names in [*hooks.outputs.values(), *hooks.functions.values()]
+                 for n in ([names] if isinstance(names, str) else names)}
+        outputs = {m: n for m, n in outputs.items() if m not in hooks.outputs and n not in taken}
+        ruled = {r.ref for r in alignment.rules}
+        rules = [r for r in rules if r.ref not in ruled and r.ref not in taken]
+        return (replace(hooks, outputs={**outputs, **hooks.outputs}),
+                Alignment((*alignment.rules, *rules), alignment.exclusions))
+
+    def mlx_capture(self, model: Any, capture: "Capture", hooks: "MlxHooks | None" = None) -> AbstractContextManager:
+        """Where the MLX side's tensors come from: ``hooks`` by module path (a port without taps), or our taps."""
         from parity.capture_mlx import record_taps
 
-        if self.mlx_hooks is not None:
-            return self.mlx_hooks.capture(model, capture)
-        return record_taps(capture)
+        return hooks.capture(model, capture) if hooks is not None else record_taps(capture)
 
     # --- report sections ----------------------------------------------------------------------
     def views(self, run: RunContext) -> list[Section]:

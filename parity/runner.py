@@ -38,7 +38,7 @@ from parity.progress import SILENT, Progress
 from parity.report import build_report, terminal_summary, write_reports
 from parity.streaming import StreamCapture, StreamJudge, spool_dir, stats_predicate
 from parity.vocab import DTYPES, TRUTH_DTYPE, InputError
-from parity.weights import read_checkpoint, select_prefix
+from parity.weights import WeightLoadError, read_checkpoint, select_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 #: What ``keep_tensors`` may be: every tensor, those of failing layers, none (statistics and report only).
@@ -97,6 +97,8 @@ class Setup:
     weights_source: str
     name: str
     started: float
+    hooks: Any = None
+    alignment: Any = None
 
 
 def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, config_path: str | Path | None = None,
@@ -130,10 +132,22 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
         else:
             ref_model = comp.build_reference(config, seed)
             weights = comp.reference_weights(ref_model)
-    mlx_model = comp.build_mlx(config, comp.convert_weights(weights), dtype) if mlx else None
+    mlx_model = comp.build_mlx(config, _converted(comp, weights), dtype) if mlx else None
+    hooks, alignment = comp.run_hooks(weights)
     inputs = comp.make_inputs(config, seed)
     return Setup(comp, config, seed, dtype, inputs, ref_model if reference else None, mlx_model, source,
-                 variant(comp, overrides), started)
+                 variant(comp, overrides), started, hooks, alignment)
+
+
+def _converted(comp: Component, weights: dict[str, Any]) -> dict[str, Any]:
+    """The port's weight converter applied; its own errors become one line naming the component."""
+    try:
+        return comp.convert_weights(weights)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's converter: name it
+        raise WeightLoadError(f"{comp.name}: the weight converter rejected the reference's state dict: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 # --- running the sides ------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def run_mlx(setup: Setup, capture: Capture) -> Crash | None:
     comp = setup.component
 
     def run() -> None:
-        with comp.mlx_capture(setup.mlx_model, capture):
+        with comp.mlx_capture(setup.mlx_model, capture, setup.hooks):
             comp.run_mlx(setup.mlx_model, setup.inputs, setup.dtype)
     return _forward("MLX", capture, run)
 
@@ -302,7 +316,7 @@ def run_component(
     thresholds = thresholds or thresholds_mod.load()
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, progress=progress)
     comp = setup.component
-    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned())
+    judge = Judge(comp.lineage(), dtype, thresholds, setup.alignment)
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))

@@ -25,6 +25,7 @@ from diffusers.models.transformers import transformer_helios, transformer_wan
 
 from parity.capture import Capture, to_numpy
 from parity.capture_torch import hook_modules, record_calls, trace_locals
+from parity.components.block import BLOCK_LAYERS
 
 #: Norm / scale parameters diffusers initialises to ones or zeros; randomised so that a port
 #: ignoring one of them cannot pass (a checkpoint's values are never exactly 1).
@@ -47,16 +48,7 @@ class Reference:
         return nullcontext() if self.autocast is None else torch.autocast("cpu", dtype=getattr(torch, self.autocast))
 
 
-def _hooks() -> dict[str, str]:
-    hooks = {"norm1": "norm1"}
-    for attn in ("attn1", "attn2"):
-        hooks.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
-                      f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
-    hooks.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})
-    return hooks
-
-
-HOOKS = _hooks()
+HOOKS = BLOCK_LAYERS
 _MODULATION = ("shift_msa", "scale_msa", "gate_msa", "c_shift_msa", "c_scale_msa", "c_gate_msa")
 
 

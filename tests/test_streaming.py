@@ -28,7 +28,7 @@ class _FaultyRope(RopeComponent):
     def __init__(self, layer, scale):
         self.layer, self.scale = layer, scale
 
-    def mlx_capture(self, model, capture):
+    def mlx_capture(self, model, capture, hooks=None):
         return record_taps(_Scaling(capture, self.layer, self.scale))
 
 

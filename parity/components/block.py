@@ -47,6 +47,19 @@ def bf16_exact(x: np.ndarray) -> np.ndarray:
     return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
 
 
+def _block_layers() -> dict[str, str]:
+    layers = {"norm1": "norm1"}
+    for attn in ("attn1", "attn2"):
+        layers.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
+                       f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
+    layers.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})
+    return layers
+
+
+#: Submodules of a diffusers transformer block whose outputs the reference records, and their layer names.
+BLOCK_LAYERS = _block_layers()
+
+
 @dataclass
 class MlxBlock:
     """Our block and the config its inputs are laid out by."""
@@ -80,6 +93,7 @@ class BlockComponent(Component):
     name = "block"
     description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
     config_model = BlockConfig
+    reference_layers = BLOCK_LAYERS
     diffusers_config_key = "transformer"
     reference_submodule = "block"
     weights_prefix = "blocks.0."
@@ -184,9 +198,16 @@ class BlockComponent(Component):
                 "temb": temb, "rope": (cos, sin), "history_len": history_len}
 
     def run_mlx(self, model: Any, inputs: dict, dtype: str) -> None:
+        mx.eval(self.mlx_apply(model, inputs, dtype))
+
+    def mlx_apply(self, model: Any, inputs: dict, dtype: str, x: mx.array | None = None) -> mx.array:
+        """One application of the block to the tokens ``x`` ``(batch, history + main, dim)`` (default: the
+        inputs'), returning its output tokens; the drift run feeds them back. A port overrides this."""
         with muted():  # the RoPE tables are the rope component's
             args = self.mlx_inputs(model, inputs, dtype)
-        mx.eval(model.block(**args))
+        if x is not None:
+            args["x"] = x
+        return model.block(**args)
 
     # --- drift ---------------------------------------------------------------------------------
     def main_grid(self, config: Any, tokens: np.ndarray) -> np.ndarray:
@@ -194,13 +215,11 @@ class BlockComponent(Component):
         main = config.frames * config.height * config.width
         return tokens[:, -main:].reshape(tokens.shape[0], config.frames, config.height, config.width, -1)
 
-    def mlx_recurrent(self, model: MlxBlock, inputs: dict[str, np.ndarray], dtype: str, steps: int) -> list[np.ndarray]:
-        with muted():
-            args = self.mlx_inputs(model, inputs, dtype)
-        outputs = []
+    def mlx_recurrent(self, model: Any, inputs: dict[str, np.ndarray], dtype: str, steps: int) -> list[np.ndarray]:
+        x, outputs = None, []
         for _ in range(steps):
-            args["x"] = model.block(**args)
-            outputs.append(np.array(args["x"].astype(mx.float32)))
+            x = self.mlx_apply(model, inputs, dtype, x)
+            outputs.append(np.array(x.astype(mx.float32)))
         return outputs
 
     def extra_runs(self, run: RunContext) -> list[Section]:

@@ -51,6 +51,11 @@ class VaeComponent(Component):
     description = "AutoencoderKLWan (Wan2.1) encoder: chunked causal encode with feature cache, quant_conv, normalised latents"
     config_model = VaeConfig
     reference_runner = "vae"
+    #: Encoder blocks the reference records (per chunk: the ``chunk{i}/`` scope), and quant_conv.
+    reference_layers = {"encoder.conv_in": "conv_in", "encoder.down_blocks.*": "down_blocks.{0}",
+                        "encoder.mid_block.resnets.*": "mid_block.resnets.{0}",
+                        "encoder.mid_block.attentions.*": "mid_block.attentions.{0}",
+                        "encoder.norm_out": "norm_out", "encoder.conv_out": "conv_out", "quant_conv": "quant_conv"}
     diffusers_config_key = "vae"
 
     def make_inputs(self, config: VaeConfig, seed: int) -> dict[str, np.ndarray]:
