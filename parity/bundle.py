@@ -101,7 +101,7 @@ def dump_reference(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: exists and is not an empty folder; a bundle is never overwritten")
-    writable_folder(out.parent, "--out")
+    writable_folder(out.parent, f"--out {out}: its folder")
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, mlx=False, progress=progress)
     comp = setup.component
     weights = comp.reference_weights(setup.reference)

@@ -211,9 +211,12 @@ def parity_run(request: pytest.FixtureRequest, parity_dtype: str, parity_report_
         component = component if component is not None else default
         if component is None:
             raise TypeError("parity_run: name a component, or mark the test @pytest.mark.parity_component(name)")
-        result = run_component(component, dtype or parity_dtype, seed=seed, out_dir=parity_report_dir,
-                               overrides=overrides or None, thresholds=parity_thresholds,
-                               run_dir=_session_run_dir(request.config, parity_report_dir))
+        try:
+            result = run_component(component, dtype or parity_dtype, seed=seed, out_dir=parity_report_dir,
+                                   overrides=overrides or None, thresholds=parity_thresholds,
+                                   run_dir=_session_run_dir(request.config, parity_report_dir))
+        except InputError as err:  # a bad argument or file: one line, not the harness's traceback
+            pytest.fail(f"parity_run: {err}", pytrace=False)
         request.config.stash[_RUNS].append(result)
         request.node.user_properties.append(("parity_report", str(result.report_dir)))
         return result

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from parity import registry
+from parity import registry, threads
 from parity import thresholds as thresholds_mod
 from parity.capture import Capture
 from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
@@ -167,6 +167,7 @@ def run_reference(setup: Setup, dtype: str, capture: Capture) -> Crash | None:
     """The reference in ``dtype`` (``float64``: the truth) into ``capture``."""
     import torch
 
+    threads.apply_to_torch()
     comp = setup.component
 
     def run() -> None:
@@ -348,8 +349,6 @@ def run_component(
 
 def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = ()) -> dict[str, Any]:
     """The metadata block of a report."""
-    from parity import threads
-
     return {
         "variant": setup.name,
         "lineage": setup.component.lineage(),
@@ -440,8 +439,6 @@ def versions() -> dict[str, str]:
 
 def mlx_blas() -> str:
     """The BLAS behind MLX's float32 CPU matmuls and convolutions (see :mod:`parity.threads`)."""
-    from parity import threads
-
     return threads.mlx_blas()
 
 

@@ -52,7 +52,8 @@ def _cgroup_quota() -> float | None:
 
 
 def configure(threads: int | None = None) -> int:
-    """Choose the thread count (argument, ``PARITY_THREADS``, or the available cores) and apply it to torch."""
+    """Choose the thread count (argument, ``PARITY_THREADS``, or the available cores); torch gets it when it is
+    first used (:func:`apply_to_torch`), so a command that never runs a reference never imports torch."""
     if threads is None and os.environ.get(ENV_THREADS):
         value = os.environ[ENV_THREADS]
         if not value.isdigit() or int(value) < 1:
@@ -62,12 +63,19 @@ def configure(threads: int | None = None) -> int:
         raise InputError(f"--threads: expected a positive integer, got {threads!r}")
     count = threads or available_cores()
     _chosen.update(threads=count, source="--threads/PARITY_THREADS" if threads else "available cores")
-    try:
-        import torch
-    except ImportError:  # a comparison against a reference bundle runs without PyTorch
-        return count
-    torch.set_num_threads(count)
     return count
+
+
+def apply_to_torch() -> None:
+    """Give torch the chosen thread count (choosing it first if nobody has); a no-op after the first call."""
+    if "threads" not in _chosen:
+        configure()
+    if _chosen.get("torch_applied"):
+        return
+    import torch
+
+    torch.set_num_threads(_chosen["threads"])
+    _chosen["torch_applied"] = True
 
 
 @contextmanager
@@ -81,7 +89,8 @@ def single_threaded_blas() -> Iterator[None]:
 
 def current() -> dict[str, Any]:
     """The thread decision and the BLAS libraries in use, for report metadata."""
-    info: dict[str, Any] = {"available_cores": available_cores(), **_chosen}
+    info: dict[str, Any] = {"available_cores": available_cores(),
+                            **{k: v for k, v in _chosen.items() if k != "torch_applied"}}
     if sys.modules.get("torch") is not None:
         info["torch"] = sys.modules["torch"].get_num_threads()
     info["blas"] = _blas_pools()

@@ -90,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"parity: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # the user's file system: an output that cannot be written, a file that vanished
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"parity: error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("parity: interrupted (an unfinished run folder is kept, marked INCOMPLETE)", file=sys.stderr)
         return EXIT_INTERRUPTED
