@@ -37,8 +37,11 @@ def test_unknown_component_is_a_usage_error(capsys):
 
 
 def test_list_names_every_component(capsys):
+    from parity import registry
+
     assert cli.main(["list"]) == 0
-    assert "rope" in capsys.readouterr().out
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == registry.available() and {"rope", "vae", "block", "scheduler"} <= set(listed)
 
 
 def test_identical_captures_pass(limits):
@@ -188,5 +191,9 @@ def test_run_writes_dumps_manifest_and_reports(tmp_path):
 
 def test_bfloat16_run_dumps_the_float64_truth(tmp_path):
     result = run_component("rope", "bfloat16", out_dir=tmp_path)
-    assert (result.report_dir / "truth" / "helios" / "q_rot.npy").exists()
-    assert "budget_ratio" in result.layer("helios/q_rot").metrics
+    truth = load_npy(result.report_dir / "truth" / "helios" / "q_rot.npy")
+    ref = load_npy(result.report_dir / "ref" / "helios" / "q_rot.npy")
+    assert truth.dtype == np.float64 and np.array_equal(truth, result.context.truth["helios/q_rot"])
+    assert result.context.truth.dtypes["helios/q_rot"] == "float64" and not np.array_equal(truth, ref)
+    layer = result.layer("helios/q_rot")
+    assert layer.metrics["ref_err_vs_truth"] > 0 and layer.metrics["budget_ratio"] <= 2

@@ -101,8 +101,9 @@ def test_absolute_failure(limits):
 
 def test_baseline_regression_within_absolute_tolerance_fails(limits, tmp_path):
     known = saved(tmp_path, report(row("blk/a", max_abs=2e-6, rmse=1e-6)))
-    outcome = gate.evaluate(report(row("blk/a", max_abs=5e-6, rmse=1e-6)), limits, known, device="cpu")
-    assert 5e-6 < 1e-5  # still within the absolute tolerance
+    grown = row("blk/a", max_abs=5e-6, rmse=1e-6)
+    assert grown["verdict"] == "PASS" and grown["limits"]["abs_limit"] == pytest.approx(2e-5)  # within the tolerance
+    outcome = gate.evaluate(report(grown), limits, known, device="cpu")
     assert metrics_of(outcome) == [("blk/a", "max_abs", "baseline")]
     failure = outcome.failures[0]
     assert failure.baseline == 2e-6 and failure.threshold == "<= 4e-06 (2x baseline)"
