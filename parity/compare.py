@@ -8,7 +8,7 @@ on one side only, a shape mismatch, a NaN/Inf, a crash before a layer was produc
 comparison with nothing in it is a failure, never a skip. A layer an :class:`~parity.alignment.Alignment`
 excludes is EXCLUDED, with its reason.
 
-How a layer is judged (``parity.toml`` holds the numbers and their reasons):
+How a layer is judged (``parity/thresholds.toml`` holds the numbers and their reasons):
 
 - float32: ``max_abs <= atol + rtol * max|ref|``, ``cosine >= cosine_min``, ``max_rel <= max_rel``;
 - bfloat16: our RMSE against the float64 truth at most ``budget_ratio`` times the reference's own

@@ -18,7 +18,7 @@ A component declares
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
   and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application).
 
-Subclasses inherit thresholds (``parity.toml`` tables of their parents) as well.
+Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
 from __future__ import annotations
 

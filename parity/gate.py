@@ -5,7 +5,7 @@
 
 A component run fails the gate when
 
-- a layer fails its absolute thresholds (``parity.toml``: defaults per dtype, per component,
+- a layer fails its absolute thresholds (``parity/thresholds.toml``: defaults per dtype, per component,
   per layer glob): max abs, cosine, max rel, precision budget;
 - a layer is present on one side only, shapes differ, a tensor holds NaN/Inf, a tensor is
   empty, or a layer has no metrics;

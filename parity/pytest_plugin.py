@@ -25,7 +25,7 @@ Fixtures
         add); with several (``float32,bfloat16`` or ``all``) every test using it, or ``parity_run``,
         is parametrized over them.
     ``parity_report_dir``: ``--parity-report-dir``, default a temporary folder of the session.
-    ``parity_thresholds``: the harness's parity.toml, the project's own (``parity.toml`` or
+    ``parity_thresholds``: the harness's parity/thresholds.toml, the project's own (``parity.toml`` or
         ``[tool.parity]`` in ``pyproject.toml`` from the rootdir up), then ``--parity-thresholds``.
     ``assert_parity``: :func:`parity.assertions.assert_parity`.
 
@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-report-dir", default=None, metavar="DIR",
                     help="where parity_run writes reports (default: a temporary folder of the session)")
     group.addoption("--parity-thresholds", default=None, metavar="FILE",
-                    help="thresholds layered over the harness's parity.toml and your project's")
+                    help="thresholds layered over the harness's parity/thresholds.toml and your project's")
     group.addoption("--parity-component-module", action="append", default=[], metavar="FILE",
                     help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
     parser.addini("parity_component_modules", "component files (paths relative to the rootdir)", type="paths",

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from parity.vocab import DTYPES, InputError
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "parity.toml"
+DEFAULT_PATH = Path(__file__).resolve().parent / "thresholds.toml"
 
 
 class ThresholdsError(InputError):
@@ -174,7 +174,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def load(paths: str | Path | Sequence[str | Path] | None = None, known_components: Iterable[str] | None = None,
          base: bool = True) -> Thresholds:
-    """Parse, validate and layer thresholds files: the harness's ``parity.toml`` (unless ``base`` is False), then ``paths``."""
+    """Parse, validate and layer thresholds files: the harness's ``thresholds.toml`` (unless ``base`` is False), then ``paths``."""
     extra = [] if paths is None else [paths] if isinstance(paths, (str, Path)) else list(paths)
     files = ([DEFAULT_PATH] if base else []) + [Path(p) for p in extra]
     files = list(dict.fromkeys(p.resolve() for p in files))
@@ -209,12 +209,12 @@ def _check_dtype(path: Path, where: str, dtype: str) -> None:
 
 def project_file(start: str | Path) -> Path | None:
     """The user's thresholds next to their code: the nearest ``parity.toml``, or a ``pyproject.toml``
-    with a ``[tool.parity]`` table, in ``start`` or a parent folder; None when there is none (or it is ours)."""
+    with a ``[tool.parity]`` table, in ``start`` or a parent folder; None when there is none."""
     folder = Path(start).resolve()
     for candidate in (folder, *folder.parents):
         toml = candidate / "parity.toml"
         if toml.is_file():
-            return None if toml.resolve() == DEFAULT_PATH.resolve() else toml
+            return toml
         pyproject = candidate / "pyproject.toml"
         if pyproject.is_file() and "[tool.parity" in pyproject.read_text(errors="replace"):
             return pyproject

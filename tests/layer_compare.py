@@ -3,7 +3,7 @@
 Walks the layers in execution order (the reference's, with any layer only we record placed after
 its predecessor in our order) and judges each as the harness does in float32: present on both
 sides, same shape, finite, and ``max_abs <= atol + rtol * max|ref|``. The defaults are
-parity.toml's float32 ``atol = rtol = 1e-5``: two float32 implementations of the same math differ by
+parity/thresholds.toml's float32 ``atol = rtol = 1e-5``: two float32 implementations of the same math differ by
 reordered roundings, a few ulps (6e-8) per op over tens of ops, ~1e-6 relative; 1e-5 leaves an order
 of magnitude and still fails any formula change. For bf16, :func:`precision_budget` applies the
 harness's rule against a float64 run of the reference.
@@ -96,7 +96,7 @@ class Budget:
 
 
 def precision_budget(ref: Capture, ours: Capture, truth: Capture) -> list[Budget]:
-    """Per layer: our and the reference's bf16 error against the float64 truth (parity.toml's bf16 rule:
+    """Per layer: our and the reference's bf16 error against the float64 truth (parity/thresholds.toml's bf16 rule:
     ours <= 2 x the reference's own, or agreeing with the reference to float32 tolerance anyway)."""
     rows = []
     for name in ref.order:

@@ -54,14 +54,31 @@ def common_options() -> argparse.ArgumentParser:
 
 def thresholds_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", type=Path, metavar="FILE",
-                        help="thresholds layered over the harness's parity.toml and your project's "
+                        help="thresholds layered over the harness's parity/thresholds.toml and your project's "
                              "(parity.toml or [tool.parity] in pyproject.toml, found from the current folder)")
 
 
 def load_thresholds(args: argparse.Namespace) -> thresholds_mod.Thresholds:
-    """The harness's parity.toml, then the project's thresholds file, then ``--thresholds``."""
+    """The harness's thresholds, then the project's thresholds file, then ``--thresholds``."""
     files = [f for f in (thresholds_mod.project_file(Path.cwd()), getattr(args, "thresholds", None)) if f]
     return thresholds_mod.load(files, known_components=registry.available())
+
+
+def html_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-html", action="store_true", help="do not render report.html and the index")
+
+
+def write_html(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """Render the run folder's report.html pages and the index of ``--out`` (unless ``--no-html``)."""
+    from parity import html_report
+
+    if run_dir is None:
+        return
+    if args.no_html:
+        print(f"HTML not written (--no-html): parity report {run_dir}", file=sys.stderr)
+        return
+    html_report.write_html_reports(run_dir, index_link=True)
+    print(f"HTML: {run_dir}/*/report.html, index {html_report.write_index(Path(args.out))}")
 
 
 def progress(args: argparse.Namespace) -> Progress:

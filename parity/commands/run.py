@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from parity import html_report, registry
-from parity.commands import add, load_thresholds, non_negative_int, progress, thresholds_option
+from parity import registry
+from parity.commands import add, html_option, load_thresholds, non_negative_int, progress, thresholds_option, write_html
 from parity.dumps import writable_folder
 from parity.report import unchecked
 from parity.runner import KEEP_TENSORS, run_many
@@ -31,12 +30,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  FAIL {line}")
     for note in unchecked(set(chosen)):
         print(f"note: {note} (--dtype all runs both)")
-    if results and results[0].report_dir and not args.no_html:
-        run_dir = Path(results[0].report_dir).parent
-        html_report.write_html_reports(run_dir, index_link=True)
-        print(f"HTML: {run_dir}/*/report.html, index {html_report.write_index(Path(args.out))}")
-    elif results and results[0].report_dir:
-        print(f"HTML not written (--no-html): parity report {Path(results[0].report_dir).parent}", file=sys.stderr)
+    write_html(args, Path(results[0].report_dir).parent if results and results[0].report_dir else None)
     return EXIT_FAIL if failed else EXIT_PASS
 
 
@@ -57,6 +51,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="keep only statistics and a small sample of layers matching GLOB (repeatable; implies --streaming)")
     p.add_argument("--keep-tensors", choices=KEEP_TENSORS, default="all",
                    help="which .npy dumps the report folder keeps (default all; failing: those of failing layers)")
-    p.add_argument("--no-html", action="store_true", help="do not render report.html and the index")
+    html_option(p)
     thresholds_option(p)
     p.set_defaults(func=run)
