@@ -26,7 +26,7 @@ Schedule conventions (:func:`set_convention`), each run by diffusers' own ``set_
   after the grid, op for op: the same shift in float64, timesteps ``int64(sigmas * n)``, a final
   sigma 0 (Wan's ``"sigma_min"`` reads ``alphas_cumprod``, which its class never sets: not a
   convention). Its 1e-6 nudge, which Wan lacks, fires only for a shifted first sigma within 1e-6
-  of 1 (``flow_shift`` > ~1000): refused.
+  of 1 (``flow_shift`` > ~1000): refused (:func:`original_unsupported`).
 
 Teacher forcing:
 
@@ -48,7 +48,7 @@ per step ``step{k}/corrector`` (when it runs), ``step{k}/predictor``, ``step{k}/
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +91,16 @@ def original_grid(num_inference_steps: int, num_train_timesteps: int) -> np.ndar
     return np.linspace(sigma_max, sigma_min, num_inference_steps + 1).copy()[:-1]
 
 
+def original_unsupported(config: Mapping[str, Any]) -> str | None:
+    """Why diffusers' ``set_timesteps`` cannot run the ``"original"`` convention for this scheduler config, or None."""
+    if config["final_sigmas_type"] != "zero":
+        return f"Wan's code has a final sigma 0 only, got final_sigmas_type {config['final_sigmas_type']!r}"
+    first, shift = original_grid(1, config["num_train_timesteps"])[0], config["flow_shift"]
+    if abs(shift * first / (1 + (shift - 1) * first) - 1) < 1e-6:
+        return f"with flow_shift {shift} diffusers would nudge the first sigma by -1e-6, Wan's code does not"
+    return None
+
+
 def set_convention(scheduler: UniPCMultistepScheduler, convention: str, steps: int) -> None:
     """Set (and reset the solver to) ``convention``'s schedule of ``steps`` steps, with diffusers' ``set_timesteps``."""
     if convention == "diffusers":
@@ -98,16 +108,10 @@ def set_convention(scheduler: UniPCMultistepScheduler, convention: str, steps: i
         return
     if convention != "original":
         raise ValueError(f"schedule convention: expected one of {CONVENTIONS}, got {convention!r}")
-    config = scheduler.config
-    if config.final_sigmas_type != "zero":
-        raise ValueError(f"schedule convention 'original' has a final sigma 0 only, got final_sigmas_type "
-                         f"{config.final_sigmas_type!r}")
-    grid = original_grid(steps, config.num_train_timesteps)
-    shift = config.flow_shift
-    if abs(shift * grid[0] / (1 + (shift - 1) * grid[0]) - 1) < 1e-6:
-        raise ValueError(f"schedule convention 'original' with flow_shift {shift}: diffusers would nudge the first "
-                         "sigma by -1e-6, Wan's code does not")
-    scheduler.set_timesteps(sigmas=grid)
+    why = original_unsupported(scheduler.config)
+    if why:
+        raise ValueError(f"schedule convention 'original': {why}")
+    scheduler.set_timesteps(sigmas=original_grid(steps, scheduler.config.num_train_timesteps))
 
 
 def set_schedule(scheduler: UniPCMultistepScheduler, sigmas: np.ndarray, timesteps: np.ndarray) -> None:

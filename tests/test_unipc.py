@@ -253,9 +253,11 @@ def test_set_timesteps_sigmas_shifts_the_given_sigmas_again():
 
 
 def test_original_convention_refuses_a_shift_where_diffusers_would_nudge():
-    reference = ReferenceScheduler.from_config({**DIFFUSERS, "flow_shift": 5000.0})
-    with pytest.raises(ValueError, match="nudge"):
-        R.set_convention(reference, "original", 8)
+    """Beyond flow_shift ~1000 diffusers' -1e-6 nudge would fire on Wan's grid: not the original convention."""
+    assert R.original_unsupported({**DIFFUSERS, "flow_shift": 1000.0}) is None
+    assert "nudge" in R.original_unsupported({**DIFFUSERS, "flow_shift": 5000.0})
+    with pytest.raises(ConfigError, match="reference_schedule 'original': with flow_shift 5000.0 diffusers would nudge"):
+        run(reference_schedule="original", scheduler={"flow_shift": 5000.0})
 
 
 # --- faults ----------------------------------------------------------------------------------

@@ -64,6 +64,18 @@ def test_bfloat16_casts_the_conditioning_only():
     assert result.layer("image_latents").metrics["max_abs"] < 1e-5  # a float32 VAE on both sides
 
 
+def test_diffusers_vae_config_file(tmp_path):
+    """`--config` takes a diffusers VAE folder; its config.json replaces the vae part."""
+    from diffusers import AutoencoderKLWan
+
+    tiny = registry.get("wan_i2v_conditioning").load_config().vae.to_dict()
+    AutoencoderKLWan.from_config({**tiny, "z_dim": 2, "latents_mean": [0.1, -0.2], "latents_std": [1.5, 2.0]}
+                                 ).save_config(tmp_path)
+    result = run_component("wan_i2v_conditioning", "float32", out_dir=None, config_path=tmp_path)
+    assert result.verdict == "PASS", result.first_divergence
+    assert result.layer("conditioning").shape_ref == (1, 2, 2, 2, 2 + 4 + 2)
+
+
 def test_reference_is_the_installed_pipeline_source():
     fn = R.pipeline_functions().prepare_latents
     assert fn.__code__.co_filename.endswith("pipelines/wan/pipeline_wan_i2v.py")

@@ -57,10 +57,12 @@ class UniPCConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _conventions(self) -> "UniPCConfig":
+        from reference_runners.unipc import original_unsupported
+
+        why = original_unsupported(self.scheduler.to_dict())
         for key in ("mlx_schedule", "reference_schedule"):
-            if getattr(self, key) == "original" and self.scheduler.final_sigmas_type != "zero":
-                raise ValueError(f"{key} 'original': Wan's code has a final sigma 0 only, got scheduler.final_sigmas_type "
-                                 f"{self.scheduler.final_sigmas_type!r}")
+            if getattr(self, key) == "original" and why:
+                raise ValueError(f"{key} 'original': {why}")
         return self
 
 
@@ -130,16 +132,13 @@ class UniPCSchedulerComponent(Component):
         reference = self.cast_reference(run.reference, "float32")
         others = {}
         for convention in runner.CONVENTIONS:
-            if convention != run.config.reference_schedule and self._convention_applies(run.config, convention):
+            applies = convention != "original" or not runner.original_unsupported(run.config.scheduler.to_dict())
+            if convention != run.config.reference_schedule and applies:
                 sigmas, timesteps = runner.convention_schedule(reference, convention)
                 others[convention] = capture = Capture("reference")
                 capture.add("sigmas", sigmas)
                 capture.add("timesteps", timesteps)
         return schedule_section(run, SCHEDULE, run.config.reference_schedule, others)
-
-    @staticmethod
-    def _convention_applies(config: UniPCConfig, convention: str) -> bool:
-        return convention != "original" or config.scheduler.final_sigmas_type == "zero"
 
     def teacher_forcing(self, run: RunContext) -> Section:
         """Each step run from the reference's own state on both sides, judged as layers are."""
