@@ -280,7 +280,8 @@ def compare_bundle(
                              result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
                              judge.lineage)
         context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
-                             result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp})
+                             result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp},
+                             comparison=comparison)
         comparison.sections = sections(setup, context, bool(result_sides.crashes), extra_runs=False)
         if comp.has_extra_runs():
             note = "not computed from a reference bundle: it runs the reference model, which is not here"

@@ -40,6 +40,7 @@ from parity.vocab import InputError
 if TYPE_CHECKING:
     from parity.capture import Capture
     from parity.capture_mlx import MlxHooks
+    from parity.compare import Comparison
     from parity.thresholds import Thresholds
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
@@ -71,6 +72,7 @@ class RunContext:
     """Everything a component's sections may need after the main comparison.
 
     ``reference`` is None in a comparison against a reference bundle (no PyTorch there).
+    ``comparison`` holds the judged layers: a section may summarise their verdicts, never re-judge them.
     """
 
     component: "Component"
@@ -85,6 +87,7 @@ class RunContext:
     truth: "Capture | None" = None
     thresholds: "Thresholds | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    comparison: "Comparison | None" = None
 
 
 class Component(ABC):
