@@ -25,7 +25,7 @@ from diffusers.models.transformers import transformer_helios, transformer_wan
 
 from parity.capture import Capture, to_numpy
 from parity.capture_torch import hook_modules, record_calls, trace_locals
-from parity.components.block import BLOCK_LAYERS
+from reference_runners.layers import BLOCK_LAYERS
 
 #: Norm / scale parameters diffusers initialises to ones or zeros; randomised so that a port
 #: ignoring one of them cannot pass (a checkpoint's values are never exactly 1).

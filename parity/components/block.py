@@ -36,6 +36,7 @@ from parity.component import Component, RunContext, Section
 from parity.components._diffusers import HeliosTransformerConfig
 from parity.config import ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt
 from parity.weights import strict_load
+from reference_runners.layers import BLOCK_LAYERS
 
 
 def bf16_exact(x: np.ndarray) -> np.ndarray:
@@ -45,19 +46,6 @@ def bf16_exact(x: np.ndarray) -> np.ndarray:
     measures arithmetic alone, not the rounding of the inputs (which would mask small faults).
     """
     return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
-
-
-def _block_layers() -> dict[str, str]:
-    layers = {"norm1": "norm1"}
-    for attn in ("attn1", "attn2"):
-        layers.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
-                       f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
-    layers.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})
-    return layers
-
-
-#: Submodules of a diffusers transformer block whose outputs the reference records, and their layer names.
-BLOCK_LAYERS = _block_layers()
 
 
 @dataclass
