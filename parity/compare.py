@@ -20,7 +20,7 @@ How a layer is judged (``parity/thresholds.toml`` holds the numbers and their re
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -158,9 +158,13 @@ def _check_limits(result: LayerResult, values: Mapping[str, Any], tol: Tolerance
     limit = tol.abs_limit(ref_max_abs)
     if limit is not None:
         result.limits["abs_limit"] = limit
+        calibrated = limit != tol.global_abs_limit(ref_max_abs)
+        if calibrated:
+            result.limits["calibrated"] = [*result.limits.get("calibrated", []), "abs_limit"]
+        why = "calibrated on this layer's noise" if calibrated else "atol + rtol * max|ref|"
         if not values["max_abs"] <= limit:
             result.fail("absolute", f"{label}max_abs", values["max_abs"], limit,
-                        f"{label.replace('_', ' ')}max abs {fmt(values['max_abs'])} > {fmt(limit)} (atol + rtol * max|ref|)")
+                        f"{label.replace('_', ' ')}max abs {fmt(values['max_abs'])} > {fmt(limit)} ({why})")
         for key, difference in (differences or {}).items():
             if not difference <= limit:
                 result.fail("absolute", key, difference, limit, f"{key} differs by {fmt(difference)} > {fmt(limit)}")
@@ -184,17 +188,21 @@ def _check_nonfinite(result: LayerResult, counts: Mapping[str, int]) -> bool:
 
 
 def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, prefix: str = "") -> None:
-    """The bf16 precision budget on the ``{prefix}budget_ratio`` metrics: over ``tol.budget_ratio`` fails,
+    """The bf16 precision budget on the ``{prefix}budget_ratio`` metrics: over ``tol.budget_limit()`` fails,
     unless excused (we agree with the reference to the float32 limits); then, where the reference
     computes the tap exactly, more than one rounding of its value fails (``rounding_excess``)."""
     m = result.metrics
     dtypes = "" if result.dtype_ref == result.dtype_mlx else f" (ours {result.dtype_mlx}, reference {result.dtype_ref})"
-    if tol.budget_ratio is not None:
-        result.limits["budget_ratio"] = tol.budget_ratio
+    budget = tol.budget_limit()
+    if budget is not None:
+        result.limits["budget_ratio"] = budget
+        calibrated = budget != tol.budget_ratio
+        if calibrated:
+            result.limits["calibrated"] = [*result.limits.get("calibrated", []), "budget_ratio"]
         ratio = m[f"{prefix}budget_ratio"]
         error = m.get(f"{prefix}max_abs", m.get("max_abs"))
-        limit = exact.abs_limit(m.get("ref_max_abs") or 0.0) if exact is not None else None
-        if ratio <= tol.budget_ratio:
+        limit = exact.global_abs_limit(m.get("ref_max_abs") or 0.0) if exact is not None else None
+        if ratio <= budget:
             pass
         elif limit is not None and error is not None and error <= limit:
             m[f"{prefix}budget_excused"] = True  # agrees with the reference to float32 tolerance
@@ -202,8 +210,9 @@ def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, 
             rounding = m.get(f"{prefix}rounding_err")
             floor = f", floored at one {result.dtype_mlx} rounding {fmt(rounding)}" if rounding is not None else ""
             where = "on the sample " if prefix else ""
-            result.fail("absolute", f"{prefix}budget_ratio", ratio, tol.budget_ratio,
-                        f"precision budget {where}{fmt(ratio)} > {tol.budget_ratio:g}{dtypes}: our error vs float64 "
+            result.fail("absolute", f"{prefix}budget_ratio", ratio, budget,
+                        f"precision budget {where}{fmt(ratio)} > {fmt(budget)}{' (calibrated)' if calibrated else ''}"
+                        f"{dtypes}: our error vs float64 "
                         f"{fmt(m.get(f'{prefix}err_vs_truth'))}, the reference's "
                         f"{fmt(m.get(f'{prefix}ref_err_vs_truth'))}{floor}")
     excess = m.get(f"{prefix}rounding_excess")
@@ -337,10 +346,14 @@ class Judge:
     dtype: str
     thresholds: Thresholds
     alignment: Alignment = field(default_factory=Alignment)
+    #: Per-layer limits from ``parity calibrate`` for this dtype (layer -> Tolerance fields), see :mod:`parity.calibration`.
+    calibrated: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def tolerances(self, name: str) -> tuple[Tolerance, Tolerance | None]:
-        """The tolerance of layer ``name``, and in reduced precision its float32 tolerance too."""
+        """The tolerance of layer ``name`` (calibrated where it was), and in reduced precision its float32 tolerance too."""
         tol = self.thresholds.for_layer(self.lineage, self.dtype, name)
+        if name in self.calibrated:
+            tol = replace(tol, **self.calibrated[name])
         exact = self.thresholds.for_layer(self.lineage, "float32", name) if self.dtype != "float32" else None
         return tol, exact
 
@@ -370,7 +383,8 @@ def _stats(capture: Capture, name: str) -> dict[str, Any]:
 def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: Thresholds,
             alignment: Alignment | Mapping[str, Any] | None = None, truth: Capture | None = None,
             judged: Mapping[str, LayerResult] | None = None, crash: Crash | None = None,
-            lineage: Sequence[str] | None = None, partial: bool = False) -> Comparison:
+            lineage: Sequence[str] | None = None, partial: bool = False,
+            calibrated: Mapping[str, Mapping[str, float]] | None = None) -> Comparison:
     """Compare every reference layer with its aligned MLX layer.
 
     ``lineage``: the component's name and its parents' (thresholds are inherited; default: just
@@ -378,9 +392,10 @@ def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: 
     (streaming runs judge each layer as its MLX tensor arrives); those are used as they are.
     ``crash``: a forward that raised; the layers it never produced fail as missing, naming where
     it stopped. ``partial``: the captures hold a subset of the component's layers (a section's own
-    run, e.g. teacher forcing), so a threshold layer glob need not match any of them.
+    run, e.g. teacher forcing), so a threshold layer glob need not match any of them. ``calibrated``:
+    per-layer limits from ``parity calibrate`` (see :class:`Judge`).
     """
-    judge = Judge(list(lineage or [component]), dtype, thresholds, Alignment.of(alignment))
+    judge = Judge(list(lineage or [component]), dtype, thresholds, Alignment.of(alignment), calibrated or {})
     judged = judged or {}
     alignment = judge.alignment
     alignment.check_exclusions(ref.order, mlx.order)

@@ -16,7 +16,9 @@ A component declares
 - ``alignment`` (reference layer -> MLX layer, adapters, exclusions, :mod:`parity.alignment`)
   and ``mlx_hooks`` (capture by module path for a port without taps, :mod:`parity.capture_mlx`);
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
-  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application).
+  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
+- ``second_inputs``: what a second call of the same MLX model object sees (state carried between
+  calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs.
 
 Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
@@ -112,6 +114,12 @@ class Component(ABC):
     diffusers_config_key: ClassVar[str | None] = None
     #: The file a diffusers model folder keeps that config in.
     diffusers_config_file: ClassVar[str] = "config.json"
+    #: Call the MLX model a second time, on :meth:`second_inputs`, in float32 runs (``call2/...`` layers).
+    second_call: ClassVar[bool] = True
+    #: The coverage matrix: config overrides, one per cell, each run in float32 by the gate (and
+    #: ``parity run --coverage``) as a variant ``name[key=value]``: code paths the default config
+    #: never takes (first steps, one frame, odd sizes, the ends of a table, history off).
+    coverage: ClassVar[tuple[Mapping[str, Any], ...]] = ()
     #: Capture by module path (a port without taps); None: our ``mlx_impl.taps``.
     mlx_hooks: ClassVar["MlxHooks | None"] = None
     #: Reference submodules (globs, in the state dict's namespace) whose outputs the reference records,
@@ -172,6 +180,11 @@ class Component(ABC):
     @abstractmethod
     def make_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
         """Deterministic inputs shared by both sides (float32/float64/int numpy arrays)."""
+
+    def second_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
+        """Inputs of the second call (state carried between calls, see :func:`parity.runner.second_call`):
+        same shapes, other values. Override to also vary what a port might cache (positions, timesteps)."""
+        return self.make_inputs(config, seed + 1)
 
     # --- reference side (PyTorch, real diffusers modules) -------------------------------------
     @abstractmethod

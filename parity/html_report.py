@@ -93,6 +93,7 @@ METRIC_COLUMNS = [
     ("rmse", "RMSE", "g", "root mean square of MLX - reference"),
     ("snr_db", "SNR dB", "db", "10 log10(|ref|^2 / |MLX - ref|^2)"),
     ("budget_ratio", "budget ratio", "g", "our error vs float64 truth / the reference's own bf16 error"),
+    ("budget_limit", "calibrated limit", "g", "the budget ratio limit calibrated on this layer's noise (parity calibrate)"),
     ("err_vs_truth", "MLX vs truth", "g", "RMSE of MLX against the float64 reference"),
     ("ref_err_vs_truth", "ref vs truth", "g", "RMSE of the bf16 reference against its float64 run"),
 ]
@@ -100,8 +101,11 @@ METRIC_COLUMNS = [
 
 def _value(row: dict[str, Any], key: str) -> Any:
     """A metric of a row; ``abs_limit`` lives among the applied limits (schema 2)."""
+    limits = row.get("limits") or {}
     if key == "abs_limit":
-        return (row.get("limits") or {}).get("abs_limit", row.get("abs_limit"))
+        return limits.get("abs_limit", row.get("abs_limit"))
+    if key == "budget_limit":
+        return limits.get("budget_ratio") if "budget_ratio" in limits.get("calibrated", []) else None
     return row.get(key)
 
 
@@ -140,9 +144,12 @@ def layer_table(layers: list[dict[str, Any]], first: str | None) -> dict[str, An
             tip = ""
             if key == "budget_ratio" and row.get("budget_excused"):
                 tip = "excused: agrees with the reference to float32 tolerance"
-            c = num_cell(value, style, bad, tip)
+            calibrated = key == "abs_limit" and "abs_limit" in (row.get("limits") or {}).get("calibrated", [])
+            c = num_cell(value, style, bad, tip or ("calibrated on this layer's noise" if calibrated else ""))
             if tip:
                 c["text"] += " (excused)"
+            elif calibrated:
+                c["text"] += " (cal.)"
             cells.append(c)
         nonfinite = {k: int(row.get(k) or 0) for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx")}
         total = sum(nonfinite.values())
@@ -286,6 +293,16 @@ def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
     return max(set(limits), key=limits.count) if limits else None
 
 
+def _calibration_text(calibration: dict[str, Any] | None) -> str:
+    """Which per-layer limits the run used (``parity calibrate``), or why none."""
+    if not calibration:
+        return "none (global limits)"
+    if calibration.get("note"):
+        return f"not used: {calibration['note']}"
+    return (f"{calibration.get('layers')} layers calibrated over {calibration.get('seeds')} seeds "
+            f"({calibration.get('rule')}), {calibration.get('path')}")
+
+
 def _crash_label(crash: dict[str, Any]) -> str:
     return f"{crash.get('side')} crashed after {crash.get('after') or 'no layer'}"
 
@@ -348,6 +365,7 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
             ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform") or "–"),
             ("platform", versions.get("platform", "–")),
             ("duration", f"{report['seconds']} s" if report.get("seconds") is not None else "–"),
+            ("calibration", _calibration_text(report.get("calibration"))),
             ("report folder", report.get("report_dir") or str(report_dir))]
     files = [(name, name) for name in ("report.json", "report.csv", "manifest.json") if (report_dir / name).is_file()]
     html = _env().get_template("report.html.j2").render(

@@ -44,22 +44,36 @@ class Tolerance:
     rounding_excess: float | None = None
     drift_ratio: float | None = None
     baseline_factor: float | None = None
+    #: Per-layer limits from ``parity calibrate`` (never set in a file): max abs <= this x max|ref|
+    #: (float32), budget ratio <= this (bf16); they only ever tighten the limits above.
+    calibrated_rel: float | None = None
+    calibrated_budget: float | None = None
 
     def merged(self, override: "Tolerance") -> "Tolerance":
         return replace(self, **{k: v for k, v in vars(override).items() if v is not None})
 
     def abs_limit(self, ref_max_abs: float) -> float | None:
+        """``atol + rtol * max|ref|`` (or the calibrated limit where tighter), or None without any."""
+        limits = [self.global_abs_limit(ref_max_abs),
+                  self.calibrated_rel * ref_max_abs if self.calibrated_rel is not None else None]
+        return min((x for x in limits if x is not None), default=None)
+
+    def global_abs_limit(self, ref_max_abs: float) -> float | None:
         """``atol + rtol * max|ref|``, or None without either."""
         if self.atol is None and self.rtol is None:
             return None
         return (self.atol or 0.0) + (self.rtol or 0.0) * ref_max_abs
+
+    def budget_limit(self) -> float | None:
+        """The budget ratio limit: ``budget_ratio``, or the calibrated one where tighter."""
+        return min((x for x in (self.budget_ratio, self.calibrated_budget) if x is not None), default=None)
 
     def applied(self) -> dict[str, float]:
         """The limits that are set, as report data."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-KEYS = tuple(Tolerance.__dataclass_fields__)
+KEYS = tuple(k for k in Tolerance.__dataclass_fields__ if not k.startswith("calibrated_"))
 #: Keys with a lower bound other than 0: a baseline factor below 1 would flag an unchanged run.
 MINIMUM = {"baseline_factor": 1.0}
 

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = dtypes(args.dtype)
     results = run_many(names, chosen, out_dir=args.out, seed=args.seed, config_path=args.config,
                        weights_path=args.weights, streaming=args.streaming, stats_only=args.stats_only,
-                       thresholds=limits, keep_tensors=args.keep_tensors, progress=progress(args))
+                       thresholds=limits, keep_tensors=args.keep_tensors, progress=progress(args),
+                       coverage=args.coverage)
     failed = [f"{r.report.get('variant') or r.comparison.component} {r.comparison.dtype} "
               f"(first divergence: {r.first_divergence})" for r in results if r.verdict != "PASS"]
     print(f"\n{len(results) - len(failed)}/{len(results)} component runs pass" + (":" if failed else ""))
@@ -51,6 +52,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="keep only statistics and a small sample of layers matching GLOB (repeatable; implies --streaming)")
     p.add_argument("--keep-tensors", choices=KEEP_TENSORS, default="all",
                    help="which .npy dumps the report folder keeps (default all; failing: those of failing layers)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also run each component's coverage cells (config variants, float32), as the gate does")
     html_option(p)
     thresholds_option(p)
     p.set_defaults(func=run)

@@ -80,6 +80,8 @@ class BlockConfig(GridConfig):
 class BlockComponent(Component):
     name = "block"
     description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
+    #: history off; more history than frames; an odd grid
+    coverage = ({"history_frames": 0}, {"history_frames": 3, "frames": 1}, {"height": 5, "width": 7})
     config_model = BlockConfig
     reference_layers = BLOCK_LAYERS
     diffusers_config_key = "transformer"

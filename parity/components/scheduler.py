@@ -81,6 +81,9 @@ class SchedulerConfig(ComponentConfig):
 class SchedulerComponent(Component):
     name = "scheduler"
     description = "HeliosDMDScheduler: per-stage schedules, dynamic time shift, DMD steps and pyramid stage transitions"
+    #: one and four steps per stage; the amplified first chunk; a single stage
+    coverage = ({"steps": [1, 1, 1]}, {"steps": [4, 3, 1]}, {"is_amplify_first_chunk": True},
+                {"scheduler": {"stages": 1, "stage_range": [0, 1]}, "steps": [3]})
     config_model = SchedulerConfig
     reference_runner = "scheduler"
     diffusers_config_key = "scheduler"

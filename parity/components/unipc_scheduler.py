@@ -70,6 +70,8 @@ class UniPCSchedulerComponent(Component):
     name = "unipc_scheduler"
     description = ("UniPCMultistepScheduler (Wan2.1/2.2, flow matching): schedule vs a named convention, predictor "
                    "and corrector per step on the port's schedule, teacher-forced local errors")
+    #: one, two and three steps (first-order start, lower-order final); third order
+    coverage = ({"steps": 1}, {"steps": 2}, {"steps": 3}, {"scheduler": {"solver_order": 3}})
     config_model = UniPCConfig
     reference_runner = "unipc"
     diffusers_config_key = "scheduler"

@@ -49,6 +49,8 @@ def encoder_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class VaeComponent(Component):
     name = "vae"
     description = "AutoencoderKLWan (Wan2.1) encoder: chunked causal encode with feature cache, quant_conv, normalised latents"
+    #: one frame (first chunk only), two chunks, four chunks; a non-square size with odd latents
+    coverage = ({"frames": 1}, {"frames": 5}, {"frames": 13}, {"height": 24, "width": 40})
     config_model = VaeConfig
     reference_runner = "vae"
     #: Encoder blocks the reference records (per chunk: the ``chunk{i}/`` scope), and quant_conv.

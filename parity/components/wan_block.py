@@ -20,6 +20,8 @@ class WanBlockConfig(GridConfig):
 class WanBlockComponent(BlockComponent):
     name = "wan_block"
     description = "WanTransformerBlock: modulation, self-attention with RoPE, text cross-attention, FFN"
+    #: one frame; an odd grid
+    coverage = ({"frames": 1}, {"height": 5, "width": 7})
     config_model = WanBlockConfig
     keep_fp32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     autocast_fp32 = (*keep_fp32, "norm_q", "norm_k")

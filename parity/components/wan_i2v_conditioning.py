@@ -55,6 +55,8 @@ class WanI2VConditioningComponent(Component):
     name = "wan_i2v_conditioning"
     description = ("WanImageToVideoPipeline conditioning: first-frame mask, VAE image latents, and the "
                    "[latents, mask, image latents] transformer input")
+    #: the image alone (one frame); three latent frames; a non-square size
+    coverage = ({"num_frames": 1}, {"num_frames": 9}, {"height": 24, "width": 40})
     config_model = WanI2VConditioningConfig
     reference_runner = "wan_i2v"
     diffusers_config_key = "vae"
