@@ -177,4 +177,5 @@ def frame_stats_curves(run: RunContext, layer: str, name: str, title: str, xlabe
         series[f"{label} mean"] = stats["mean"].mean(axis=0).tolist()
         series[f"{label} std"] = stats["std"].mean(axis=0).tolist()
     return Section(name, title, "curves",
-                   {"x": list(range(found[0].shape[2])), "series": series, "xlabel": xlabel, "ylabel": "value"})
+                   {"x": list(range(found[0].shape[2])), "series": series, "xlabel": xlabel, "ylabel": "value"},
+                   note="MLX is drawn over the reference: where only the MLX lines show, the two coincide.")
