@@ -16,7 +16,7 @@ import numpy as np
 
 from parity.dumps import write_text
 from parity.video import FINDING_SERIES, LEVEL, PERIOD, consecutive_runs, load_input
-from parity.vocab import InputError
+from parity.vocab import InputError, fmt
 
 #: The page written by :func:`write_page`.
 PAGE_NAME = "video.html"
@@ -26,6 +26,15 @@ THUMB_SIDE = 192
 MAX_STRIP_SEAMS, MAX_STRIP_WORST = 8, 8
 #: Frames larger than a thumbnail also get a crop of the difference at full resolution, this many px a side.
 CROP_SIDE = 64
+
+
+def short_names(ref: str, ours: str) -> tuple[str, str]:
+    """The two paths without the folders they share (``ref/frames.npy``, ``mlx/frames.npy`` of one run)."""
+    a, b = Path(ref).parts, Path(ours).parts
+    common = 0
+    while common < min(len(a), len(b)) - 1 and a[common] == b[common]:
+        common += 1
+    return str(Path(*a[common:])), str(Path(*b[common:]))
 
 
 def _png(image: np.ndarray) -> dict[str, Any]:
@@ -124,7 +133,8 @@ def _strip(result: dict[str, Any], ref: np.ndarray, ours: np.ndarray) -> list[di
     for i in sorted(f for f in reasons if 0 <= f < len(ref)):
         diff = ours[i].astype(np.float32) - ref[i]
         gain = _gain(diff)
-        size = f"error RMS {np.sqrt(np.mean(np.square(diff, dtype=np.float64))) / LEVEL:.2g}, max {np.abs(diff).max() / LEVEL:.2g} levels"
+        rms = float(np.sqrt(np.mean(np.square(diff, dtype=np.float64))))
+        size = f"error RMS {fmt(rms / LEVEL)}, max {fmt(float(np.abs(diff).max()) / LEVEL)} levels"
         rows.append({"frame": i, "why": "; ".join(reasons[i]), "gain": gain, "size": size, "ref": _png(ref[i]),
                      "ours": _png(ours[i]), "diff": _png(0.5 + diff * gain), **_crop(diff, gain)})
     return rows
@@ -243,7 +253,7 @@ def render_page(result: dict[str, Any], ref_frames: Any, our_frames: Any) -> str
     from datetime import datetime, timezone
 
     from parity import plots
-    from parity.html_report import _env, _json, fmt
+    from parity.html_report import _env, _json
 
     ref, ours = load_input(ref_frames, "reference frames")[0], load_input(our_frames, "our frames")[0]
     if ref.shape != ours.shape or len(ref) != result.get("frames"):
@@ -282,7 +292,7 @@ def render_page(result: dict[str, Any], ref_frames: Any, our_frames: Any) -> str
                "rule": v.get("value_rule", ""), "reason": v.get("reason", "")} for k, v in (result.get("limits") or {}).items()]
     nulls = [(k, v.get("count"), v.get("reason")) for k, v in (result.get("nulls") or {}).items()]
     return _env().get_template("video.html.j2").render(
-        verdict=result.get("verdict", "UNKNOWN"), ref_name=name("ref"), our_name=name("ours"),
+        verdict=result.get("verdict", "UNKNOWN"), names=short_names(name("ref"), name("ours")),
         findings=[{"kind": f.get("kind"), "frames": _frame_list(f.get("frames") or []), "message": f.get("message")}
                   for f in findings],
         findings_table=_findings_table(result), cards=cards, meta=meta,

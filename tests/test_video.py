@@ -295,6 +295,12 @@ def test_page_is_self_contained_and_escapes_names(tmp_path, ref):
         video_page.write_page(result, tmp_path / "out", ref[:4], ours[:4])
 
 
+def test_page_names_the_videos_by_what_tells_them_apart():
+    assert video_page.short_names("/r/run/ref/frames.npy", "/r/run/mlx/frames.npy") == ("ref/frames.npy", "mlx/frames.npy")
+    assert video_page.short_names("/x/a.mp4", "/x/a.mp4") == ("a.mp4", "a.mp4")
+    assert video_page.short_names("a.mp4", "/y/b.mp4") == ("a.mp4", "/y/b.mp4")
+
+
 def test_large_frames_get_a_full_resolution_crop_where_the_error_is():
     diff = np.zeros((240, 320, 3), np.float32)
     diff[150:170, 40:60] = 0.1 * checker(20)  # a patch of checkerboard far from the centre: the crop centres on it

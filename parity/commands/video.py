@@ -8,7 +8,7 @@ from typing import Any
 from parity import video, video_page
 from parity.commands import add, positive_int
 from parity.dumps import writable_folder
-from parity.vocab import EXIT_FAIL, EXIT_PASS
+from parity.vocab import EXIT_FAIL, EXIT_PASS, fmt
 
 
 def frame_list(text: str) -> list[int]:
@@ -26,20 +26,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     """What the terminal shows: verdict, what was compared, the chunks, then one line per finding."""
     s = result["summary"]
     seams = result["seams"]
-    lines = [f"{result['verdict']}: {result['inputs']['ours']['path']} vs {result['inputs']['ref']['path']} "
-             f"(reference), {result['frames']} frames of {result['width']}x{result['height']} px",
+    lines = [f"{result['verdict']}: ours {result['inputs']['ours']['path']} vs reference {result['inputs']['ref']['path']}, "
+             f"{result['frames']} frames of {result['width']}x{result['height']} px",
              f"  seams (first frame of each chunk): {', '.join(map(str, seams))}" if seams else
              "  no chunk seams given (--chunk-frames N or --boundaries F,F,...): seams not checked",
-             f"  PSNR min {_number(s['psnr_db_min'], 'inf (identical)')} dB, SSIM min {_number(s['ssim_min'])}"]
+             f"  PSNR min {'inf (identical frames)' if s['psnr_db_min'] is None else fmt(s['psnr_db_min'], 'db')} dB, "
+             f"SSIM min {fmt(s['ssim_min'])}"]
     findings = result["findings"]
     if findings:
         lines.append(f"  {len(findings)} finding{'' if len(findings) == 1 else 's'}:")
         lines += [f"    {f['kind']}: {f['message']}" for f in findings]
     return lines
-
-
-def _number(value: float | None, none: str = "n/a") -> str:
-    return none if value is None else f"{value:.4g}"
 
 
 def run(args: argparse.Namespace) -> int:
