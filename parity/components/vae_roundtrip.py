@@ -84,10 +84,11 @@ COMPONENT = VaeRoundtripComponent()
 
 
 def vs_input(run: RunContext) -> Section | None:
-    """PSNR and SSIM per frame of each side's decoded video against the input video, on [0, 1] frames."""
+    """PSNR and SSIM per frame of each side's decoded video against the input video, on [0, 1] frames; None when
+    a side has no decoded video of the input's shape, or the frames are too small for SSIM (``video.MIN_SIDE``)."""
     clip = run.inputs["video"]
     decoded = {side: views.tensor(capture, "decode/frames") for side, capture in (("ref", run.ref), ("mlx", run.mlx))}
-    if any(x is None or x.shape != clip.shape for x in decoded.values()):
+    if any(x is None or x.shape != clip.shape for x in decoded.values()) or min(clip.shape[3:]) < video.MIN_SIDE:
         return None
     metrics: dict[str, list[list[float]]] = {}
     for n in range(clip.shape[0]):  # one video per batch item
