@@ -51,7 +51,8 @@ def test_bfloat16_parity():
     assert all("budget_ratio" in l.metrics for l in result.layers)
 
 
-def test_fault_decoder_time_conv_on_the_first_chunk(monkeypatch, correct):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fault_decoder_time_conv_on_the_first_chunk(monkeypatch, dtype):
     """A decoder fault inside the round trip: the encoder passes, the decoder fails where the fault is born, and
     our decoded video moves away from the input differently than the reference's."""
     correct_upsample = vae.Resample.time_upsample
@@ -62,7 +63,7 @@ def test_fault_decoder_time_conv_on_the_first_chunk(monkeypatch, correct):
         return correct_upsample(self, x, cache)
 
     monkeypatch.setattr(vae.Resample, "time_upsample", time_conv_first)
-    result = run_component("vae_roundtrip", "float32", out_dir=None)
+    result = run_component("vae_roundtrip", dtype, out_dir=None)
     assert result.verdict == "FAIL"
     assert result.first_divergence == f"decode/chunk0/{FIRST_UPSAMPLE3D}"
     assert all(l.verdict == "PASS" for l in result.layers if l.name.startswith("encode/"))

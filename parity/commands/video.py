@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add(sub, common, "video", "compare two videos (files or .npy frame stacks) frame by frame and at chunk seams",
+            epilog="exit codes: 0 no finding, 1 findings, 2 usage or input error (a file missing, unreadable or not "
+                   "matching the other), 3 internal error (a bug: please report it with the traceback)",
             description="Compare OURS with the reference video REF: per frame PSNR, SSIM, sharpness, brightness, "
                         "contrast, colour and 8 px patterns, and brightness / colour / contrast steps and frame "
                         "differences at chunk seams, each judged against stated limits. Writes video.json and a "

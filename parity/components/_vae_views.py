@@ -102,7 +102,7 @@ def chunk_table(run: RunContext, layer: str, starts: list[int], frames_label: st
     """RMSE and max abs of ``layer`` per chunk (chunks starting at frames ``starts`` of it), the growth from
     the first chunk to the last, and the same RMSE of ``block`` joined across chunks."""
     found = pair(run, layer)
-    if found is None or found[0].shape[2] <= starts[-1]:
+    if found is None or not starts or found[0].shape[2] <= starts[-1]:
         return None
     chunks = len(starts)
     errors = artifacts.chunk_errors(*found, boundaries=starts)
