@@ -10,13 +10,13 @@ endif
 PY := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.parity-installed
 
-.PHONY: setup parity test clean-reports
+.PHONY: setup parity test screenshots clean-reports
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(ENV_DIR)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
 # Runs, then renders the HTML reports and index even when a component fails (exit status kept).
@@ -28,6 +28,10 @@ parity: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 	$(PY) -m parity gate --dtype all --junit reports/junit.xml
+
+# Redraws the README's screenshots (docs/screenshots) in headless Chromium; commit what it writes.
+screenshots: $(STAMP)
+	PARITY_SCREENSHOTS=docs/screenshots PARITY_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_browser.py -k test_screenshots
 
 clean-reports:
 	rm -rf reports/*/
