@@ -51,7 +51,7 @@ SHOT_WIDTH = 1480  # the pages' widest layout: no table is cut
 @pytest.fixture(scope="session")
 def browser():
     if REASON:
-        pytest.fail(f"{REASON} ({chromium.REQUIRE_ENV}=1 is set)")
+        pytest.fail(REASON)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
