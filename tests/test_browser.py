@@ -24,22 +24,20 @@ import pytest
 
 import chromium
 from parity import commands as cli
-from parity import html_report
-from parity import thresholds
+from parity import html_report, thresholds
 from parity.capture import Capture
 from parity.compare import compare
 from parity.dumps import mark_complete, new_run_dir, write_dumps
 from parity.report import build_report, write_reports
 from parity.runner import run_component
 from parity.vocab import load_json
+from test_bisect import make_demo_repo
+from test_browser_screenshots import MAX_BYTES, SCREENSHOTS, template_hash
+from test_html_report import make_report
 
 REASON = chromium.unavailable()
 if REASON and not chromium.required():
     pytest.skip(REASON, allow_module_level=True)
-
-from test_bisect import make_demo_repo  # noqa: E402 - after the skip: imports torch-free helpers only when needed
-from test_html_report import make_report  # noqa: E402
-from test_browser_screenshots import MAX_BYTES, SCREENSHOTS, template_hash  # noqa: E402
 
 REPORT_PAGES = ("pass", "bf16", "fail", "sections", "long")
 #: A diffusers-style module path as long as real ones get: the banner must still fit a phone.
@@ -124,7 +122,7 @@ def site(tmp_path_factory):
     repo = tmp / "port"
     shas = make_demo_repo(repo)  # c4 good, c5 the bf16 residual add, c6 bad: three runs
     assert cli.main(["bisect", "--good", shas["c4"], "--bad", "main", "--component", "tiny", "--dtype", "bfloat16",
-                     "--repo", str(repo), "--out", str(root / "bisect-demo"), "--timeout", "120"]) == 0
+                     "--repo", str(repo), "--out", str(root / "bisect-demo")]) == 0
 
     html_report.write_html_reports(root, index_link=True)
     html_report.write_index(root)
@@ -260,8 +258,7 @@ def test_twin_hidden_plot_is_caught(site, open_page, tmp_path):
 
 
 def test_twin_banner_without_first_divergence_is_caught(site, open_page, tmp_path):
-    page = broken_copy(site["fail"]["path"], tmp_path, r'<div class="detail">First divergence:.*?</div>', "",
-                       count=1)
+    page = broken_copy(site["fail"]["path"], tmp_path, r'<div class="detail">First divergence:.*?</div>', "")
     problems = chromium.banner_problems(open_page(page), "FAIL", site["fail"]["first"])
     assert problems == ["banner does not name the first divergence 'helios/freqs_t'"]
     assert chromium.banner_problems(open_page(site["fail"]["path"]), "PASS", None)  # wrong verdict
@@ -285,9 +282,9 @@ def test_twin_broken_sorter_is_caught(site, open_page, tmp_path):
     assert "clicking 'max abs' did not reorder the rows" in chromium.sort_problems(open_page(page), "layers", "max abs")
 
 
-def test_twin_wide_banner_is_caught(site, open_page, tmp_path):
-    page = broken_copy(site["fail"]["path"], tmp_path, r"</main>", "</main><style>.banner code { white-space: pre; "
-                                                                   "padding-right: 600px; }</style>")
+def test_twin_banner_that_does_not_wrap_is_caught(site, open_page, tmp_path):
+    """Without the banner's ``overflow-wrap`` a long layer name pushes it past a phone's width."""
+    page = broken_copy(site["long"]["path"], tmp_path, r"(\.banner \{[^}]*?) overflow-wrap: anywhere;", r"\1")
     assert chromium.fit_problems(open_page(page, chromium.NARROW), [".banner .detail"])
 
 
@@ -296,8 +293,8 @@ def test_twin_wide_banner_is_caught(site, open_page, tmp_path):
 def test_screenshots(site, browser, tmp_path):
     """The README's pictures: a failing page (banner, error over depth, per-layer table) and a bisect page.
 
-    Written under this test's tmp folder; with ``PARITY_SCREENSHOTS=DIR`` also to DIR with the hash
-    of the templates each shows (``make screenshots`` writes docs/screenshots).
+    Written to this test's tmp folder, or to ``PARITY_SCREENSHOTS`` (``make screenshots``: docs/screenshots),
+    with the hash of the templates each shows.
     """
     from PIL import Image
 
@@ -313,7 +310,7 @@ def test_screenshots(site, browser, tmp_path):
                                  clip={"x": 0, "y": 0, "width": SHOT_WIDTH, "height": math.ceil(bottom) + 12})
         finally:
             seen.close()
-        Image.open(png).convert("RGB").quantize(colors=128).save(png, optimize=True)  # about 4x smaller, same look
+        Image.open(png).convert("RGB").quantize(colors=128).save(png, optimize=True)  # 128 colours: a fraction of the bytes
         assert png.stat().st_size < MAX_BYTES
         record[shot["file"]] = template_hash(shot["template"])
     (out / "templates.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
