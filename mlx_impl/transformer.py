@@ -380,10 +380,10 @@ class HeliosTransformer(_Transformer):
                    ) -> tuple[mx.array, mx.array]:
         """``(temb (b, dim) of the main tokens, per-token projection (b, history + main, 6, dim))``.
 
-        With ``zero_history_timestep`` (and history) the history tokens get the projection of t = 0,
-        computed first, as the reference does.
+        With ``zero_history_timestep`` the history tokens get the projection of t = 0, computed first
+        (also with no history, as the reference does whenever it has frame indices).
         """
-        zero_history = self.dims.zero_history_timestep and history_len > 0
+        zero_history = self.dims.zero_history_timestep
         with tap_scope("condition_embedder"):
             if zero_history:
                 with tap_scope("t0"):

@@ -73,6 +73,7 @@ class RunContext:
     """Everything a component's sections may need after the main comparison.
 
     ``reference`` is None in a comparison against a reference bundle (no PyTorch there).
+    ``extra["layers"]`` (a run, not a bundle): the judged layers by reference name.
     """
 
     component: "Component"

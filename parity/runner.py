@@ -316,7 +316,8 @@ def run_component(
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
-                             sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
+                             sides.ref, sides.mlx, sides.truth, thresholds,
+                             extra={"spool": tmp, "layers": {l.name: l for l in comparison.layers}})
         comparison.sections = sections(setup, context, bool(sides.crashes))
         meta = run_meta(setup, thresholds, sides.crashes)
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,

@@ -80,7 +80,11 @@ class StreamedBlocks:
     def attach(self, model: torch.nn.Module) -> None:
         for index, block in enumerate(model.blocks):
             block.register_forward_pre_hook(lambda module, _args, i=index: self.load(module, i))
-            block.register_forward_hook(lambda module, _args, _out: module.to("meta"))
+            block.register_forward_hook(self.release)
+
+    @staticmethod
+    def release(module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        module.to("meta")  # (returns None: a forward hook's return value would replace the output)
 
     def load(self, module: torch.nn.Module, index: int) -> None:
         module.to_empty(device="cpu")
@@ -137,7 +141,7 @@ def run_helios(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: to
     model = reference.model
     args = helios_inputs(inputs, dtype)
     terms = [t for t in HISTORY_TERMS if f"latents_history_{t}" in args]
-    t0 = bool(terms) and model.config.zero_history_timestep
+    t0 = model.config.zero_history_timestep  # computed whenever indices_hidden_states is given (always here)
     hooks = {"patch_embedding": "patch_embedding", **{f"patch_{t}": f"history/{t}" for t in terms},
              **_embedder_hooks(("t0", "main") if t0 else ("main",)), "norm_out.norm": "norm_out", "proj_out": "proj_out"}
     model_locals = {("rotary_emb", 2): "rope", ("output", 1): "unpatchify"}

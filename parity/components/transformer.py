@@ -46,7 +46,7 @@ from parity.components.block import bf16_exact
 from parity.config import Bool, ComponentConfig, NonNegativeFloat, PositiveFloat, PositiveInt
 from parity.metrics import tensor_metrics
 from parity.vocab import InputError
-from parity.weights import WeightLoadError, strict_load
+from parity.weights import WeightLoadError, check_state, strict_load
 
 OUTPUT = "residual3"
 
@@ -94,21 +94,28 @@ class BlockSource:
                     self.files.update({key: file for key in handle.keys()})
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return self.read(index) if self.files else self.draw(index)
-
-    def read(self, index: int) -> dict[str, np.ndarray]:
-        from safetensors import safe_open
-
+        if not self.files:
+            return self.draw(index)
         prefix = f"blocks.{index}."
         keys = [k for k in self.files if k.startswith(prefix)]
         if not keys:
             raise WeightLoadError(f"checkpoint has no keys under {prefix!r}")
+        return {k[len(prefix):]: v for k, v in self.read(keys).items()}
+
+    def rest(self) -> dict[str, np.ndarray]:
+        """The checkpoint's weights outside the blocks (the resident part of the model)."""
+        return self.read([k for k in self.files if not k.startswith("blocks.")])
+
+    def read(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """``keys`` of the checkpoint as float32 numpy (bf16 widened), each file opened memory-mapped."""
+        from safetensors import safe_open
+
         state = {}
         for file in sorted({self.files[k] for k in keys}):
             with safe_open(str(file), "pt") as handle:
                 for key in keys:
                     if self.files[key] == file:
-                        state[key[len(prefix):]] = handle.get_tensor(key).float().numpy()
+                        state[key] = handle.get_tensor(key).float().numpy()
         return state
 
     def draw(self, index: int) -> dict[str, np.ndarray]:
@@ -178,10 +185,19 @@ class TransformerComponent(Component):
 
     # --- reference ---------------------------------------------------------------------------------
     def build_reference(self, config: Any, seed: int) -> Any:
+        import torch
+
         from reference_runners import transformer as ref
 
         model = ref.build(self.kind, config.transformer.to_dict(), seed, streamed=config.stream_weights)
-        return ref.Reference(model), config, self.block_source(config, seed)
+        source = self.block_source(config, seed)
+        if source is not None and source.files:
+            rest = source.rest()
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+            check_state(f"reference {type(model).__name__} (outside the blocks)", expected,
+                        {k: tuple(v.shape) for k, v in rest.items()})
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in rest.items()}, strict=False)
+        return ref.Reference(model), config, source
 
     def block_source(self, config: Any, seed: int) -> BlockSource | None:
         if not config.stream_weights:
@@ -337,7 +353,8 @@ def teacher_forcing_sections(component: TransformerComponent, run: RunContext) -
     truth = component.cast_reference(run.reference, "float64")[0] if dtype != "float32" else None
     model = run.mlx_model.model
     blocks = model.block_sequence()
-    rows, local, inherited = [], [], []
+    judged = run.extra.get("layers") or {}
+    local, inherited, diverged = [], [], []
     for i in range(component.num_blocks(config)):
         name, source = f"blocks.{i}/{OUTPUT}", block_input(run.ref, i)
         if name not in run.ref or source not in run.ref:
@@ -356,11 +373,10 @@ def teacher_forcing_sections(component: TransformerComponent, run: RunContext) -
         tol, exact = judge.tolerances(name)
         local_result = judge_tensors(name, name, np.asarray(run.ref[name]), ours, truth_out, tol, exact,
                                      run.ref.dtypes[name], ours_dtype)
-        inherited_result = (judge.layer(name, name, run.ref, run.mlx, run.truth)
-                            if name in run.mlx else None)
         local.append(local_result)
-        inherited.append(inherited_result)
-    return _sections(local, inherited, dtype)
+        inherited.append(judged.get(name))
+        diverged.append(any(layer.verdict == FAIL for key, layer in judged.items() if key.startswith(f"blocks.{i}/")))
+    return _sections(local, inherited, diverged, dtype)
 
 
 def _relative(result: LayerResult | None) -> float:
@@ -375,7 +391,9 @@ def _block(result: LayerResult) -> str:
     return result.name.split("/", 1)[0]
 
 
-def _sections(local: list[LayerResult], inherited: list[LayerResult | None], dtype: str) -> list[Section]:
+def _sections(local: list[LayerResult], inherited: list[LayerResult | None], diverged: list[bool], dtype: str
+              ) -> list[Section]:
+    """The curves (with the verdict and culprit) and the per-block table; ``diverged``: a block with any failing layer."""
     blocks = list(range(len(local)))
     series = {"inherited: relative error (free-running)": [_relative(r) for r in inherited],
               "local: relative error (teacher-forced)": [_relative(r) for r in local]}
@@ -385,7 +403,7 @@ def _sections(local: list[LayerResult], inherited: list[LayerResult | None], dty
             "local: budget ratio": [r.metrics.get("budget_ratio", math.nan) for r in local],
         })
     culprit = next((_block(r) for r in local if r.verdict == FAIL), None)
-    free = next((_block(r) for r in inherited if r is None or r.verdict == FAIL), None)
+    free = next((f"blocks.{i}" for i, bad in enumerate(diverged) if bad), None)
     culprit_result = next((r for r in local if r.verdict == FAIL), None)
     why = f" ({'; '.join(culprit_result.reasons)})" if culprit_result else ""
     note = (f"culprit (first block whose own, teacher-forced error breaks its limit): {culprit or 'none'}{why}; "
@@ -395,13 +413,13 @@ def _sections(local: list[LayerResult], inherited: list[LayerResult | None], dty
                if dtype != "float32" else "."))
     data = {"x": blocks, "series": series, "xlabel": "block", "ylabel": "relative error / budget ratio", "log": True,
             "culprit": culprit, "first_free_running": free}
-    columns = ["block", "free-running", "teacher-forced", "inherited rel. error", "local rel. error"]
+    columns = ["block", "free-running (any layer)", "teacher-forced", "inherited rel. error", "local rel. error"]
     if dtype != "float32":
         columns += ["inherited budget ratio", "local budget ratio", "local ref err vs float64"]
     columns.append("local failures")
     rows = []
-    for i, (lo, inh) in enumerate(zip(local, inherited)):
-        row = [f"blocks.{i}", inh.verdict if inh else "missing", lo.verdict, _relative(inh), _relative(lo)]
+    for i, (lo, inh, bad) in enumerate(zip(local, inherited, diverged)):
+        row = [f"blocks.{i}", FAIL if bad or inh is None else "PASS", lo.verdict, _relative(inh), _relative(lo)]
         if dtype != "float32":
             row += [inh.metrics.get("budget_ratio") if inh else None, lo.metrics.get("budget_ratio"),
                     lo.metrics.get("ref_err_vs_truth")]
