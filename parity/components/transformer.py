@@ -38,9 +38,9 @@ from pydantic import Field
 from fixtures.inputs import normal, rng
 from mlx_impl import transformer as mlx_transformer
 from mlx_impl.taps import muted, tap_scope
-from parity import drift
+from parity import drift, teacher_forcing
 from parity.capture import Capture
-from parity.compare import FAIL, Judge, LayerResult, judge_tensors
+from parity.compare import FAIL, Judge, judge_tensors
 from parity.component import Component, RunContext, Section
 from parity.components.block import bf16_exact
 from parity.config import Bool, ComponentConfig, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -74,9 +74,8 @@ class BlockSource:
     """The weights of block i (diffusers keys, float32 numpy), read when needed.
 
     From a safetensors checkpoint (file or folder, memory-mapped, keys ``blocks.{i}.*``), or drawn
-    from ``seed`` per block and key (so both sides get the same and no block depends on another):
-    Linear weights and biases with the variance of torch's default init, ``scale_shift_table``
-    as diffusers' ``randn / sqrt(dim)``, norm scales ``1 + 0.1 N(0, 1)``.
+    from ``seed`` per block and key (so both sides get the same and no block depends on another;
+    see :meth:`draw`).
     """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int, checkpoint: str | None = None):
@@ -119,18 +118,23 @@ class BlockSource:
         return state
 
     def draw(self, index: int) -> dict[str, np.ndarray]:
+        """Block ``index``'s weights from the seed: uniform draws (7x faster than normal ones, and torch's
+        default Linear init is uniform: ``U(-1, 1) / sqrt(fan_in)``); tables and norm scales with the variance
+        of diffusers' ``randn / sqrt(dim)`` and of ``1 + 0.1 N(0, 1)``."""
         state = {}
         for key, shape in self.shapes.items():
-            r = rng(self.seed, f"blocks.{index}.{key}")
-            value = r.standard_normal(shape, dtype=np.float32)
+            value = rng(self.seed, f"blocks.{index}.{key}").random(shape, dtype=np.float32)
+            value *= 2.0
+            value -= 1.0  # U(-1, 1): variance 1/3
             module = key.rsplit(".", 1)[0]
             if key.endswith("scale_shift_table"):
-                value *= shape[-1] ** -0.5
+                value *= (3.0 / shape[-1]) ** 0.5
             elif "norm" in module.split(".")[-1] or key.endswith("history_key_scale"):
-                value = (value * 0.1 + (1.0 if key.endswith(("weight", "history_key_scale")) else 0.0)).astype(np.float32)
+                value *= 0.1 * 3.0 ** 0.5
+                if key.endswith(("weight", "history_key_scale")):
+                    value += 1.0
             else:
-                fan_in = self.shapes[f"{module}.weight"][-1]
-                value *= (3 * fan_in) ** -0.5
+                value *= self.shapes[f"{module}.weight"][-1] ** -0.5
             state[key] = value
         return state
 
@@ -376,57 +380,5 @@ def teacher_forcing_sections(component: TransformerComponent, run: RunContext) -
         local.append(local_result)
         inherited.append(judged.get(name))
         diverged.append(any(layer.verdict == FAIL for key, layer in judged.items() if key.startswith(f"blocks.{i}/")))
-    return _sections(local, inherited, diverged, dtype)
-
-
-def _relative(result: LayerResult | None) -> float:
-    if result is None or not result.metrics:
-        return math.nan
-    rms = result.metrics.get("ref_rms") or math.nan
-    rmse = result.metrics.get("rmse")
-    return rmse / rms if rmse is not None else math.nan
-
-
-def _block(result: LayerResult) -> str:
-    return result.name.split("/", 1)[0]
-
-
-def _sections(local: list[LayerResult], inherited: list[LayerResult | None], diverged: list[bool], dtype: str
-              ) -> list[Section]:
-    """The curves (with the verdict and culprit) and the per-block table; ``diverged``: a block with any failing layer."""
-    blocks = list(range(len(local)))
-    series = {"inherited: relative error (free-running)": [_relative(r) for r in inherited],
-              "local: relative error (teacher-forced)": [_relative(r) for r in local]}
-    if dtype != "float32":
-        series.update({
-            "inherited: budget ratio": [r.metrics.get("budget_ratio", math.nan) if r else math.nan for r in inherited],
-            "local: budget ratio": [r.metrics.get("budget_ratio", math.nan) for r in local],
-        })
-    culprit = next((_block(r) for r in local if r.verdict == FAIL), None)
-    free = next((f"blocks.{i}" for i, bad in enumerate(diverged) if bad), None)
-    culprit_result = next((r for r in local if r.verdict == FAIL), None)
-    why = f" ({'; '.join(culprit_result.reasons)})" if culprit_result else ""
-    note = (f"culprit (first block whose own, teacher-forced error breaks its limit): {culprit or 'none'}{why}; "
-            f"free-running error first crosses at: {free or 'none'}. Each block of ours is run on the reference's "
-            f"input to it and judged against the reference's output by the layers' rules"
-            + (", its error against the float64 reference block on that same input next to the reference's own."
-               if dtype != "float32" else "."))
-    data = {"x": blocks, "series": series, "xlabel": "block", "ylabel": "relative error / budget ratio", "log": True,
-            "culprit": culprit, "first_free_running": free}
-    columns = ["block", "free-running (any layer)", "teacher-forced", "inherited rel. error", "local rel. error"]
-    if dtype != "float32":
-        columns += ["inherited budget ratio", "local budget ratio", "local ref err vs float64"]
-    columns.append("local failures")
-    rows = []
-    for i, (lo, inh, bad) in enumerate(zip(local, inherited, diverged)):
-        row = [f"blocks.{i}", FAIL if bad or inh is None else "PASS", lo.verdict, _relative(inh), _relative(lo)]
-        if dtype != "float32":
-            row += [inh.metrics.get("budget_ratio") if inh else None, lo.metrics.get("budget_ratio"),
-                    lo.metrics.get("ref_err_vs_truth")]
-        row.append("; ".join(lo.reasons))
-        rows.append(row)
-    return [Section("teacher_forcing", "Teacher forcing: local vs inherited error per block", "curves", data,
-                    passed=culprit is None, failing=f"teacher_forcing/{culprit}" if culprit else None, note=note,
-                    culprit=culprit),
-            Section("teacher_forcing_blocks", "Teacher forcing per block", "table", {"columns": columns, "rows": rows},
-                    failing=culprit)]
+    return teacher_forcing.sections([f"blocks.{i}" for i in range(len(local))], local, inherited, diverged, dtype,
+                                    "block")
