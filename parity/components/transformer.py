@@ -322,7 +322,7 @@ class TransformerComponent(Component):
                 series["budget ratio (vs float64, / ref's own)"].append(budget.get("budget_ratio", math.nan))
         return [Section("depth", "Depth profile: the block outputs", "curves",
                         {"x": blocks, "series": series, "xlabel": "block", "ylabel": "error / ratio", "log": True},
-                        note=f"Per block, ``blocks.i/{OUTPUT}`` free-running (each block on our previous block's "
+                        note=f"Per block, blocks.i/{OUTPUT} free-running (each block on our previous block's "
                              "output). Information only: every layer is judged in the table.")]
 
     def extra_runs(self, run: RunContext) -> list[Section]:
