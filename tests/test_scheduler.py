@@ -108,7 +108,7 @@ def test_diffusers_scheduler_config_file(tmp_path):
 
 def test_drift_section():
     for dtype, series in (("float32", 2), ("bfloat16", 4)):
-        (drift,) = run(dtype).sections
+        (drift,) = [s for s in run(dtype).sections if s.name == "drift"]
         assert drift.name == "drift" and drift.kind == "curves" and drift.passed is None
         assert drift.data["x"][:3] == ["stage0/downsample", "stage0/step0", "stage0/step1"]
         assert drift.data["x"][-1] == "stage2/step1" and len(drift.data["series"]) == series

@@ -29,7 +29,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -148,6 +148,14 @@ class StreamedState(dict):
     blocks: BlockSource
 
 
+class ReferenceSide(NamedTuple):
+    """The reference side of a run: the diffusers model (and how it runs), its config, where streamed blocks come from."""
+
+    model: Any
+    config: Any
+    blocks: BlockSource | None
+
+
 @dataclass
 class MlxTransformer:
     """Our transformer and the config its inputs are laid out by."""
@@ -201,7 +209,7 @@ class TransformerComponent(Component):
             check_state(f"reference {type(model).__name__} (outside the blocks)", expected,
                         {k: tuple(v.shape) for k, v in rest.items()})
             model.load_state_dict({k: torch.from_numpy(v) for k, v in rest.items()}, strict=False)
-        return ref.Reference(model), config, source
+        return ReferenceSide(ref.Reference(model), config, source)
 
     def block_source(self, config: Any, seed: int) -> BlockSource | None:
         if not config.stream_weights:
@@ -230,7 +238,7 @@ class TransformerComponent(Component):
         if config.stream_weights:
             raise InputError(f"{self.name}: with stream_weights, give the checkpoint as the config key 'checkpoint'")
         reference = self.build_reference(config, seed=0)
-        load_torch_strict(reference[0].model, weights)
+        load_torch_strict(reference.model.model, weights)
         return reference
 
     def cast_reference(self, reference: Any, dtype: str) -> Any:
@@ -251,7 +259,7 @@ class TransformerComponent(Component):
             ref.carry_patches_in_float32(model)
         if source is not None:
             ref.StreamedBlocks(source, getattr(torch, stream), keep).attach(model)
-        return ref.Reference(model, dtype if stream != dtype else None), config, source
+        return ReferenceSide(ref.Reference(model, dtype if stream != dtype else None), config, source)
 
     def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
         import torch
@@ -354,7 +362,7 @@ def teacher_forcing_sections(component: TransformerComponent, run: RunContext) -
     if judge is None:
         return []
     ours_args, ref_args = component.forced_args(run)
-    truth = component.cast_reference(run.reference, "float64")[0] if dtype != "float32" else None
+    truth = component.cast_reference(run.reference, "float64").model if dtype != "float32" else None
     model = run.mlx_model.model
     blocks = model.block_sequence()
     judged = run.extra.get("layers") or {}
