@@ -59,6 +59,8 @@ HELIOS_KEEP_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "nor
 WAN_KEEP_FP32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 #: Under ``torch.autocast(bfloat16)`` every Linear / Conv computes in bf16; these (no matmul) stay float32.
 AUTOCAST_FP32 = ("scale_shift_table", "norm1", "norm2", "norm3", "norm_q", "norm_k", "history_key_scale")
+#: diffusers config keys for image cross-attention (Wan2.1 I2V's CLIP branch), which must stay None here.
+NOT_PORTED = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 #: Replicate-padding multiples of the mid / long history latents (diffusers' ``pad_for_3d_conv`` calls).
 HISTORY_PAD = {"mid": (2, 4, 4), "long": (4, 8, 8)}
 #: Patch kernel of each history term, in multiples of ``patch_size``; RoPE pooling of mid / long.
@@ -94,7 +96,10 @@ class Dims:
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> "Dims":
-        """From a diffusers config dict (its other keys are ignored)."""
+        """From a diffusers config dict; keys the models do not read are ignored, unless they ask for what is not ported."""
+        unported = sorted(k for k in NOT_PORTED if config.get(k) is not None)
+        if unported:
+            raise ValueError(f"config keys {unported} set: image conditioning (image_dim, added KV projections) is not ported")
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
         return cls(**values)
