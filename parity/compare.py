@@ -126,6 +126,11 @@ class Comparison:
         return self.crash.label if self.crash else None
 
     @property
+    def culprit(self) -> str | None:
+        """The first block / step whose own (teacher-forced) error breaks its limit, from the sections that say."""
+        return next((section.culprit for section in self.sections if getattr(section, "culprit", None)), None)
+
+    @property
     def verdict(self) -> str:
         if not any(layer.verdict != EXCLUDED for layer in self.layers):
             return FAIL  # a comparison of nothing must never pass

@@ -57,7 +57,8 @@ class Section:
       - ``"table"``: ``{"columns": [...], "rows": [[...], ...]}``
       - ``"heatmap"``: ``{"rows": [label...], "cols": [label...], "values": [[float...]...], "label": str}``
     ``passed`` is None for information only; False fails the run and ``failing`` (a layer or
-    step name) becomes the first divergence if no layer diverged earlier.
+    step name) becomes the first divergence if no layer diverged earlier. ``culprit`` (teacher
+    forcing): the first block or step whose own error, on the reference's input, breaks its limit.
     """
 
     name: str
@@ -67,6 +68,7 @@ class Section:
     passed: bool | None = None
     failing: str | None = None
     note: str = ""
+    culprit: str | None = None
 
 
 @dataclass

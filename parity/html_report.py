@@ -371,7 +371,7 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
     html = _env().get_template("report.html.j2").render(
         r={"component": report.get("component", "?"), "dtype": report.get("dtype", "?"),
            "verdict": report.get("verdict", "UNKNOWN")},
-        first=first_info, passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
+        first=first_info, culprit=report.get("culprit"), passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
         crash=report.get("crash"),
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),
