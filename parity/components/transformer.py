@@ -365,7 +365,7 @@ def teacher_forcing_sections(component: TransformerComponent, run: RunContext) -
     truth = component.cast_reference(run.reference, "float64").model if dtype != "float32" else None
     model = run.mlx_model.model
     blocks = model.block_sequence()
-    judged = run.extra.get("layers") or {}
+    judged = {layer.name: layer for layer in run.comparison.layers}
     local, inherited, diverged = [], [], []
     for i in range(component.num_blocks(config)):
         name, source = f"blocks.{i}/{OUTPUT}", block_input(run.ref, i)

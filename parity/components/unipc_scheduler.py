@@ -30,6 +30,7 @@ from pydantic import model_validator
 from fixtures.inputs import normal
 from mlx_impl import unipc as U
 from mlx_impl.stand_in import StandInDenoiser
+from parity import teacher_forcing
 from parity.capture import Capture
 from parity.component import Component, RunContext, Section
 from parity.components._diffusers import UniPCSchedulerConfig
@@ -125,7 +126,7 @@ class UniPCSchedulerComponent(Component):
                 trajectory_section(run, [n for n in run.ref.order if n.endswith("/sample")], "step")]
 
     def extra_runs(self, run: RunContext) -> list[Section]:
-        return [self.schedule(run), self.teacher_forcing(run)]
+        return [self.schedule(run), *self.teacher_forcing(run)]
 
     def schedule(self, run: RunContext) -> Section:
         """The port's schedule against every named convention, each built by diffusers' own set_timesteps."""
@@ -142,8 +143,9 @@ class UniPCSchedulerComponent(Component):
                 capture.add("timesteps", timesteps)
         return schedule_section(run, SCHEDULE, run.config.reference_schedule, others)
 
-    def teacher_forcing(self, run: RunContext) -> Section:
-        """Each step run from the reference's own state on both sides, judged as layers are."""
+    def teacher_forcing(self, run: RunContext) -> list[Section]:
+        """Each step run on both sides from the reference's state entering it (its latents and last_sample,
+        the corrector's restart point), judged as layers are (:mod:`parity.teacher_forcing`)."""
         import torch
 
         from reference_runners import unipc as runner
@@ -161,25 +163,15 @@ class UniPCSchedulerComponent(Component):
             self.run_mlx(run.mlx_model, run.inputs, run.dtype, forced=states)
         steps = [n for n in sides["ref"].order if n not in SCHEDULE]
         forced = judge_subset(run, sides["ref"], mlx, steps, run.dtype, sides.get("truth"))
-        failed = [l for l in forced if l.verdict == FAIL]
-        free = {l.name: l for l in run.comparison.layers}
-        samples = [l for l in forced if l.name.endswith("/sample")]
-        series = {"free-running max abs": [free[l.name].metrics.get("max_abs") if l.name in free else None
-                                           for l in samples],
-                  "teacher-forced max abs": [l.metrics.get("max_abs") for l in samples]}
-        if run.truth is not None:
-            series["free-running MLX vs float64 (rmse)"] = [free[l.name].metrics.get("err_vs_truth") if l.name in free
-                                                            else None for l in samples]
-            series["teacher-forced MLX vs float64 (rmse)"] = [l.metrics.get("err_vs_truth") for l in samples]
-        first = f"; first failing: {failed[0].name} ({'; '.join(failed[0].reasons)})" if failed else ""
-        return Section(
-            "teacher_forcing", "Teacher forcing per step (local error)", "curves",
-            {"x": [l.name.removesuffix("/sample") for l in samples], "series": series, "xlabel": "step",
-             "ylabel": "error of step{k}/sample", "log": True, "failing": [l.name for l in failed]},
-            passed=bool(forced) and not failed, failing=f"teacher-forced {failed[0].name}" if failed else None,
-            note=f"{len(forced) - len(failed)}/{len(forced)} teacher-forced layers pass{first} (each step run on both "
-                 "sides from the reference's state: its latents and last_sample, the corrector's restart point).",
-        )
+        free = {layer.name: layer for layer in run.comparison.layers}
+        labels = list(dict.fromkeys(layer.name.split("/")[0] for layer in forced))
+        local, inherited, diverged = [], [], []
+        for label in labels:
+            own = [layer for layer in forced if layer.name.startswith(f"{label}/")]
+            local.append(next((layer for layer in own if layer.verdict == FAIL), own[-1]))
+            inherited.append(free.get(f"{label}/sample"))
+            diverged.append(any(free[l.name].verdict == FAIL if l.name in free else True for l in own))
+        return teacher_forcing.sections(labels, local, inherited, diverged, run.dtype, "step")
 
 
 def teacher_states(ref: Capture, latents: np.ndarray, steps: int) -> U.Forced:

@@ -22,9 +22,9 @@ from pydantic import model_validator
 
 from fixtures.inputs import normal
 from fixtures.videos import KINDS, video
+from mlx_impl.vae_decoder import encoder_weights
 from parity.component import Component
 from parity.components._diffusers import WanVaeConfig
-from parity.components.vae import encoder_weights
 from parity.config import ComponentConfig, PositiveInt
 from parity.weights import strict_load
 
