@@ -43,6 +43,8 @@ class HeliosTransformerComponent(TransformerComponent):
     name = "helios_transformer"
     description = ("HeliosTransformer3DModel: patchify, short/mid/long history with multi-term memory, RoPE, "
                    "t=0 history embedding, N blocks, norm_out, proj_out, unpatchify; teacher forcing per block")
+    #: no history at all; odd token grids (3 x 5 patches)
+    coverage = ({"history_short": 0, "history_mid": 0, "history_long": 0}, {"height": 6, "width": 10})
     config_model = HeliosTransformerComponentConfig
     kind = "helios"
     keep_fp32 = mlx_transformer.HELIOS_KEEP_FP32

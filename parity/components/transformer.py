@@ -190,6 +190,12 @@ class TransformerComponent(Component):
         shape = (config.batch, t.in_channels, frames, config.height, config.width)
         return bf16_exact(normal(seed, stream, shape, config.input_scale))
 
+    def second_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
+        """Other latents and text, and the timestep mirrored (1000 - t): a time embedding cached at the first call shows."""
+        inputs = self.make_inputs(config, seed + 1)
+        inputs["timestep"] = (1000.0 - inputs["timestep"]).astype(np.float32)
+        return inputs
+
     def common_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
         t = config.transformer
         return {"timestep": np.full((config.batch,), config.timestep, np.float32),

@@ -63,6 +63,8 @@ class VaeDecoderComponent(Component):
     name = "vae_decoder"
     description = ("AutoencoderKLWan (Wan2.1) decoder: pipeline denormalisation, post_quant_conv, chunked causal "
                    "decode with feature cache (1 latent frame -> 1 frame, then 4), clamp")
+    #: one latent frame (first chunk only); four; odd latent sizes
+    coverage = ({"latent_frames": 1}, {"latent_frames": 4}, {"latent_height": 3, "latent_width": 5})
     config_model = VaeDecoderConfig
     reference_runner = "vae_decoder"
     diffusers_config_key = "vae"

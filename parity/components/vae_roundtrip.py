@@ -32,6 +32,8 @@ class Halves(NamedTuple):
 class VaeRoundtripComponent(Component):
     name = "vae_roundtrip"
     description = "AutoencoderKLWan (Wan2.1) encode -> decode: both halves chunked with feature cache, vs each other and the input"
+    #: one frame; a non-square size with odd latents
+    coverage = ({"frames": 1}, {"height": 24, "width": 40})
     config_model = VaeRoundtripConfig
     diffusers_config_key = "vae"
 

@@ -40,6 +40,8 @@ class WanTransformerComponent(TransformerComponent):
     name = "wan_transformer"
     description = ("WanTransformer3DModel (T2V, or I2V with conditioning channels): patchify, RoPE, condition "
                    "embedder, N blocks, norm_out, proj_out, unpatchify; teacher forcing per block")
+    #: one latent frame; odd token grids (3 x 5 patches)
+    coverage = ({"frames": 1}, {"height": 6, "width": 10})
     config_model = WanTransformerComponentConfig
     kind = "wan"
     keep_fp32 = mlx_transformer.WAN_KEEP_FP32
