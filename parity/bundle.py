@@ -288,6 +288,7 @@ def compare_bundle(
             comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
                                                {"columns": ["note"], "rows": [[note]]}, None, None, note))
         meta = run_meta(setup, thresholds, result_sides.crashes, calibrated)
+        meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
         meta["ref_bundle"] = {"path": str(bundle), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}
         result = finish_run(comparison, context, meta, run_dir, report_dir, progress=progress)

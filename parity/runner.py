@@ -282,10 +282,17 @@ def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT) -> Seco
     return SecondCall(layers, ref, mlx, crash)
 
 
-def _wants_second_call(setup: Setup, streaming: bool, crashed: bool) -> bool:
-    """Float32 runs in memory whose first call got through: state between calls is a property of the
-    code, not of the precision, and a crashed first call has already said what is wrong."""
-    return setup.component.second_call and setup.dtype == "float32" and not streaming and not crashed
+def second_call_skipped(setup: Setup, streaming: bool, crashed: bool) -> str | None:
+    """Why this run makes no second call (None: it makes one). Float32 runs in memory whose first
+    call got through make one: state between calls is a property of the code, not of the precision,
+    and a crashed first call has already said what is wrong."""
+    if not setup.component.second_call:
+        return f"{setup.component.name} declares none"
+    if setup.dtype != "float32":
+        return "made in float32 runs only"
+    if streaming:
+        return "not made in streaming runs"
+    return "the first call crashed" if crashed else None
 
 
 def _merge_second_call(second: SecondCall, comparison: Comparison, context: RunContext) -> list[Crash]:
@@ -402,9 +409,11 @@ def run_component(
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp},
                              comparison=comparison)
         comparison.sections = sections(setup, context, bool(sides.crashes))
-        if _wants_second_call(setup, streaming, bool(sides.crashes)):
+        skipped = second_call_skipped(setup, streaming, bool(sides.crashes))
+        if skipped is None:
             sides.crashes += _merge_second_call(second_call(setup, judge, progress), comparison, context)
         meta = run_meta(setup, thresholds, sides.crashes, calibrated)
+        meta["second_call"] = skipped or f"made: layers {SECOND_CALL}<layer>"
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
     except BaseException:

@@ -45,7 +45,7 @@ MIXED = {"stream": "float32", "stream_scale": 4.0}
 def test_float32_parity(name, seed):
     result = run_component(name, "float32", seed=seed, out_dir=None)
     assert result.verdict == "PASS", result.first_divergence
-    assert [l.name for l in result.layers] == HELIOS_LAYERS
+    assert [l.name for l in result.layers] == HELIOS_LAYERS + [f"call2/{layer}" for layer in HELIOS_LAYERS]
     drift = _drift(result)
     assert drift.passed and len(drift.data["x"]) == 12
     assert max(drift.data["series"]["error_ratio"]) < 1.5  # flat: no faster error growth than the reference's

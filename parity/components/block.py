@@ -181,7 +181,7 @@ class BlockComponent(Component):
         cos, sin = (mx.concatenate(parts, axis=1) for parts in zip(*[
             mlx_rope.helios_rotary_emb(mx.array(inputs[k]), height, width, t.rope_dim, t.rope_theta)
             for k in ("history_indices", "frame_indices")]))
-        tokens = [mx.array(inputs[k]).reshape(batch, -1, dim) for k in ("history", "hidden")]
+        tokens = [mx.array(inputs[k]).reshape(batch, n, dim) for k, n in (("history", history_len), ("hidden", main_len))]
         temb = mlx_block.helios_timestep_proj(mx.array(inputs["timestep_proj"]).astype(mx_dtype),
                                               mx.array(inputs["timestep_proj_t0"]).astype(mx_dtype), history_len, main_len)
         return {"x": mx.concatenate(tokens, axis=1).astype(mx_dtype), "context": mx.array(inputs["text"]).astype(mx_dtype),
