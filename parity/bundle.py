@@ -265,7 +265,7 @@ def compare_bundle(
     setup = prepare(comp, dtype, manifest["seed"], reference=False, weights=weights, config=config, progress=progress)
     setup.inputs = inputs
     setup.weights_source = manifest["weights"]["source"]
-    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned())
+    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned(), comp.attention_groups(config))
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
@@ -278,7 +278,7 @@ def compare_bundle(
                                  progress=progress)
         comparison = compare(comp.name, dtype, ref, result_sides.mlx, thresholds, judge.alignment, truth,
                              result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
-                             judge.lineage)
+                             judge.lineage, judge.key_groups)
         context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
                              result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp})
         comparison.sections = sections(setup, context, bool(result_sides.crashes), extra_runs=False)

@@ -16,7 +16,9 @@ A component declares
 - ``alignment`` (reference layer -> MLX layer, adapters, exclusions, :mod:`parity.alignment`)
   and ``mlx_hooks`` (capture by module path for a port without taps, :mod:`parity.capture_mlx`);
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
-  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application).
+  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
+- ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
+  component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
 
 Subclasses inherit thresholds (``parity.toml`` tables of their parents) as well.
 """
@@ -241,6 +243,15 @@ class Component(ABC):
         if self.mlx_hooks is not None:
             return self.mlx_hooks.capture(model, capture)
         return record_taps(capture)
+
+    # --- attention maps -----------------------------------------------------------------------
+    def attention_groups(self, config: Any) -> dict[str, dict[str, tuple[int, int]]]:
+        """Named key ranges of attention map layers, by layer glob: ``{"attn1/probs": {"history": (0, 36)}}``.
+
+        Their mass is reported and judged per head besides the generic ``sink`` and ``first``
+        (:mod:`parity.attention`); none by default.
+        """
+        return {}
 
     # --- report sections ----------------------------------------------------------------------
     def views(self, run: RunContext) -> list[Section]:

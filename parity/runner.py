@@ -302,7 +302,7 @@ def run_component(
     thresholds = thresholds or thresholds_mod.load()
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, progress=progress)
     comp = setup.component
-    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned())
+    judge = Judge(comp.lineage(), dtype, thresholds, comp.aligned(), comp.attention_groups(setup.config))
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
@@ -314,7 +314,7 @@ def run_component(
                           keep_mlx=report_dir is not None or comp.has_views() or comp.has_extra_runs(),
                           progress=progress)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
-                             sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
+                             sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage, judge.key_groups)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
         comparison.sections = sections(setup, context, bool(sides.crashes))

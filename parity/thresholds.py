@@ -18,6 +18,7 @@ so is a layer glob that matches no layer of its component (checked after a run, 
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,14 @@ class Tolerance:
     rounding_excess: float | None = None
     drift_ratio: float | None = None
     baseline_factor: float | None = None
+    # attention maps, per head (parity.attention; judged in parity.compare._check_attention)
+    attn_js_mean: float | None = None
+    attn_js_max: float | None = None
+    attn_topk_min: float | None = None
+    attn_entropy_diff: float | None = None
+    attn_sparsity_diff: float | None = None
+    attn_mass_diff: float | None = None
+    attn_dropped: float | None = None
 
     def merged(self, override: "Tolerance") -> "Tolerance":
         return replace(self, **{k: v for k, v in vars(override).items() if v is not None})
@@ -62,6 +71,8 @@ class Tolerance:
 KEYS = tuple(Tolerance.__dataclass_fields__)
 #: Keys with a lower bound other than 0: a baseline factor below 1 would flag an unchanged run.
 MINIMUM = {"baseline_factor": 1.0}
+#: Keys with an upper bound: a top-k overlap (a share) above 1 could never be met.
+MAXIMUM = {"attn_topk_min": 1.0}
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,8 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
             raise ThresholdsError(f"{where}.{key}: expected a non-negative number, got {value!r}")
         if value < MINIMUM.get(key, 0):
             raise ThresholdsError(f"{where}.{key}: must be at least {MINIMUM[key]:g}, got {value!r}")
+        if value > MAXIMUM.get(key, math.inf):
+            raise ThresholdsError(f"{where}.{key}: must be at most {MAXIMUM[key]:g}, got {value!r}")
         values[key] = float(value)
     return Tolerance(**values)
 
