@@ -42,7 +42,7 @@ MAX_HISTORY_SCALE = 10.0
 #: The optional tap of attention probabilities (``mlx_impl.taps.requesting(ATTENTION_MAPS)``).
 ATTENTION_MAPS = "attention_maps"
 #: The probability computation holds about this many logits at once (query rows per chunk).
-MAP_CHUNK_ELEMENTS = 1 << 22
+MAP_CHUNK_ELEMENTS = 1 << 20
 
 
 def convert_key(key: str, array):
@@ -84,9 +84,10 @@ def attention_probs(q: mx.array, k: mx.array, scale: float, mask: mx.array | Non
     keys = k.shape[2]
     out = np.empty((batch, heads, queries, keys), np.float32)
     rows = max(1, MAP_CHUNK_ELEMENTS // max(1, batch * heads * keys))
-    k32 = k.astype(mx.float32)
+    keys_t = k.astype(mx.float32).swapaxes(-1, -2)
+    mx.eval(keys_t)  # once, not in every chunk's graph
     for start in range(0, queries, rows):
-        logits = (q[:, :, start:start + rows].astype(mx.float32) * scale) @ k32.swapaxes(-1, -2)
+        logits = (q[:, :, start:start + rows].astype(mx.float32) * scale) @ keys_t
         if mask is not None:
             part = mask[..., start:start + rows, :] if mask.shape[-2] == queries else mask
             logits = mx.where(part, logits, -mx.inf) if part.dtype == mx.bool_ else logits + part

@@ -40,7 +40,7 @@ TOPK = 16
 #: Sparsity: the share of keys needed for this much of a row's mass.
 SPARSITY_MASS = 0.9
 #: Rows are processed in chunks of about this many probabilities.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 #: Named key ranges ``{group: (start, stop)}`` of one attention layer (e.g. ``{"history": (0, 36)}``).
 KeyGroups = Mapping[str, tuple[int, int]]
 

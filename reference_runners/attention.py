@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 #: The computation holds about this many logits at once (query rows per chunk), whatever the token count.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def dispatch_probs(args: Mapping[str, Any]) -> torch.Tensor:
@@ -32,7 +32,7 @@ def dispatch_probs(args: Mapping[str, Any]) -> torch.Tensor:
     batch, queries, heads, head_dim = query.shape
     keys = key.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    keys_t = key.to(dtype).permute(0, 2, 3, 1)  # (batch, heads, head_dim, keys)
+    keys_t = key.to(dtype).permute(0, 2, 3, 1).contiguous()  # (batch, heads, head_dim, keys), once
     out = torch.empty(batch, heads, queries, keys, dtype=dtype)
     rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * keys))
     for start in range(0, queries, rows):
