@@ -31,6 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from parity.vocab import InputError
+
 #: The last name component of an attention map layer.
 MAP = "probs"
 #: ``attention_maps: "auto"`` computes maps when none holds more probabilities than this (64 MB float32 per side).
@@ -90,13 +92,17 @@ def _row_metrics(p: np.ndarray, q: np.ndarray, k: int, groups: Mapping[str, tupl
     return out
 
 
-def head_metrics(ref: np.ndarray, ours: np.ndarray, groups: KeyGroups | None = None) -> dict[str, Any]:
-    """Per-head diagnostics of two ``(batch, heads, queries, keys)`` maps (see the module docstring)."""
+def head_metrics(ref: np.ndarray, ours: np.ndarray, groups: KeyGroups | None = None, layer: str = "map") -> dict[str, Any]:
+    """Per-head diagnostics of two ``(batch, heads, queries, keys)`` maps (see the module docstring).
+
+    A key group outside the map is an :class:`~parity.vocab.InputError` (the component's ``attention_groups``).
+    """
     batch, heads, queries, keys = ref.shape
     groups = {"first": (0, 1), **(groups or {})}
     for group, (start, stop) in groups.items():
         if not 0 <= start < stop <= keys:
-            raise ValueError(f"key group {group!r} ({start}, {stop}) is outside the map's {keys} keys")
+            raise InputError(f"{layer}: key group {group!r} ({start}, {stop}) is outside the map's {keys} keys "
+                             "(the component's attention_groups)")
     k = topk_count(keys)
     rows = max(1, CHUNK_ELEMENTS // keys)
     per_head: dict[str, list] = {}

@@ -322,7 +322,7 @@ def judge_tensors(name: str, mlx_name: str, ref: np.ndarray, ours: np.ndarray, t
     result.metrics = tensor_metrics(ref, ours)
     finite = not any(result.metrics[k] for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx"))
     if attention.is_map(name) and ref.ndim == 4 and finite:
-        result.metrics.update(attention.head_metrics(ref, ours, key_groups))
+        result.metrics.update(attention.head_metrics(ref, ours, key_groups, name))
     if truth_missing:
         result.fail("structure", "truth", "missing", "present", "missing in the float64 truth run")
     elif truth is not None and finite:

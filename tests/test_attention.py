@@ -14,6 +14,7 @@ from parity.commands import main
 from parity.registry import get
 from parity.runner import run_component
 from parity.thresholds import ThresholdsError, load
+from parity.vocab import InputError
 from reference_runners import attention as ref_attention
 
 #: One drift step: the faults are judged on the layers; the drift section is test_block.py's.
@@ -116,7 +117,7 @@ def test_metrics_of_known_maps(monkeypatch):
     assert chunked.keys() == m.keys()
     for key in m:
         assert chunked[key] == (pytest.approx(m[key], rel=1e-12, abs=1e-15) if isinstance(m[key], list) else m[key]), key
-    with pytest.raises(ValueError, match="key group 'history' \\(0, 9\\) is outside the map's 8 keys"):
+    with pytest.raises(InputError, match="map: key group 'history' \\(0, 9\\) is outside the map's 8 keys"):
         attention.head_metrics(ref, ours, {"history": (0, 9)})
 
 
