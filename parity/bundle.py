@@ -278,7 +278,7 @@ def compare_bundle(
                                  progress=progress)
         comparison = compare(comp.name, dtype, ref, result_sides.mlx, thresholds, judge.alignment, truth,
                              result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
-                             judge.lineage, calibrated=judge.calibrated)
+                             judge.lineage, calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
                              result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp},
                              comparison=comparison)

@@ -142,11 +142,13 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
 
 def judge_for(setup: Setup, thresholds: thresholds_mod.Thresholds,
               calibration_dir: str | Path | None = calibration.DEFAULT_DIR) -> tuple[Judge, dict[str, Any] | None]:
-    """The run's judge: thresholds, alignment, and the per-layer limits of a calibration of this
-    component, dtype and config in ``calibration_dir`` (None: none); and what to say of it in the report."""
+    """The run's judge: thresholds, alignment, attention key groups, and the per-layer limits of a
+    calibration of this component, dtype and config in ``calibration_dir`` (None: none); and what to
+    say of the calibration in the report."""
     comp = setup.component
     found, note = calibration.for_run(comp.name, setup.dtype, setup.config.to_dict(), calibration_dir)
-    judge = Judge(comp.lineage(), setup.dtype, thresholds, setup.alignment, found.limits() if found else {})
+    judge = Judge(comp.lineage(), setup.dtype, thresholds, setup.alignment, found.limits() if found else {},
+                  comp.attention_groups(setup.config))
     if found is not None:
         return judge, {"path": str(found.path), "seeds": len(found.seeds), "layers": len(found.layers),
                        "rule": calibration.RULE[setup.dtype]}
@@ -404,7 +406,7 @@ def run_component(
                           progress=progress)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
-                             calibrated=judge.calibrated)
+                             calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp},
                              comparison=comparison)
