@@ -186,28 +186,29 @@ def expert_section(run: RunContext) -> Section:
     config, judged = run.config, {l.name: l for l in run.comparison.layers}
     boundary = config.boundary_ratio * config.scheduler.num_train_timesteps
     timesteps = np.asarray(run.ref["timesteps"])
-    rows, switch = [], {}
-    for k in steps_of(run):
-        name = f"step{k}/expert"
-        theirs, mine = int(run.ref[name][0]), ours(run, name)
-        mine = int(mine[0]) if mine is not None else None
-        for side, expert in (("reference", theirs), ("MLX", mine)):
-            if expert == W.LOW and side not in switch:
-                switch[side] = k
-        rows.append([f"step{k}", int(timesteps[k]), LABELS[theirs], LABELS.get(mine, "missing"),
-                     W.guidance_scale(theirs, config.guidance_scale, config.guidance_scale_2)
-                     if config.guidance_scale > 1 else None, judged[name].verdict])
-    failed = [row[0] for row in rows if row[-1] == FAIL]
-    ref_switch = switch.get("reference")
+    steps = steps_of(run)
+    theirs = [int(run.ref[f"step{k}/expert"][0]) for k in steps]
+    mine = [None if (x := ours(run, f"step{k}/expert")) is None else int(x[0]) for k in steps]
+    rows = [[f"step{k}", int(timesteps[k]), LABELS[a], "missing" if b is None else LABELS.get(b, str(b)),
+             W.guidance_scale(a, config.guidance_scale, config.guidance_scale_2) if config.guidance_scale > 1 else None,
+             judged[f"step{k}/expert"].verdict] for k, a, b in zip(steps, theirs, mine)]
+
+    def switch(experts: list[int | None]) -> int | None:
+        return next((k for k, expert in zip(steps, experts) if expert == W.LOW), None)
+
+    ref_switch = switch(theirs)
     if ref_switch is None:
         title = f"No expert switch: the high-noise expert runs every step (boundary {boundary:g} <= every timestep)"
-    elif ref_switch == 0:
+    elif ref_switch == steps[0]:
         title = f"No expert switch: the low-noise expert runs every step (every timestep < boundary {boundary:g})"
     else:
         title = (f"Expert switch: high-noise -> low-noise expert at step {ref_switch} "
                  f"(t = {int(timesteps[ref_switch])} < boundary {boundary:g})")
-    note = (f"the reference switches at step {ref_switch}, MLX at step {switch.get('MLX')} "
-            f"(first failing: {failed[0]}/expert)" if failed else "MLX runs the reference's expert at every step.")
+    failed = [row[0] for row in rows if row[-1] == FAIL]
+    note = "MLX runs the reference's expert at every step."
+    if failed:
+        when = ["never" if k is None else f"at step {k}" for k in (ref_switch, switch(mine))]
+        note = f"the reference switches {when[0]}, MLX {when[1]} (first failing: {failed[0]}/expert)"
     return Section("experts", title, "table",
                    {"columns": ["step", "timestep", "reference expert", "MLX expert", "guidance scale", "verdict"],
                     "rows": rows},
