@@ -19,6 +19,11 @@ A port that runs cond and uncond as one call of batch 2B is compared per half: t
 ``{expert}/text_embedding`` and ``step{k}/noise_pred`` holding ``[cond; uncond]`` along the batch
 axis, and ``alignment = BATCHED_CFG`` (each reference layer is one half: ``split(2, i, 0)``).
 
+The second call (float32 runs) gets the next seed's noise and prompts (the default
+``second_inputs``): text embeddings kept from the first call, or a scheduler's history not reset,
+fail at ``call2/...``. Coverage cells: one expert only (each), guidance off, the low-noise expert
+at scale 1, two steps.
+
 Sections: the trajectory's drift per step, the expert switch (per step each side's expert and
 the layer's verdict; the switch step in the title), the guidance (per step ``rms(cond - uncond) /
 rms(cond)`` on each side: a port whose guidance collapses shows it), teacher forcing per step.
