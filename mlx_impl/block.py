@@ -84,11 +84,17 @@ class Attention(nn.Module):
 
     def qkv(self, x: mx.array, context: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """Projections, q/k norm, and the split into heads ``(batch, tokens, heads, head_dim)``."""
-        context = x if context is None else context
-        q, k, v = (tap(n, linear(layer, t)) for n, layer, t in (("q", self.to_q, x), ("k", self.to_k, context),
-                                                                ("v", self.to_v, context)))
-        q, k = tap("q_norm", rms_norm(self.norm_q, q)), tap("k_norm", rms_norm(self.norm_k, k))
-        return tuple(t.reshape(*t.shape[:2], self.heads, -1) for t in (q, k, v))
+        return (self.query(x), *self.key_value(x if context is None else context))
+
+    def query(self, x: mx.array) -> mx.array:
+        return self.heads_of(tap("q_norm", rms_norm(self.norm_q, tap("q", linear(self.to_q, x)))))
+
+    def key_value(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        k, v = tap("k", linear(self.to_k, context)), tap("v", linear(self.to_v, context))
+        return self.heads_of(tap("k_norm", rms_norm(self.norm_k, k))), self.heads_of(v)
+
+    def heads_of(self, t: mx.array) -> mx.array:
+        return t.reshape(*t.shape[:2], self.heads, -1)
 
     def rotate(self, q: mx.array, k: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
         return tap("q_rope", apply_rotary_emb(q, *rope)), tap("k_rope", apply_rotary_emb(k, *rope))
@@ -99,10 +105,11 @@ class Attention(nn.Module):
         history = (k[:, :history_len] * scale[:, None]).astype(k.dtype)
         return tap("k_history_scaled", mx.concatenate([history, k[:, history_len:]], axis=1))
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Scaled dot-product attention; ``(batch, tokens, heads, head_dim)`` in and out."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
+        """Scaled dot-product attention; ``(batch, tokens, heads, head_dim)`` in and out; ``mask`` (queries,
+        keys) bool: which keys each query sees (None: all)."""
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return tap("attention", out.transpose(0, 2, 1, 3))
 
     def project_out(self, out: mx.array) -> mx.array:
