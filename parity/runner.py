@@ -100,7 +100,7 @@ class Setup:
     started: float
     hooks: Any = None
     alignment: Any = None
-    #: The converted weights, kept when the component declares chunk plans (its invariance check rebuilds the model).
+    #: The converted weights, kept in a float32 run of a component with chunk plans (invariance rebuilds the model).
     weights: dict[str, Any] | None = None
 
 
@@ -139,7 +139,7 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
     mlx_model = comp.build_mlx(config, converted, dtype) if mlx else None
     hooks, alignment = comp.run_hooks(weights)
     inputs = comp.make_inputs(config, seed)
-    planned = mlx and len(invariance.plans(comp, config)) > 1
+    planned = mlx and len(invariance.plans(comp, config)) > 1 and dtype == "float32"
     return Setup(comp, config, seed, dtype, inputs, ref_model if reference else None, mlx_model, source,
                  variant(comp, overrides), started, hooks, alignment, converted if planned else None)
 
