@@ -154,11 +154,17 @@ class SelfAttention(mlx_block.Attention):
         layer = frames.cache.layer(self)
         keys, values = layer.with_own(k, v)
         tap("k_cache", keys)
-        visible = block_causal(frames.index, np.concatenate([layer.frames(), frames.index]), frames.block)
-        out = self.attend(q, keys, values, token_mask(visible, frames.tokens_per_frame))
+        out = self.attend(q, keys, values, self.chunk_mask(frames, layer.frames()))
         if frames.append:
             layer.append(frames.index, k, v)
         return self.project_out(out)
+
+
+    @staticmethod
+    def chunk_mask(frames: Frames, cached: np.ndarray) -> mx.array:
+        """A chunk's token mask over the cached frames and its own: block-causal on absolute frame indices."""
+        visible = block_causal(frames.index, np.concatenate([cached, frames.index]), frames.block)
+        return token_mask(visible, frames.tokens_per_frame)
 
 
 class CrossAttention(mlx_block.Attention):

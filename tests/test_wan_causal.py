@@ -197,6 +197,15 @@ def test_fault_one_pass_mask_causal_per_frame(monkeypatch):
     assert _section(result, "one_pass").failing == "blocks.0/attn1/attention"
 
 
+def test_fault_chunk_attends_to_all_its_frames_fails_the_chunk_plans(monkeypatch):
+    """The invariance check's twin: a chunk of several causal blocks ignores causality inside it. One block per
+    chunk (the default run) cannot show it; one chunk of every frame, the first chunk plan, does."""
+    monkeypatch.setattr(C.SelfAttention, "chunk_mask", staticmethod(lambda frames, cached: None))
+    result = _run()
+    assert all(l.verdict == "PASS" for l in result.layers)
+    assert result.verdict == "FAIL" and result.first_divergence == "invariance/cached/blocks.0/attn", explain(result)
+
+
 def test_fault_cache_kept_on_the_model_fails_the_second_call(monkeypatch):
     """One cache per model instead of per call: the first call passes, the second attends to its leftovers."""
     caches = {}
