@@ -159,7 +159,6 @@ class SelfAttention(mlx_block.Attention):
             layer.append(frames.index, k, v)
         return self.project_out(out)
 
-
     @staticmethod
     def chunk_mask(frames: Frames, cached: np.ndarray) -> mx.array:
         """A chunk's token mask over the cached frames and its own: block-causal on absolute frame indices."""

@@ -20,7 +20,9 @@ A component declares
 - ``second_inputs``: what a second call of the same MLX model object sees (state carried between
   calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs;
 - ``chunk_plans`` (and ``plan_layers``): config overrides that change only how our MLX side chunks the
-  same computation, which must then agree within float32 limits (:mod:`parity.invariance`).
+  same computation, which must then agree within float32 limits (:mod:`parity.invariance`);
+- ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
+  component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
 
 Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
@@ -292,6 +294,15 @@ class Component(ABC):
         from parity.capture_mlx import record_taps
 
         return hooks.capture(model, capture) if hooks is not None else record_taps(capture)
+
+    # --- attention maps -----------------------------------------------------------------------
+    def attention_groups(self, config: Any) -> dict[str, dict[str, tuple[int, int]]]:
+        """Named key ranges of attention map layers, by layer glob: ``{"attn1/probs": {"history": (0, 36)}}``.
+
+        Their mass is reported and judged per head besides the generic ``sink`` and ``first``
+        (:mod:`parity.attention`); none by default.
+        """
+        return {}
 
     # --- report sections ----------------------------------------------------------------------
     def views(self, run: RunContext) -> list[Section]:
