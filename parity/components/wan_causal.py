@@ -117,7 +117,8 @@ class Pass:
 
 def kept_from(start: int, window: int | None, block: int) -> int:
     """The first frame a cache of ``window`` frames (whole causal blocks, oldest evicted) holds when a chunk
-    starts at ``start``."""
+    starts at ``start``. Apart from :func:`mlx_impl.causal.kept_from` on purpose: the reference never runs the
+    port's code."""
     return 0 if window is None else max(0, start - window // block * block)
 
 
