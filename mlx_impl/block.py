@@ -129,11 +129,17 @@ class Attention(nn.Module):
 
     def qkv(self, x: mx.array, context: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """Projections, q/k norm, and the split into heads ``(batch, tokens, heads, head_dim)``."""
-        context = x if context is None else context
-        q, k, v = (tap(n, linear(layer, t)) for n, layer, t in (("q", self.to_q, x), ("k", self.to_k, context),
-                                                                ("v", self.to_v, context)))
-        q, k = tap("q_norm", rms_norm(self.norm_q, q)), tap("k_norm", rms_norm(self.norm_k, k))
-        return tuple(t.reshape(*t.shape[:2], self.heads, -1) for t in (q, k, v))
+        return (self.query(x), *self.key_value(x if context is None else context))
+
+    def query(self, x: mx.array) -> mx.array:
+        return self.heads_of(tap("q_norm", rms_norm(self.norm_q, tap("q", linear(self.to_q, x)))))
+
+    def key_value(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        k, v = tap("k", linear(self.to_k, context)), tap("v", linear(self.to_v, context))
+        return self.heads_of(tap("k_norm", rms_norm(self.norm_k, k))), self.heads_of(v)
+
+    def heads_of(self, t: mx.array) -> mx.array:
+        return t.reshape(*t.shape[:2], self.heads, -1)
 
     def rotate(self, q: mx.array, k: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
         return tap("q_rope", apply_rotary_emb(q, *rope)), tap("k_rope", apply_rotary_emb(k, *rope))

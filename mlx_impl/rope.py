@@ -64,8 +64,10 @@ def wan_rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> 
     return tap("table_cos", cos), tap("table_sin", sin)
 
 
-def wan_rotary_emb(tables: tuple[mx.array, mx.array], frames: int, height: int, width: int) -> tuple[mx.array, mx.array]:
-    """cos and sin ``(1, frames*height*width, head_dim)`` for a patch grid, gathering t/h/w parts."""
+def wan_rotary_emb(tables: tuple[mx.array, mx.array], frames: int, height: int, width: int, start: int = 0
+                   ) -> tuple[mx.array, mx.array]:
+    """cos and sin ``(1, frames*height*width, head_dim)`` for a patch grid, gathering t/h/w parts; frame
+    positions count from ``start`` (a chunk after ``start`` frames already generated)."""
     head_dim = tables[0].shape[1]
     t_dim, h_dim, _ = wan_axis_dims(head_dim)
     out = []
@@ -73,7 +75,7 @@ def wan_rotary_emb(tables: tuple[mx.array, mx.array], frames: int, height: int, 
         t_part, h_part, w_part = mx.split(table, [t_dim, t_dim + h_dim], axis=1)
         grid = (frames, height, width)
         parts = [
-            mx.broadcast_to(t_part[:frames, None, None, :], (*grid, t_dim)),
+            mx.broadcast_to(t_part[start:start + frames, None, None, :], (*grid, t_dim)),
             mx.broadcast_to(h_part[None, :height, None, :], (*grid, h_dim)),
             mx.broadcast_to(w_part[None, None, :width, :], (*grid, w_part.shape[1])),
         ]

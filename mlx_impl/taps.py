@@ -67,6 +67,27 @@ def muted() -> Iterator[None]:
 
 
 @contextmanager
+def renamed(rename: Callable[[str], str | None]) -> Iterator[None]:
+    """Inside the block a tap is recorded under ``rename(full name)``, or not at all when that is None
+    (a second path through the same code naming only the layers it is compared on, e.g. ``chunk1/...``)."""
+    global _recorder
+    outer = _recorder
+    if outer is None:
+        yield
+        return
+
+    def forward(name: str, x: Any) -> None:
+        new = rename(name)
+        if new is not None:
+            outer(new, x)
+    _recorder = forward
+    try:
+        yield
+    finally:
+        _recorder = outer
+
+
+@contextmanager
 def recorder(callback: Callable[[str, Any], None]) -> Iterator[None]:
     """Install ``callback(name, tensor)`` as the recorder for the duration of the block."""
     global _recorder

@@ -65,10 +65,13 @@ class TimeTextEmbedding(nn.Module):
 
     def embed_time(self, timesteps: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """``(temb, timestep_proj)`` for ``timesteps``; temb is cast to the model's ``dtype`` before the projection."""
-        sinusoid = tap("timesteps_proj", sinusoidal_embedding(timesteps, self.time_freq_dim))
+        sinusoid = tap("timesteps_proj", self.sinusoid(timesteps))
         temb = tap("time_embedder", self.time_embedder(sinusoid.astype(self.time_embedder.linear_1.weight.dtype)))
         temb = temb.astype(dtype)
         return temb, tap("time_proj", linear(self.time_proj, nn.silu(temb)))
+
+    def sinusoid(self, timesteps: mx.array) -> mx.array:
+        return sinusoidal_embedding(timesteps, self.time_freq_dim)
 
     def embed_text(self, text: mx.array) -> mx.array:
         return tap("text_embedder", self.text_embedder(text))

@@ -185,10 +185,12 @@ class PatchEmbedding(nn.Module):
 def modulated_out_norm(x: mx.array, temb: mx.array, table: mx.array, eps: float) -> mx.array:
     """``LayerNorm(x.float()) * (1 + scale) + shift`` with ``shift, scale = table + temb``, in x's dtype.
 
-    ``temb`` ``(b, dim)``; ``table`` ``(1, 2, dim)`` (float32 in a bf16 model).
+    ``temb`` ``(b, dim)``, or per token ``(b, tokens, dim)`` (diffusion forcing); ``table`` ``(1, 2, dim)``
+    (float32 in a bf16 model).
     """
-    mod = table + temb[:, None, :]
-    shift, scale = mod[:, 0:1], mod[:, 1:2]
+    per_token = temb if temb.ndim == 3 else temb[:, None, :]
+    mod = table[:, :, None, :] + per_token[:, None]
+    shift, scale = mod[:, 0], mod[:, 1]
     normed = tap("norm_out", mx.fast.layer_norm(x.astype(mx.float32), None, None, eps))
     return tap("norm_out/modulated", (normed * (1 + scale) + shift).astype(x.dtype))
 
@@ -281,10 +283,12 @@ class WanTransformer(_Transformer):
         d = self.dims
         return mlx_block.WanTransformerBlock(d.dim, d.ffn_dim, d.num_attention_heads, d.cross_attn_norm, d.eps)
 
-    def rope(self, grid: Sequence[int]) -> tuple[mx.array, mx.array]:
+    def rope(self, grid: Sequence[int], start: int = 0) -> tuple[mx.array, mx.array]:
+        """cos and sin of the patch ``grid``'s tokens, frame positions from ``start``."""
         d = self.dims
         with muted():  # the tables are the rope component's
-            cos, sin = mlx_rope.wan_rotary_emb(mlx_rope.wan_rope_tables(d.attention_head_dim, d.rope_max_seq_len), *grid)
+            tables = mlx_rope.wan_rope_tables(d.attention_head_dim, d.rope_max_seq_len)
+            cos, sin = mlx_rope.wan_rotary_emb(tables, *grid, start=start)
         return tap("rope/cos", cos), tap("rope/sin", sin)
 
     def embed_time(self, timestep: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:

@@ -89,13 +89,16 @@ class Capture:
         finally:
             self._scopes.pop()
 
-    def add(self, name: str, tensor: Any) -> None:
-        """Record ``tensor`` under ``name`` (prefixed by the open scopes); a name may be recorded once."""
+    def add(self, name: str, tensor: Any, dtype: str | None = None) -> None:
+        """Record ``tensor`` under ``name`` (prefixed by the open scopes); a name may be recorded once.
+
+        ``dtype``: the tensor's own dtype when ``tensor`` is a widened copy (a slice of a recorded tensor)."""
         name = self.full_name(name)
         if name in self.dtypes:
             raise CaptureError(f"{self.side}: layer {name!r} captured twice; give each call its own name "
                                "(a scope, or {call} in the name template)")
-        array, dtype = to_numpy(tensor)
+        array, found = to_numpy(tensor)
+        dtype = dtype or found
         self.order.append(name)
         self.dtypes[name] = dtype
         self.shapes[name] = tuple(array.shape)

@@ -18,7 +18,9 @@ A component declares
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
   and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
 - ``second_inputs``: what a second call of the same MLX model object sees (state carried between
-  calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs.
+  calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs;
+- ``chunk_plans`` (and ``plan_layers``): config overrides that change only how our MLX side chunks the
+  same computation, which must then agree within float32 limits (:mod:`parity.invariance`);
 - ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
   component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
 
@@ -189,6 +191,16 @@ class Component(ABC):
         """Inputs of the second call (state carried between calls, see :func:`parity.runner.second_call`):
         same shapes, other values. Override to also vary what a port might cache (positions, timesteps)."""
         return self.make_inputs(config, seed + 1)
+
+    def chunk_plans(self, config: Any) -> tuple[Mapping[str, Any], ...]:
+        """Config overrides under which our MLX side must compute the same layers from the same inputs, only
+        chunked differently (two or more: each is judged against the first in float32 runs, section
+        ``invariance``); none by default."""
+        return ()
+
+    def plan_layers(self, capture: "Capture", config: Any) -> "Capture":
+        """A chunk plan's capture under names every plan shares (default: as recorded)."""
+        return capture
 
     # --- reference side (PyTorch, real diffusers modules) -------------------------------------
     @abstractmethod

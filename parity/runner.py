@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from parity import calibration, registry, threads
+from parity import calibration, invariance, registry, threads
 from parity import thresholds as thresholds_mod
 from parity.capture import Capture
 from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
@@ -100,6 +100,8 @@ class Setup:
     started: float
     hooks: Any = None
     alignment: Any = None
+    #: The converted weights, kept in a float32 run of a component with chunk plans (invariance rebuilds the model).
+    weights: dict[str, Any] | None = None
 
 
 def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, config_path: str | Path | None = None,
@@ -133,11 +135,13 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
         else:
             ref_model = comp.build_reference(config, seed)
             weights = comp.reference_weights(ref_model)
-    mlx_model = comp.build_mlx(config, _converted(comp, weights), dtype) if mlx else None
+    converted = _converted(comp, weights) if mlx else None
+    mlx_model = comp.build_mlx(config, converted, dtype) if mlx else None
     hooks, alignment = comp.run_hooks(weights)
     inputs = comp.make_inputs(config, seed)
+    planned = mlx and len(invariance.plans(comp, config)) > 1 and dtype == "float32"
     return Setup(comp, config, seed, dtype, inputs, ref_model if reference else None, mlx_model, source,
-                 variant(comp, overrides), started, hooks, alignment)
+                 variant(comp, overrides), started, hooks, alignment, converted if planned else None)
 
 
 def judge_for(setup: Setup, thresholds: thresholds_mod.Thresholds,
@@ -314,6 +318,9 @@ def sections(setup: Setup, context: RunContext, crashed: bool, extra_runs: bool 
     comp = setup.component
     out: list[Section] = []
     producers = [("views", comp.views)] + ([("extra runs", comp.extra_runs)] if extra_runs else [])
+    if setup.weights is not None and setup.dtype == "float32":
+        producers.append(("invariance", lambda run: invariance.sections(
+            comp, run.config, run.seed, run.inputs, setup.weights, setup.hooks, run.thresholds)))
     for kind, produce in producers:
         try:
             out += produce(context)

@@ -23,9 +23,9 @@ its forward; everything else in the model is resident.
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -165,7 +165,14 @@ def run_helios(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: to
 
 
 def run_wan(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
-    model = reference.model
+    with wan_capture(reference.model, transformer_wan, capture), reference.precision():
+        reference.model(**wan_inputs(inputs, dtype))
+
+
+@contextmanager
+def wan_capture(model: torch.nn.Module, module: Any, capture: Capture) -> Iterator[None]:
+    """What a forward of a Wan-layout model records (``WanTransformer3DModel``, or SkyReels-V2's, whose processors
+    call ``module.dispatch_attention_fn``): the same layer names as our ``WanTransformer``'s taps."""
     hooks = {"rope": "rope", "patch_embedding": "patch_embedding", **_embedder_hooks(("main",)),
              "norm_out": "norm_out", "proj_out": "proj_out"}
     attn1 = {"query": "attn1/q_rope", "key": "attn1/k_rope", "out": "attn1/attention"}
@@ -174,12 +181,11 @@ def run_wan(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: torch
         stack.enter_context(hook_modules(model, capture, hooks, inputs={"blocks.0": "tokens", "proj_out": "norm_out/modulated"}))
         stack.enter_context(scoped_modules(model, capture, {"blocks.*": "blocks.{0}"}))
         stack.enter_context(hook_modules(model, capture, _block_hooks()))
-        stack.enter_context(record_calls(transformer_wan, "dispatch_attention_fn",
+        stack.enter_context(record_calls(module, "dispatch_attention_fn",
                                          [attn1, {"out": "attn2/attention"}], capture, block_runner._ATTENTION_ARGS))
         stack.enter_context(trace_locals({_forward_code(model): {("output", 1): "unpatchify"},
                                           type(block).forward.__code__: block_runner._locals_spec(1, 2)}, capture))
-        stack.enter_context(reference.precision())
-        model(**wan_inputs(inputs, dtype))
+        yield
 
 
 def run_block(reference: Reference, index: int, args: Mapping[str, Any]) -> np.ndarray:

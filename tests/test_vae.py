@@ -162,7 +162,7 @@ def test_boundary_sections_show_the_lost_cache(correct, monkeypatch):
         return growth[2], seams["conv_in"], np.array(heat["values"])
 
     assert {s.name for s in correct.sections} == {"block_chunk_error", "latent_frame_error", "chunk_error",
-                                                 "seams", "periodicity", "latent_frame_stats"}
+                                                 "seams", "periodicity", "latent_frame_stats", "invariance"}
     ok_growth, ok_seam, ok_heat = read(correct)
     lose_cache(monkeypatch)
     bad_growth, bad_seam, bad_heat = read(run_component("vae", "float32", out_dir=None))

@@ -59,6 +59,17 @@ class WanTransformerConfig(DiffusersConfig):
     pos_embed_seq_len: None = None
 
 
+class SkyReelsV2TransformerConfig(WanTransformerConfig):
+    """``SkyReelsV2Transformer3DModel``: Wan's keys (its own defaults) and the causal block size."""
+
+    diffusers_class = "diffusers:SkyReelsV2Transformer3DModel"
+    num_attention_heads: PositiveInt = 16
+    ffn_dim: PositiveInt = 8192
+    num_layers: PositiveInt = 32
+    inject_sample_info: Literal[False] = False  # fps conditioning: not ported
+    num_frame_per_block: PositiveInt = 1
+
+
 class WanVaeConfig(DiffusersConfig):
     diffusers_class = "diffusers:AutoencoderKLWan"
     base_dim: PositiveInt = 96

@@ -66,6 +66,10 @@ class VaeComponent(Component):
         strict_load(model, encoder_weights(weights), convert=convert, dtype=getattr(mx, dtype))
         return model
 
+    def chunk_plans(self, config: VaeConfig) -> tuple[dict[str, str], ...]:
+        """The reference's chunks (1 + 4 + 4 ... frames with the feature cache) against one shot over the video."""
+        return tuple({"mlx_encoding": encoding} for encoding in ENCODINGS)
+
     def run_mlx(self, model: Any, inputs: dict, dtype: str) -> None:
         video_cl = mx.array(np.ascontiguousarray(inputs["video"].transpose(0, 2, 3, 4, 1))).astype(getattr(mx, dtype))
         mx.eval(model.encode(video_cl))
