@@ -16,7 +16,9 @@ A component declares
 - ``alignment`` (reference layer -> MLX layer, adapters, exclusions, :mod:`parity.alignment`)
   and ``mlx_hooks`` (capture by module path for a port without taps, :mod:`parity.capture_mlx`);
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
-  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application).
+  and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
+- ``mutate_sources``: the files ``parity mutate`` mutates, when not the project files its MLX
+  side runs (:mod:`parity.mutate`).
 
 Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
@@ -117,6 +119,9 @@ class Component(ABC):
     #: Reference submodules (globs, in the state dict's namespace) whose outputs the reference records,
     #: and their layer names: what ``MlxHooks(derive=True)`` matches the port's converter against.
     reference_layers: ClassVar[Mapping[str, str]] = {}
+    #: Module names or files (relative to the component's module) ``parity mutate`` mutates; empty: the project
+    #: files whose functions run during the comparison (the harness and this component's own file excluded).
+    mutate_sources: ClassVar[tuple[str, ...]] = ()
 
     # --- identity and configuration -----------------------------------------------------------
     def lineage(self) -> list[str]:
