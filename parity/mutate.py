@@ -51,6 +51,7 @@ from parity.dumps import write_json
 from parity.mutate_ops import OPERATORS, Mutant, mutants, select
 from parity.mutate_worker import REPO, project_file
 from parity.progress import SILENT, Progress
+from parity.runner import git_commit, versions
 from parity.vocab import DTYPES, InputError, fmt
 
 SCHEMA = 1
@@ -386,6 +387,7 @@ def mutate_component(name: str, out_dir: Path, options: Options, progress: Progr
                 "schema": SCHEMA, "kind": "parity-mutate", "component": component.name, "dtypes": dtypes,
                 "seed": options.seed, "config": config,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "git_commit": git_commit(), "versions": versions(),
                 "settings": {"max_mutants": options.max_mutants, "timeout": timeout, "jobs": jobs,
                              "worker_threads": int(workers.env[threads.ENV_THREADS]),
                              "operators": list(options.operators or OPERATORS)},

@@ -104,6 +104,7 @@ def render(result: dict[str, Any]) -> str:
                    f"mutants, {settings.get('jobs')} at a time ({settings.get('worker_threads')} thread(s) each), "
                    f"timeout {fmt(settings.get('timeout'))} s per mutant"),
         ("created", result.get("created")), ("duration", f"{fmt(result.get('seconds'))} s"),
+        ("git commit", result.get("git_commit") or "–"),
         ("state", "interrupted: partial results" if result.get("interrupted") else
          "complete" if result.get("complete") else f"running ({counts.get('pending', 0)} pending)"),
     ]
