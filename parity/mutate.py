@@ -286,7 +286,11 @@ def choose_sources(component: Any, options: Options, ran: Sequence[str], coverag
 
 # --- one component ------------------------------------------------------------------------------------
 
-def _baseline(workers: Workers, spec: dict[str, Any], dtypes: Sequence[str], name: str) -> dict[str, Any]:
+def run_baseline(workers: Workers, spec: dict[str, Any], dtypes: Sequence[str], name: str) -> dict[str, Any]:
+    """The unmutated run, twice at once (the first traced): digests, whether they reproduce, coverage, what ran.
+
+    Raises :class:`BaselineFails` when a dtype does not pass, an input error when the worker reports one.
+    """
     traced, again = workers.submit({**spec, "trace": True}, None), workers.submit(spec, None)
     first, second = traced.result(), again.result()
     for result in (first, second):
@@ -373,7 +377,7 @@ def mutate_component(name: str, out_dir: Path, options: Options, progress: Progr
         try:
             progress.step(f"[{component.name}] the unmutated MLX side against the bundles (traced; and again, "
                           "for bit-reproducibility)")
-            base = _baseline(workers, spec, dtypes, component.name)
+            base = run_baseline(workers, spec, dtypes, component.name)
             coverage = {Path(f).resolve(): set(lines) for f, lines in base["coverage"].items()}
             files, found_by = choose_sources(component, options, base["ran"], base["coverage"])
             if not files:

@@ -13,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from parity.mutate import first_changed, judge, judge_dtype
+from parity.mutate import BaselineFails, first_changed, judge, judge_dtype, run_baseline
 from parity.mutate_ops import OPERATORS, mutants, select
 from parity.mutate_page import render
+from parity.vocab import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 GLUE = ROOT / "examples" / "external_port_parity.py"
@@ -187,6 +189,33 @@ def test_mutants_are_classified_from_their_bits_and_verdicts():
     assert timed_out["status"] == "crashed" and timed_out["timed_out"] and "timeout" in timed_out["reason"]
 
 
+class StubWorkers:
+    """Stands in for the worker processes: hands out prepared results."""
+
+    def __init__(self, *results):
+        self.results = list(results)
+
+    def submit(self, spec, timeout):
+        future = Future()
+        future.set_result(self.results.pop(0))
+        return future
+
+
+def run_result(verdict="PASS", digests=BASE, **extra):
+    return {"wall": 1.0, "coverage": {}, "ran": [], "dtypes": {"float32": {
+        **entry(digests, verdict, None if verdict == "PASS" else "b", metric="max_abs"), "layers": 3, **extra}}}
+
+
+def test_no_score_unless_the_unmutated_run_passes_and_reproducibility_decides_equivalence():
+    with pytest.raises(BaselineFails, match="the unmutated toy fails in float32 .first divergence b: b broke"):
+        run_baseline(StubWorkers(run_result("FAIL"), run_result("FAIL")), {}, ["float32"], "toy")
+    with pytest.raises(InputError, match="bad config"):
+        run_baseline(StubWorkers({"setup_error": {"error": "bad config", "input_error": True}}, run_result()), {},
+                  ["float32"], "toy")
+    assert run_baseline(StubWorkers(run_result(), run_result()), {}, ["float32"], "toy")["reproducible"]
+    assert not run_baseline(StubWorkers(run_result(), run_result(digests=BASE[:2])), {}, ["float32"], "toy")["reproducible"]
+
+
 def test_the_page_escapes_everything():
     evil = "<script>alert(1)</script>"
     mutant = {"id": f"m{evil}", "operator": "sub_swap", "file": f"x{evil}.py", "line": 3, "function": evil,
@@ -255,7 +284,8 @@ def test_rope_mutants_killed_and_equivalent_then_ctrl_c_keeps_them(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "parity", "mutate", "rope", "--dtype", "float32", "--operator",
                              "upcast_to_bf16", "--operator", "sin_cos_swap", "--max-mutants", "8", "--jobs", "2",
                              "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(scratch)})
+                            env={**os.environ, "TMPDIR": str(scratch)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
     results = out / "rope" / "mutations.json"
     deadline = time.monotonic() + 900
     while proc.poll() is None and time.monotonic() < deadline:  # until a killed and an equivalent mutant are in
@@ -263,7 +293,11 @@ def test_rope_mutants_killed_and_equivalent_then_ctrl_c_keeps_them(tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stderr and "interrupted" in stderr
     data = json.loads(results.read_text())
