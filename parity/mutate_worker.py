@@ -203,9 +203,12 @@ def main(spec_path: str) -> int:
         os.replace(tmp, out)
 
     try:
-        from parity import registry, threads
+        from parity import config, registry, threads
         from parity import thresholds as thresholds_mod
 
+        # The bundles' configs were checked against the diffusers constructors when the parent made them;
+        # checking again would import diffusers and torch into every worker (seconds each) for nothing.
+        config._constructor_keys = lambda target: None
         threads.configure()
         registry.use_files(spec.get("component_modules") or [])
         registry.get(spec["component"])

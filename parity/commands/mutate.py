@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if (out / name / "mutations.json").exists():
             raise UsageError(f"--out {out}: already holds {name}/mutations.json; results are never overwritten")
     results, failing = [], []
+    terminate = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it as Ctrl-C does
     try:
         for name in args.components:
             try:
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"parity: interrupted; the finished mutants are in {out}/*/mutations.json (marked interrupted)",
               file=sys.stderr)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
     print()
     below = []
     for result in results:
