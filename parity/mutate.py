@@ -347,6 +347,64 @@ def summarise(result: dict[str, Any]) -> None:
     result["by_operator"] = {op: table[op] for op in OPERATORS if op in table}
 
 
+@dataclass
+class Plan:
+    """What a component's mutation run covers: its sources, every mutant made, those on lines that ran, the chosen."""
+
+    files: list[Path]
+    found_by: str
+    everything: list[Mutant]
+    executed: list[Mutant]
+    chosen: list[Mutant]
+
+
+def plan(component: Any, options: Options, base: dict[str, Any]) -> Plan:
+    """Sources, mutants and the selection, from the traced baseline."""
+    coverage = {Path(f).resolve(): set(lines) for f, lines in base["coverage"].items()}
+    files, found_by = choose_sources(component, options, base["ran"], base["coverage"])
+    if not files:
+        raise InputError(f"{component.name}: no source file of its MLX side found (no project file ran); "
+                         "name them with --source or the component's mutate_sources")
+    everything = [m for path in files for m in mutants(path, options.operators, label(path))]
+    executed = [m for m in everything if _executed(m, coverage)]
+    return Plan(files, found_by, everything, executed, select(executed, options.max_mutants))
+
+
+def new_result(component: Any, options: Options, config: dict[str, Any], base: dict[str, Any], planned: Plan,
+               timeout: float, jobs: int, worker_threads: int) -> dict[str, Any]:
+    """The ``mutations.json`` of a run about to start (mutants are added as they finish)."""
+    def count(mutants: list[Mutant], path: Path) -> int:
+        return sum(Path(m.file).resolve() == path for m in mutants)
+
+    return {
+        "schema": SCHEMA, "kind": "parity-mutate", "component": component.name, "dtypes": list(options.dtypes),
+        "seed": options.seed, "config": config, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "versions": versions(),
+        "settings": {"max_mutants": options.max_mutants, "timeout": timeout, "jobs": jobs,
+                     "worker_threads": worker_threads, "operators": list(options.operators or OPERATORS)},
+        "operators": {k: v[0] for k, v in OPERATORS.items()},
+        "sources_found_by": planned.found_by,
+        "sources": [{"file": label(p), "mutants": count(planned.everything, p), "executed": count(planned.executed, p)}
+                    for p in planned.files],
+        "baseline": {"reproducible": base["reproducible"], "seconds": base["seconds"], "dtypes": base["dtypes"]},
+        "counts": {"generated": len(planned.everything), "not_executed": len(planned.everything) - len(planned.executed),
+                   "executed": len(planned.executed), "selected": len(planned.chosen)},
+        "mutants": [], "complete": False, "interrupted": False,
+    }
+
+
+def reference_bundles(component: Any, options: Options, scratch: Path, progress: Progress) -> dict[str, str]:
+    """One reference bundle per dtype: the only PyTorch runs of the whole mutation run."""
+    from parity import bundle
+
+    bundles = {}
+    for dtype in options.dtypes:
+        progress.step(f"[{component.name}] reference bundle, {dtype} (computed once for every mutant)")
+        bundles[dtype] = str(bundle.dump_reference(component, scratch / f"bundle-{dtype}", dtype, options.seed,
+                                                   options.config_path))
+    return bundles
+
+
 def mutate_component(name: str, out_dir: Path, options: Options, progress: Progress = SILENT) -> dict[str, Any]:
     """Run ``parity mutate`` for one component; returns the result written to ``out_dir/<name>/mutations.json``.
 
@@ -354,62 +412,35 @@ def mutate_component(name: str, out_dir: Path, options: Options, progress: Progr
     :class:`~parity.vocab.InputError` on bad input, and ``KeyboardInterrupt`` after writing what
     finished (``interrupted: true``).
     """
-    from parity import bundle
+    from parity.bundle import read_manifest
 
     component = registry.get(name)
     started = time.perf_counter()
     folder = out_dir / component.name
-    dtypes = list(options.dtypes)
     jobs = options.jobs or threads.available_cores()
     with tempfile.TemporaryDirectory(prefix=f"parity-mutate-{component.name}-") as scratch:
-        scratch = Path(scratch)
-        bundles = {}
-        for dtype in dtypes:
-            progress.step(f"[{component.name}] reference bundle, {dtype} (computed once for every mutant)")
-            bundles[dtype] = str(bundle.dump_reference(component, scratch / f"bundle-{dtype}", dtype, options.seed,
-                                                       options.config_path))
-        config = bundle.read_manifest(bundles[dtypes[0]])["config"]
+        bundles = reference_bundles(component, options, Path(scratch), progress)
         spec = {"component": component.name, "bundles": bundles,
                 "component_modules": [str(Path(p).resolve()) for p in options.component_modules],
                 "thresholds": [str(Path(p).resolve()) for p in options.thresholds]}
-        workers = Workers(jobs, scratch, worker_env(jobs))
+        workers = Workers(jobs, Path(scratch), worker_env(jobs))
         result = None
         try:
             progress.step(f"[{component.name}] the unmutated MLX side against the bundles (traced; and again, "
                           "for bit-reproducibility)")
-            base = run_baseline(workers, spec, dtypes, component.name)
-            coverage = {Path(f).resolve(): set(lines) for f, lines in base["coverage"].items()}
-            files, found_by = choose_sources(component, options, base["ran"], base["coverage"])
-            if not files:
-                raise InputError(f"{component.name}: no source file of its MLX side found (no project file ran); "
-                                 "name them with --source or the component's mutate_sources")
-            everything = [m for path in files for m in mutants(path, options.operators, label(path))]
-            executed = [m for m in everything if _executed(m, coverage)]
-            chosen = select(executed, options.max_mutants)
+            base = run_baseline(workers, spec, list(options.dtypes), component.name)
+            planned = plan(component, options, base)
             timeout = options.timeout or max(MIN_TIMEOUT, TIMEOUT_FACTOR * base["seconds"])
-            result = {
-                "schema": SCHEMA, "kind": "parity-mutate", "component": component.name, "dtypes": dtypes,
-                "seed": options.seed, "config": config,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "versions": versions(),
-                "settings": {"max_mutants": options.max_mutants, "timeout": timeout, "jobs": jobs,
-                             "worker_threads": int(workers.env[threads.ENV_THREADS]),
-                             "operators": list(options.operators or OPERATORS)},
-                "operators": {k: v[0] for k, v in OPERATORS.items()},
-                "sources_found_by": found_by,
-                "sources": [{"file": label(p), "mutants": sum(Path(m.file).resolve() == p for m in everything),
-                             "executed": sum(Path(m.file).resolve() == p for m in executed)} for p in files],
-                "baseline": {"reproducible": base["reproducible"], "seconds": base["seconds"], "dtypes": base["dtypes"]},
-                "counts": {"generated": len(everything), "not_executed": len(everything) - len(executed),
-                           "executed": len(executed), "selected": len(chosen)},
-                "mutants": [], "complete": False, "interrupted": False,
-            }
+            config = read_manifest(next(iter(bundles.values())))["config"]
+            result = new_result(component, options, config, base, planned, timeout, jobs,
+                                int(workers.env[threads.ENV_THREADS]))
             if not base["reproducible"]:
                 progress.step(f"[{component.name}] warning: two unmutated runs differ bit-wise; no mutant is called "
                               "equivalent (bit-identity would prove nothing)")
-            progress.step(f"[{component.name}] {len(chosen)} of {len(executed)} mutants on lines that ran "
-                          f"({len(everything)} made of {len(files)} file(s)); {jobs} at a time, timeout {fmt(timeout)} s")
-            _run_mutants(workers, spec, chosen, result, base, timeout, folder, progress)
+            progress.step(f"[{component.name}] {len(planned.chosen)} of {len(planned.executed)} mutants on lines that "
+                          f"ran ({len(planned.everything)} made of {len(planned.files)} file(s)); {jobs} at a time, "
+                          f"timeout {fmt(timeout)} s")
+            _run_mutants(workers, spec, planned.chosen, result, base, timeout, folder, progress)
         except KeyboardInterrupt:
             workers.stop()
             if result is not None:

@@ -85,7 +85,8 @@ def render(result: dict[str, Any]) -> str:
                   "description": (result.get("operators") or {}).get(m["operator"], "")}
                  for m in result.get("mutants") or [] if m["status"] == "survived"]
     baseline = result.get("baseline") or {}
-    cards = [{"label": "kill rate", "value": "–" if rate is None else f"{fmt(100 * rate)}%", "bad": rate is not None and rate < TARGET},
+    rate_text = "–" if rate is None else f"{fmt(100 * rate)}%"
+    cards = [{"label": "kill rate", "value": rate_text, "bad": rate is not None and rate < TARGET},
              {"label": "killed", "value": counts.get("killed", 0)},
              {"label": "survived", "value": counts.get("survived", 0), "bad": bool(counts.get("survived"))},
              {"label": "equivalent", "value": counts.get("equivalent", 0)},
@@ -110,7 +111,7 @@ def render(result: dict[str, Any]) -> str:
     ]
     return _env().get_template("mutate.html.j2").render(
         r=result, rate=rate, banner="UNKNOWN" if rate is None else "PASS" if rate >= TARGET else "FAIL",
-        rate_text="–" if rate is None else f"{fmt(100 * rate)}%", target=f"{fmt(100 * TARGET)}%", counts=counts,
+        rate_text=rate_text, target=f"{fmt(100 * TARGET)}%", counts=counts,
         cards=cards, meta=meta, survivors=survivors, tables=mutant_tables(result), generated=_now())
 
 

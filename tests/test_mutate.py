@@ -181,7 +181,8 @@ def test_mutants_are_classified_from_their_bits_and_verdicts():
     caught_first = judge_dtype(entry([["a", "7"]], "FAIL", "a", crash, "max_abs"), BASE, True, "")
     assert caught_first["status"] == "killed"  # a layer before the crash failed: the comparison caught it
     assert judge_dtype(None, BASE, True, "timeout after 9 s") == {"status": "crashed", "reason": "timeout after 9 s"}
-    both = judge({"loaded": True, "wall": 1.0, "dtypes": {"float32": entry(BASE), "bfloat16": entry(changed, "FAIL", "b", metric="budget_ratio")}},
+    killed_in_bf16 = entry(changed, "FAIL", "b", metric="budget_ratio")
+    both = judge({"loaded": True, "wall": 1.0, "dtypes": {"float32": entry(BASE), "bfloat16": killed_in_bf16}},
                  {"digests": {"float32": BASE, "bfloat16": BASE}, "reproducible": True}, ["float32", "bfloat16"], 60)
     assert both["status"] == "killed" and both["dtypes"]["float32"]["status"] == "equivalent"
     timed_out = judge({"loaded": True, "timed_out": True, "dtypes": {}},
