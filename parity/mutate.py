@@ -49,7 +49,7 @@ from typing import Any, Sequence
 from parity import mutate_page, registry, threads
 from parity.dumps import write_json
 from parity.mutate_ops import OPERATORS, Mutant, mutants, select
-from parity.mutate_worker import REPO, project_file
+from parity.mutate_worker import REPO, closest, project_file
 from parity.progress import SILENT, Progress
 from parity.runner import git_commit, versions
 from parity.vocab import DTYPES, InputError, fmt
@@ -181,6 +181,11 @@ def first_changed(baseline: list[list[str]], ours: list[list[str]]) -> str | Non
     return next((name for name, _ in ours if name not in known), None)
 
 
+def changed_layers(baseline: list[list[str]], ours: list[list[str]]) -> set[str]:
+    """The captured MLX layers whose bits differ from the baseline's (or that only one of them has)."""
+    return {name for name, _ in set(map(tuple, baseline)) ^ set(map(tuple, ours))}
+
+
 def judge_dtype(entry: dict[str, Any] | None, baseline: list[list[str]], reproducible: bool,
                 failure: str) -> dict[str, Any]:
     """One dtype of one mutant: status and what tells it (see the module docstring)."""
@@ -189,8 +194,10 @@ def judge_dtype(entry: dict[str, Any] | None, baseline: list[list[str]], reprodu
     if "error" in entry:
         return {"status": "crashed", "reason": entry["error"], "traceback": entry.get("traceback")}
     changed = first_changed(baseline, entry["digests"])
-    out = {k: entry.get(k) for k in ("verdict", "first_divergence", "failure", "closest", "seconds")}
+    out = {k: entry.get(k) for k in ("verdict", "first_divergence", "failure", "seconds")}
     out["first_changed"] = changed
+    moved = changed_layers(baseline, entry["digests"])
+    out["closest"] = closest([m for m in entry.get("margins") or [] if m["mlx_layer"] in moved])
     crash = entry.get("crash")
     missing = entry.get("failure_metric") == "presence"
     if entry["verdict"] == "FAIL" and not (crash and missing):
@@ -317,7 +324,8 @@ def run_baseline(workers: Workers, spec: dict[str, Any], dtypes: Sequence[str], 
     reproducible = all(digests[d] == second["dtypes"][d]["digests"] for d in dtypes)
     return {"digests": digests, "reproducible": reproducible, "coverage": first.get("coverage", {}),
             "ran": first.get("ran", []), "seconds": max(first["wall"], second["wall"]),
-            "dtypes": {d: {k: first["dtypes"][d][k] for k in ("verdict", "layers", "seconds", "closest")} for d in dtypes}}
+            "dtypes": {d: {**{k: first["dtypes"][d][k] for k in ("verdict", "layers", "seconds")},
+                           "closest": closest(first["dtypes"][d].get("margins") or [])} for d in dtypes}}
 
 
 def _executed(mutant: Mutant, coverage: dict[Path, set[int]]) -> bool:
@@ -491,7 +499,7 @@ def _detail(entry: dict[str, Any]) -> str:
         return f": {str(entry.get('reason'))[:120]}"
     if entry["status"] == "survived":
         near = entry.get("closest") or {}
-        return (f": changed from {entry.get('first_changed')}; closest {near.get('layer')} {near.get('metric')} at "
+        return (f": changed from {entry.get('first_changed')}; nearest a limit {near.get('layer')} {near.get('metric')} at "
                 f"{fmt(near.get('ratio'))} of its limit" if near else f": changed from {entry.get('first_changed')}")
     return ""
 

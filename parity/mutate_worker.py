@@ -14,7 +14,7 @@ the harness's), ``out`` (the result file) and optionally
   which files have a function run during the comparisons (the component's MLX sources).
 
 The result (JSON, rewritten after each dtype) holds per dtype the verdict, the first divergence
-and its failure, a crash, the closest a layer came to its limit and a digest of every captured
+and its failure, a crash, how close each layer came to its limit and a digest of every captured
 MLX tensor (equivalence is bit-identity of these); and ``loaded`` (the mutant was imported).
 """
 from __future__ import annotations
@@ -128,9 +128,10 @@ def digest(capture: Any, name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def closest(layers: list[Any]) -> dict[str, Any] | None:
-    """The layer that came closest to (or furthest past) a limit: ``{layer, metric, ratio}`` (value / limit)."""
-    best = None
+def margins(layers: list[Any]) -> list[dict[str, Any]]:
+    """How close each judged layer came to (or how far past) a limit: ``{layer, mlx_layer, metric, ratio}``, the
+    largest of its value / limit ratios (max abs, bf16 budget, 1 - cosine)."""
+    found = []
     for layer in layers:
         if layer.verdict == "EXCLUDED":
             continue
@@ -142,14 +143,19 @@ def closest(layers: list[Any]) -> dict[str, Any] | None:
             ratios.append(("budget_ratio", m["budget_ratio"] / limits["budget_ratio"]))
         if isinstance(m.get("cosine"), float) and limits.get("cosine_min") and limits["cosine_min"] < 1:
             ratios.append(("cosine", (1 - m["cosine"]) / (1 - limits["cosine_min"])))
-        for metric, ratio in ratios:
-            if best is None or ratio > best["ratio"]:
-                best = {"layer": layer.name, "metric": metric, "ratio": ratio}
-    return best
+        if ratios:
+            metric, ratio = max(ratios, key=lambda r: r[1])
+            found.append({"layer": layer.name, "mlx_layer": layer.mlx_name, "metric": metric, "ratio": ratio})
+    return found
+
+
+def closest(margins: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The margin nearest its limit (or furthest past it)."""
+    return max(margins, key=lambda m: m["ratio"], default=None)
 
 
 def compare_dtype(component: str, bundle: str, thresholds: Any) -> dict[str, Any]:
-    """The MLX side against one bundle: verdict, first divergence, crash, closest layer, digests."""
+    """The MLX side against one bundle: verdict, first divergence, crash, margins, digests."""
     import tempfile
 
     from parity.bundle import open_bundle, run_against
@@ -169,7 +175,7 @@ def compare_dtype(component: str, bundle: str, thresholds: Any) -> dict[str, Any
             "failure_metric": first.failures[0].metric if first is not None and first.failures else None,
             "failed_sections": [s.name for s in comparison.sections if s.passed is False],
             "crash": {"side": crash.side, "error": crash.error, "after": crash.after} if crash else None,
-            "closest": closest(comparison.layers),
+            "margins": margins(comparison.layers),
             "layers": len(comparison.layers),
             "digests": [[name, digest(mlx, name)] for name in mlx.order],
             "seconds": round(time.perf_counter() - started, 3),

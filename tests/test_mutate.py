@@ -161,7 +161,8 @@ BASE = [["a", "1"], ["b", "2"], ["c", "3"]]
 def entry(digests, verdict="PASS", first=None, crash=None, metric=None):
     return {"digests": digests, "verdict": verdict, "first_divergence": first, "first_divergence_mlx": first,
             "failure": f"{first} broke" if first else None, "failure_metric": metric, "crash": crash,
-            "closest": None, "seconds": 0.1}
+            "margins": [{"layer": n, "mlx_layer": n, "metric": "max_abs", "ratio": r}
+                        for (n, _), r in zip(digests, (0.9, 0.2, 0.1))], "seconds": 0.1}
 
 
 def test_mutants_are_classified_from_their_bits_and_verdicts():
@@ -171,6 +172,7 @@ def test_mutants_are_classified_from_their_bits_and_verdicts():
     assert judge_dtype(entry(BASE), BASE, False, "")["status"] == "survived"  # not reproducible: never equivalent
     survived = judge_dtype(entry(changed), BASE, True, "")
     assert survived["status"] == "survived" and survived["first_changed"] == "b"
+    assert survived["closest"]["layer"] == "b"  # the nearest to its limit among the layers it changed (not a)
     killed = judge_dtype(entry(changed, "FAIL", "b", metric="max_abs"), BASE, True, "")
     assert killed["status"] == "killed" and killed["localised"] is True
     downstream = judge_dtype(entry(changed, "FAIL", "c", metric="max_abs"), BASE, True, "")

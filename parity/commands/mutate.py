@@ -12,7 +12,7 @@ from parity import mutate, registry
 from parity.commands import add, load_thresholds, non_negative_int, positive_int, progress, thresholds_option
 from parity.dumps import writable_folder
 from parity.mutate_ops import OPERATORS
-from parity.vocab import DTYPE_CHOICES, EXIT_FAIL, EXIT_PASS, UsageError, dtypes
+from parity.vocab import DTYPE_CHOICES, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_PASS, UsageError, dtypes
 
 
 DESCRIPTION = """\
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"parity: error: {err}", file=sys.stderr)
                 failing.append(name)
     except KeyboardInterrupt:
-        print(f"parity: interrupted; the finished mutants are in {out}/*/mutations.json (marked interrupted)",
+        print(f"parity: interrupted; the finished mutants are in {out}/*/mutations.json and .html (marked interrupted)",
               file=sys.stderr)
-        raise
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, terminate)
     print()
