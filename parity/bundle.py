@@ -36,12 +36,12 @@ import numpy as np
 
 from parity import registry
 from parity import thresholds as thresholds_mod
-from parity.compare import Comparison, Judge, compare
+from parity.compare import Comparison, compare
 from parity.component import Component, RunContext, Section
 from parity.dumps import new_run_dir, write_json, write_npy, writable_folder
 from parity.progress import SILENT, Progress
-from parity.runner import (check_dtype, finish_run, git_commit, prepare, run_meta, run_reference, run_sides,
-                           sections, versions)
+from parity.runner import (check_dtype, finish_run, git_commit, judge_for, prepare, run_meta, run_reference,
+                           run_sides, sections, versions)
 from parity.streaming import StreamCapture, spool_dir, stats_predicate
 from parity.vocab import InputError, canonical_json, inside, load_json, load_npy
 from parity.weights import read_checkpoint, select_prefix
@@ -273,12 +273,14 @@ def open_bundle(
 
 @dataclass
 class BundleRun:
-    """The MLX side run against an open bundle and judged: its setup, captures, comparison (with views) and context."""
+    """The MLX side run against an open bundle and judged: its setup, captures, comparison (with views),
+    context, and what the report says of the calibration the judge used."""
 
     setup: Any
     sides: Any
     comparison: Comparison
     context: RunContext
+    calibrated: dict[str, Any] | None
 
 
 def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: Any = None, keep_mlx: bool = True,
@@ -289,12 +291,13 @@ def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: A
                     config=opened.config, progress=progress)
     setup.inputs = opened.inputs
     setup.weights_source = opened.manifest["weights"]["source"]
-    judge = Judge(comp.lineage(), dtype, thresholds, setup.alignment)
+    judge, calibrated = judge_for(setup, thresholds)
     progress.step(f"[{comp.name} {dtype}] MLX against reference bundle {opened.path}")
     sides = run_sides(setup, judge, streaming=True, spool=spool, stats_only=opened.manifest.get("stats_only"),
                       ref=opened.ref, truth=opened.truth, keep_mlx=keep_mlx or comp.has_views(), progress=progress)
     comparison = compare(comp.name, dtype, opened.ref, sides.mlx, thresholds, judge.alignment, opened.truth,
-                         sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
+                         sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
+                         calibrated=judge.calibrated, key_groups=judge.key_groups)
     context = RunContext(comp, opened.config, opened.manifest["seed"], dtype, opened.inputs, None, setup.mlx_model,
                          opened.ref, sides.mlx, opened.truth, thresholds,
                          extra={"ref_bundle": str(opened.path), "spool": spool_owner}, comparison=comparison)
@@ -303,7 +306,7 @@ def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: A
         note = "not computed from a reference bundle: it runs the reference model, which is not here"
         comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
                                            {"columns": ["note"], "rows": [[note]]}, None, None, note))
-    return BundleRun(setup, sides, comparison, context)
+    return BundleRun(setup, sides, comparison, context, calibrated)
 
 
 def compare_bundle(
@@ -333,7 +336,8 @@ def compare_bundle(
     spool, tmp = spool_dir(report_dir)
     try:
         run = run_against(opened, thresholds, spool, tmp, keep_mlx=report_dir is not None, progress=progress)
-        meta = run_meta(run.setup, thresholds, run.sides.crashes)
+        meta = run_meta(run.setup, thresholds, run.sides.crashes, run.calibrated)
+        meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
         manifest = opened.manifest
         meta["ref_bundle"] = {"path": str(opened.path), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}

@@ -17,6 +17,10 @@ A component declares
   and ``mlx_hooks`` (capture by module path for a port without taps, :mod:`parity.capture_mlx`);
 - ``views`` (report sections computed from the captures alone: also from a reference bundle)
   and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
+- ``second_inputs``: what a second call of the same MLX model object sees (state carried between
+  calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs.
+- ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
+  component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
 - ``mutate_sources``: the files ``parity mutate`` mutates, when not the project files its MLX
   side runs (:mod:`parity.mutate`).
 
@@ -57,7 +61,8 @@ class Section:
       - ``"table"``: ``{"columns": [...], "rows": [[...], ...]}``
       - ``"heatmap"``: ``{"rows": [label...], "cols": [label...], "values": [[float...]...], "label": str}``
     ``passed`` is None for information only; False fails the run and ``failing`` (a layer or
-    step name) becomes the first divergence if no layer diverged earlier.
+    step name) becomes the first divergence if no layer diverged earlier. ``culprit`` (teacher
+    forcing): the first block or step whose own error, on the reference's input, breaks its limit.
     """
 
     name: str
@@ -67,6 +72,7 @@ class Section:
     passed: bool | None = None
     failing: str | None = None
     note: str = ""
+    culprit: str | None = None
 
 
 @dataclass
@@ -114,6 +120,12 @@ class Component(ABC):
     diffusers_config_key: ClassVar[str | None] = None
     #: The file a diffusers model folder keeps that config in.
     diffusers_config_file: ClassVar[str] = "config.json"
+    #: Call the MLX model a second time, on :meth:`second_inputs`, in float32 runs (``call2/...`` layers).
+    second_call: ClassVar[bool] = True
+    #: The coverage matrix: config overrides, one per cell, each run in float32 by the gate (and
+    #: ``parity run --coverage``) as a variant ``name[key=value]``: code paths the default config
+    #: never takes (first steps, one frame, odd sizes, the ends of a table, history off).
+    coverage: ClassVar[tuple[Mapping[str, Any], ...]] = ()
     #: Capture by module path (a port without taps); None: our ``mlx_impl.taps``.
     mlx_hooks: ClassVar["MlxHooks | None"] = None
     #: Reference submodules (globs, in the state dict's namespace) whose outputs the reference records,
@@ -177,6 +189,11 @@ class Component(ABC):
     @abstractmethod
     def make_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
         """Deterministic inputs shared by both sides (float32/float64/int numpy arrays)."""
+
+    def second_inputs(self, config: Any, seed: int) -> dict[str, np.ndarray]:
+        """Inputs of the second call (state carried between calls, see :func:`parity.runner.second_call`):
+        same shapes, other values. Override to also vary what a port might cache (positions, timesteps)."""
+        return self.make_inputs(config, seed + 1)
 
     # --- reference side (PyTorch, real diffusers modules) -------------------------------------
     @abstractmethod
@@ -270,6 +287,15 @@ class Component(ABC):
         from parity.capture_mlx import record_taps
 
         return hooks.capture(model, capture) if hooks is not None else record_taps(capture)
+
+    # --- attention maps -----------------------------------------------------------------------
+    def attention_groups(self, config: Any) -> dict[str, dict[str, tuple[int, int]]]:
+        """Named key ranges of attention map layers, by layer glob: ``{"attn1/probs": {"history": (0, 36)}}``.
+
+        Their mass is reported and judged per head besides the generic ``sink`` and ``first``
+        (:mod:`parity.attention`); none by default.
+        """
+        return {}
 
     # --- report sections ----------------------------------------------------------------------
     def views(self, run: RunContext) -> list[Section]:

@@ -216,3 +216,22 @@ def run(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype,
     latents = torch.from_numpy(inputs["latents"]).to(torch.float64 if dtype == torch.float64 else torch.float32)
     draws = [inputs[f"block_noise/stage{s}"] for s in range(1, len(reference.steps))]
     run_pyramid(reference, latents, draws, dtype, capture, port if forcing else None, record_forced=chosen == "port")
+
+
+def forced_step(reference: Reference, stage: int, step: int, latents: np.ndarray, start_point: np.ndarray,
+                seq_shape: Sequence[int], dtype: torch.dtype) -> np.ndarray:
+    """Step ``step`` of stage ``stage`` alone on given channels-last latents (teacher forcing): :func:`run_pyramid`'s
+    loop body after ``set_timesteps`` for that stage (``seq_shape``: the (frames, height, width) its ``mu`` is
+    computed from, the previous stage's). Latents keep the dtype they are given in; ``dtype`` is the model's."""
+    scheduler, denoiser = reference.scheduler, reference.denoiser
+    image_seq_len = math.prod(seq_shape) // math.prod(reference.patch_size)
+    scheduler.set_timesteps(reference.steps[stage], stage, mu=pipeline_functions().calculate_shift(image_seq_len),
+                            is_amplify_first_chunk=reference.is_amplify_first_chunk)
+    timesteps = scheduler.timesteps
+    t = timesteps[step]
+    latents, start_point = (torch.from_numpy(np.ascontiguousarray(x)).permute(0, 4, 1, 2, 3) for x in (latents, start_point))
+    with torch.no_grad():
+        noise_pred = denoiser(latents.to(dtype), t.expand(latents.shape[0]).to(torch.int64))
+    out = scheduler.step(noise_pred, t, latents, return_dict=False, cur_sampling_step=step, dmd_noisy_tensor=start_point,
+                         dmd_sigmas=scheduler.sigmas, dmd_timesteps=scheduler.timesteps, all_timesteps=timesteps)[0]
+    return channels_last(out).numpy()

@@ -148,13 +148,16 @@ def test_bfloat16_x0_conversion_is_the_references():
 def test_teacher_forcing_section(dtype):
     """Each step from the reference's own state: judged as layers are, and in bf16 the local error of the last
     step below the free-running one (local errors do not compound)."""
-    forcing = sections(run(dtype))["teacher_forcing"]
-    assert forcing.passed is True and forcing.kind == "curves" and forcing.data["failing"] == []
+    found = sections(run(dtype))
+    forcing = found["teacher_forcing"]
+    assert forcing.passed is True and forcing.kind == "curves" and forcing.data["culprit"] is None
     assert forcing.data["x"] == [f"step{k}" for k in range(8)]
-    free, local = forcing.data["series"]["free-running max abs"], forcing.data["series"]["teacher-forced max abs"]
+    series = forcing.data["series"]
+    free, local = series["inherited: relative error (free-running)"], series["local: relative error (teacher-forced)"]
     assert len(free) == len(local) == 8 and free[0] == local[0]  # step 0 starts from the same noise either way
     if dtype == "bfloat16":
         assert local[-1] < free[-1]
+    assert [row[2] for row in found["teacher_forcing_steps"].data["rows"]] == ["PASS"] * 8
 
 
 def corrector_at_order_one_at_step(step):
@@ -173,9 +176,12 @@ def test_fault_corrector_at_the_wrong_order_is_local_under_teacher_forcing(monke
     result = run()
     assert_first_divergence(result, "step3/corrector", ["step2/sample"])
     assert all(result.layer(f"step{k}/sample").verdict == "FAIL" for k in range(3, 8))
-    forcing = sections(result)["teacher_forcing"]
-    assert forcing.passed is False and forcing.failing == "teacher-forced step3/corrector"
-    assert forcing.data["failing"] == ["step3/corrector", "step3/predictor", "step3/sample"]
+    found = sections(result)
+    forcing = found["teacher_forcing"]
+    assert forcing.passed is False and forcing.failing == "teacher_forcing/step3" and forcing.culprit == "step3"
+    assert "step3/corrector" in forcing.note  # the culprit's own first failing layer, with its reasons
+    local = {row[0]: row[2] for row in found["teacher_forcing_steps"].data["rows"]}
+    assert [step for step, verdict in local.items() if verdict == "FAIL"] == ["step3"]
 
 
 # --- schedule conventions: schedule vs solver math (issue 23.3) --------------------------------

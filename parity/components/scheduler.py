@@ -21,6 +21,7 @@ exists there (tests/test_scheduler.py checks our float64 factorisation at 1/3 se
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -32,8 +33,10 @@ from fixtures.inputs import normal
 from mlx_impl import scheduler as sched
 from mlx_impl.stand_in import StandInDenoiser
 from mlx_impl.taps import tap
+from parity import teacher_forcing
 from parity.capture import Capture
 from parity.capture_mlx import record_taps
+from parity.compare import FAIL, Judge, judge_tensors
 from parity.component import Component, RunContext, Section
 from parity.components._diffusers import HeliosDMDSchedulerConfig
 from parity.components._sampling import (Sampler, port_inputs, schedule_section, solver_section, trajectory_section,
@@ -48,6 +51,7 @@ CONSTRUCTION = ("sigmas", "ori_start_sigmas", "start_sigmas", "end_sigmas", "tim
 TRAJECTORY = re.compile(r"stage\d+/(downsample|transition|step\d+)")
 #: The schedule layers (everything else is the solver math: latents).
 SCHEDULE = re.compile(r"(construction|time_shift)/.+|stage\d+/(timesteps|sigmas)")
+STEP = re.compile(r"stage(\d+)/step(\d+)")
 
 
 class SchedulerConfig(ComponentConfig):
@@ -81,6 +85,9 @@ class SchedulerConfig(ComponentConfig):
 class SchedulerComponent(Component):
     name = "scheduler"
     description = "HeliosDMDScheduler: per-stage schedules, dynamic time shift, DMD steps and pyramid stage transitions"
+    #: one and four steps per stage; the amplified first chunk; a single stage
+    coverage = ({"steps": [1, 1, 1]}, {"steps": [4, 3, 1]}, {"is_amplify_first_chunk": True},
+                {"scheduler": {"stages": 1, "stage_range": [0, 1]}, "steps": [3]})
     config_model = SchedulerConfig
     reference_runner = "scheduler"
     diffusers_config_key = "scheduler"
@@ -149,7 +156,8 @@ class SchedulerComponent(Component):
                 trajectory_section(run, [n for n in run.ref.order if TRAJECTORY.fullmatch(n)], "stage/step")]
 
     def extra_runs(self, run: RunContext) -> list[Section]:
-        """The port's schedule against diffusers' (run again without the port's schedule when that is the judged one)."""
+        """The port's schedule against diffusers' (run again without the port's schedule when that is the judged one),
+        and teacher forcing per step."""
         import torch
 
         from reference_runners import scheduler as runner
@@ -162,7 +170,59 @@ class SchedulerComponent(Component):
                 runner.run(self.cast_reference(run.reference, "float32"), run.inputs, torch.float32, capture,
                            convention="diffusers")
             others["diffusers"] = capture
-        return [schedule_section(run, schedule, run.config.reference_schedule, others)]
+        return [schedule_section(run, schedule, run.config.reference_schedule, others), *self.teacher_forcing(run)]
+
+    def teacher_forcing(self, run: RunContext) -> list[Section]:
+        """Each DMD step of ours (denoiser + ``step``) on the reference's latents x_k and stage start."""
+        if run.thresholds is None:
+            return []
+        import torch
+
+        from reference_runners import scheduler as ref_runner
+
+        judge = Judge(self.lineage(), run.dtype, run.thresholds)
+        truth = self.cast_reference(run.reference, "float64") if run.dtype != "float32" else None
+        judged = {layer.name: layer for layer in run.comparison.layers}
+        labels, local, inherited, diverged = [], [], [], []
+        for name in run.ref.order:
+            found = STEP.fullmatch(name)
+            if not found:
+                continue
+            stage, step = int(found.group(1)), int(found.group(2))
+            start = "stage0/downsample" if stage == 0 else f"stage{stage}/transition"
+            before = start if step == 0 else f"stage{stage}/step{step - 1}"
+            # mu comes from the latents set_timesteps sees: the previous stage's (the stage's own at stage 0)
+            previous = [k for k in run.ref.order if k.startswith(f"stage{stage - 1}/step")] if stage else [start]
+            seq = run.ref.shapes[previous[-1]][1:4]
+            x, x0 = (np.asarray(run.ref[k]) for k in (before, start))
+            ours = self.forced_step(run.mlx_model, stage, step, x, x0, run.ref.dtypes[before], run.ref.dtypes[start],
+                                    seq, run.dtype)
+            truth_out = None
+            if truth is not None:
+                truth_out = ref_runner.forced_step(truth, stage, step, x.astype(np.float64), x0.astype(np.float64), seq,
+                                                   torch.float64)
+            tol, exact = judge.tolerances(name)
+            ours_dtype = str(ours.dtype).removeprefix("mlx.core.")
+            local.append(judge_tensors(name, name, np.asarray(run.ref[name]), np.array(ours.astype(mx.float32)), truth_out,
+                                       tol, exact, run.ref.dtypes[name], ours_dtype))
+            inherited.append(judged.get(name))
+            diverged.append(name not in judged or judged[name].verdict == FAIL)
+            labels.append(name)
+        return teacher_forcing.sections(labels, local, inherited, diverged, run.dtype, "step")
+
+    @staticmethod
+    def forced_step(model: Sampler, stage: int, step: int, x: np.ndarray, start: np.ndarray, x_dtype: str,
+                    start_dtype: str, seq_shape: tuple[int, ...], dtype: str) -> mx.array:
+        """Our step ``step`` of ``stage`` alone on given latents (as :func:`mlx_impl.scheduler.pyramid_sample`'s loop body)."""
+        scheduler, config = model.scheduler, model.config
+        mu = sched.calculate_shift(math.prod(seq_shape) // math.prod(config.patch_size))
+        scheduler.set_timesteps(config.steps[stage], stage, mu=mu, is_amplify_first_chunk=config.is_amplify_first_chunk)
+        t = scheduler.timesteps[step]
+        latents = mx.array(x).astype(getattr(mx, x_dtype))
+        flow = model.denoiser(latents.astype(getattr(mx, dtype)), int(t))
+        out = scheduler.step(flow, t, latents, step, mx.array(start).astype(getattr(mx, start_dtype)))
+        mx.eval(out)
+        return out
 
 
 COMPONENT = SchedulerComponent()

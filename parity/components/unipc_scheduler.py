@@ -33,9 +33,8 @@ from mlx_impl.stand_in import StandInDenoiser
 from parity.capture import Capture
 from parity.component import Component, RunContext, Section
 from parity.components._diffusers import UniPCSchedulerConfig
-from parity.components._sampling import (Sampler, judge_subset, port_inputs, schedule_section, solver_section,
-                                         trajectory_section)
-from parity.compare import FAIL
+from parity.components._sampling import (Sampler, port_inputs, schedule_section, solver_section, teacher_forced_steps,
+                                         teacher_states, trajectory_section)
 from parity.config import Bool, ComponentConfig, PositiveInt
 from parity.weights import strict_load
 
@@ -70,6 +69,8 @@ class UniPCSchedulerComponent(Component):
     name = "unipc_scheduler"
     description = ("UniPCMultistepScheduler (Wan2.1/2.2, flow matching): schedule vs a named convention, predictor "
                    "and corrector per step on the port's schedule, teacher-forced local errors")
+    #: one, two and three steps (first-order start, lower-order final); third order
+    coverage = ({"steps": 1}, {"steps": 2}, {"steps": 3}, {"scheduler": {"solver_order": 3}})
     config_model = UniPCConfig
     reference_runner = "unipc"
     diffusers_config_key = "scheduler"
@@ -123,7 +124,7 @@ class UniPCSchedulerComponent(Component):
                 trajectory_section(run, [n for n in run.ref.order if n.endswith("/sample")], "step")]
 
     def extra_runs(self, run: RunContext) -> list[Section]:
-        return [self.schedule(run), self.teacher_forcing(run)]
+        return [self.schedule(run), *self.teacher_forcing(run)]
 
     def schedule(self, run: RunContext) -> Section:
         """The port's schedule against every named convention, each built by diffusers' own set_timesteps."""
@@ -140,55 +141,25 @@ class UniPCSchedulerComponent(Component):
                 capture.add("timesteps", timesteps)
         return schedule_section(run, SCHEDULE, run.config.reference_schedule, others)
 
-    def teacher_forcing(self, run: RunContext) -> Section:
-        """Each step run from the reference's own state on both sides, judged as layers are."""
+    def teacher_forcing(self, run: RunContext) -> list[Section]:
+        """Each step run on both sides from the reference's state entering it (its latents and last_sample,
+        the corrector's restart point), judged as layers are (:mod:`parity.teacher_forcing`)."""
         import torch
 
         from reference_runners import unipc as runner
 
         states = teacher_states(run.ref, run.inputs["latents"], len(run.inputs["schedule/timesteps"]))
-        sides = {}
-        for side, dtype in (("ref", run.dtype), ("truth", "float64" if run.truth is not None else None)):
-            if dtype is not None:
-                sides[side] = Capture(side)
-                with torch.no_grad():
-                    runner.run(self.cast_reference(run.reference, dtype), run.inputs, getattr(torch, dtype),
-                               sides[side], forced=states)
-        mlx = Capture("mlx")
-        with self.mlx_capture(run.mlx_model, mlx):
-            self.run_mlx(run.mlx_model, run.inputs, run.dtype, forced=states)
-        steps = [n for n in sides["ref"].order if n not in SCHEDULE]
-        forced = judge_subset(run, sides["ref"], mlx, steps, run.dtype, sides.get("truth"))
-        failed = [l for l in forced if l.verdict == FAIL]
-        free = {l.name: l for l in run.comparison.layers}
-        samples = [l for l in forced if l.name.endswith("/sample")]
-        series = {"free-running max abs": [free[l.name].metrics.get("max_abs") if l.name in free else None
-                                           for l in samples],
-                  "teacher-forced max abs": [l.metrics.get("max_abs") for l in samples]}
-        if run.truth is not None:
-            series["free-running MLX vs float64 (rmse)"] = [free[l.name].metrics.get("err_vs_truth") if l.name in free
-                                                            else None for l in samples]
-            series["teacher-forced MLX vs float64 (rmse)"] = [l.metrics.get("err_vs_truth") for l in samples]
-        first = f"; first failing: {failed[0].name} ({'; '.join(failed[0].reasons)})" if failed else ""
-        return Section(
-            "teacher_forcing", "Teacher forcing per step (local error)", "curves",
-            {"x": [l.name.removesuffix("/sample") for l in samples], "series": series, "xlabel": "step",
-             "ylabel": "error of step{k}/sample", "log": True, "failing": [l.name for l in failed]},
-            passed=bool(forced) and not failed, failing=f"teacher-forced {failed[0].name}" if failed else None,
-            note=f"{len(forced) - len(failed)}/{len(forced)} teacher-forced layers pass{first} (each step run on both "
-                 "sides from the reference's state: its latents and last_sample, the corrector's restart point).",
-        )
 
+        def reference(dtype: str, capture: Capture) -> None:
+            with torch.no_grad():
+                runner.run(self.cast_reference(run.reference, dtype), run.inputs, getattr(torch, dtype), capture,
+                           forced=states)
 
-def teacher_states(ref: Capture, latents: np.ndarray, steps: int) -> U.Forced:
-    """Per step, the reference's state entering it: (latents, last_sample), channels-last.
+        def mlx(capture: Capture) -> None:
+            with self.mlx_capture(run.mlx_model, capture):
+                self.run_mlx(run.mlx_model, run.inputs, run.dtype, forced=states)
 
-    The latents entering step k are ``step{k-1}/sample``; ``last_sample`` is the corrected sample of
-    step k - 1 (its ``step{k-1}/corrector``, or the latents entering step k - 1 when none ran).
-    """
-    x = [np.ascontiguousarray(latents.transpose(0, 2, 3, 4, 1))] + [ref[f"step{k}/sample"] for k in range(steps - 1)]
-    last = [None] + [ref[f"step{k}/corrector"] if f"step{k}/corrector" in ref else x[k] for k in range(steps - 1)]
-    return list(zip(x, last))
+        return teacher_forced_steps(run, reference, mlx, lambda name: name not in SCHEDULE)
 
 
 COMPONENT = UniPCSchedulerComponent()

@@ -22,9 +22,9 @@ from pydantic import model_validator
 
 from fixtures.inputs import normal
 from fixtures.videos import KINDS, video
+from mlx_impl.vae_decoder import encoder_weights
 from parity.component import Component
 from parity.components._diffusers import WanVaeConfig
-from parity.components.vae import encoder_weights
 from parity.config import ComponentConfig, PositiveInt
 from parity.weights import strict_load
 
@@ -55,6 +55,8 @@ class WanI2VConditioningComponent(Component):
     name = "wan_i2v_conditioning"
     description = ("WanImageToVideoPipeline conditioning: first-frame mask, VAE image latents, and the "
                    "[latents, mask, image latents] transformer input")
+    #: the image alone (one frame); three latent frames; a non-square size
+    coverage = ({"num_frames": 1}, {"num_frames": 9}, {"height": 24, "width": 40})
     config_model = WanI2VConditioningConfig
     reference_runner = "wan_i2v"
     diffusers_config_key = "vae"
