@@ -34,9 +34,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from parity import registry
+from parity import calibration, registry
 from parity import thresholds as thresholds_mod
-from parity.compare import Comparison, compare
+from parity.compare import Comparison, Judge, compare
 from parity.component import Component, RunContext, Section
 from parity.dumps import new_run_dir, write_json, write_npy, writable_folder
 from parity.progress import SILENT, Progress
@@ -97,13 +97,17 @@ def dump_reference(
     max_weights_mb: float = DEFAULT_MAX_WEIGHTS_MB,
     overrides: Mapping[str, Any] | None = None,
     progress: Progress = SILENT,
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Run only the reference of a component and write a bundle at ``out`` (which must not exist, or be empty)."""
+    """Run only the reference of a component and write a bundle at ``out`` (which must not exist, or be empty);
+    on ``inputs`` when given (``parity mutate``'s bundle of the second call), else on the component's own."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: exists and is not an empty folder; a bundle is never overwritten")
     writable_folder(out.parent, f"--out {out}: its folder")
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, mlx=False, progress=progress)
+    if inputs is not None:
+        setup.inputs = dict(inputs)
     comp = setup.component
     weights = comp.reference_weights(setup.reference)
     nbytes = sum(int(np.asarray(v).nbytes) for v in weights.values())
@@ -273,25 +277,27 @@ def open_bundle(
 
 @dataclass
 class BundleRun:
-    """The MLX side run against an open bundle and judged: its setup, captures, comparison (with views),
+    """The MLX side run against an open bundle and judged: its setup, captures, judge, comparison (with views),
     context, and what the report says of the calibration the judge used."""
 
     setup: Any
     sides: Any
+    judge: Judge
     comparison: Comparison
     context: RunContext
     calibrated: dict[str, Any] | None
 
 
 def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: Any = None, keep_mlx: bool = True,
-                progress: Progress = SILENT) -> BundleRun:
-    """Run the MLX side on the bundle's inputs and weights, streaming into ``spool``, judge it and add the views."""
+                progress: Progress = SILENT, calibration_dir: str | Path | None = calibration.DEFAULT_DIR) -> BundleRun:
+    """Run the MLX side on the bundle's inputs and weights, streaming into ``spool``, judge it (with the
+    calibration in ``calibration_dir`` that fits, as a run does) and add the views."""
     comp, dtype = opened.component, opened.dtype
     setup = prepare(comp, dtype, opened.manifest["seed"], reference=False, weights=opened.weights,
                     config=opened.config, progress=progress)
     setup.inputs = opened.inputs
     setup.weights_source = opened.manifest["weights"]["source"]
-    judge, calibrated = judge_for(setup, thresholds)
+    judge, calibrated = judge_for(setup, thresholds, calibration_dir)
     progress.step(f"[{comp.name} {dtype}] MLX against reference bundle {opened.path}")
     sides = run_sides(setup, judge, streaming=True, spool=spool, stats_only=opened.manifest.get("stats_only"),
                       ref=opened.ref, truth=opened.truth, keep_mlx=keep_mlx or comp.has_views(), progress=progress)
@@ -306,7 +312,7 @@ def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: A
         note = "not computed from a reference bundle: it runs the reference model, which is not here"
         comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
                                            {"columns": ["note"], "rows": [[note]]}, None, None, note))
-    return BundleRun(setup, sides, comparison, context, calibrated)
+    return BundleRun(setup, sides, judge, comparison, context, calibrated)
 
 
 def compare_bundle(

@@ -2,10 +2,13 @@
 
 For one component:
 
-1. **reference once**: one reference bundle per dtype (:func:`parity.bundle.dump_reference`), in
-   this process; no mutant runs PyTorch;
+1. **reference once**, in this process (no mutant runs PyTorch): a reference bundle
+   (:func:`parity.bundle.dump_reference`) for each run a gate makes of the component: one per
+   dtype, the float32 one with a bundle of the second call (its second inputs: the worker calls
+   the same MLX model object again, ``call2/...`` layers), and one per coverage cell (float32);
 2. **baseline**: the unmutated MLX side against the bundles in two fresh worker processes
-   (:mod:`parity.mutate_worker`). It must PASS (a mutation score of a failing comparison means
+   (:mod:`parity.mutate_worker`), judged as a run judges (thresholds, and calibrated limits where
+   ``calibration_dir`` holds a calibration of the component, dtype and config). It must PASS (a mutation score of a failing comparison means
    nothing). The first is traced: which lines of the project's files run, and which files have a
    function run during the comparison; the second shows the run is bit-reproducible (else no
    mutant is called equivalent: bit-identity would prove nothing);
@@ -17,10 +20,10 @@ For one component:
    ``max_mutants`` (:func:`parity.mutate_ops.select`), each run in its own fresh worker process
    with the mutant shadowing the original file, ``jobs`` at a time, each for at most ``timeout``
    seconds (1 BLAS/torch thread each when several run at once);
-5. each mutant is, over the dtypes: **killed** (some dtype FAILs at a layer the mutant changed;
+5. each mutant is, over the runs: **killed** (some run FAILs at a layer the mutant changed;
    with the first divergence and whether it is the first layer the mutant changed at all),
    **crashed** (an exception or a timeout before any layer failed), **survived** (its captured
-   MLX tensors differ from the baseline's, and every dtype PASSes) or **equivalent** (every
+   MLX tensors differ from the baseline's, and every run PASSes) or **equivalent** (every
    captured MLX tensor is bit-identical to the baseline's). The kill rate is killed / (killed +
    survived).
 
@@ -46,12 +49,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from parity import mutate_page, registry, threads
+from parity import calibration, mutate_page, registry, threads
 from parity.dumps import write_json
 from parity.mutate_ops import OPERATORS, Mutant, mutants, select
 from parity.mutate_worker import REPO, closest, project_file
 from parity.progress import SILENT, Progress
-from parity.runner import git_commit, versions
+from parity.runner import git_commit, variant, versions
 from parity.vocab import DTYPES, InputError, fmt
 
 SCHEMA = 1
@@ -67,9 +70,12 @@ class BaselineFails(Exception):
 
 @dataclass
 class Options:
-    """What ``parity mutate`` runs: dtypes, seed and config of the comparison, which sources and operators, bounds."""
+    """What ``parity mutate`` runs: dtypes, coverage cells, seed, config and calibration of the comparison, which
+    sources and operators, bounds."""
 
     dtypes: Sequence[str] = DTYPES
+    coverage: bool = True
+    calibration_dir: Path | None = calibration.DEFAULT_DIR
     seed: int = 0
     config_path: Path | None = None
     sources: Sequence[Path] = ()
@@ -186,9 +192,9 @@ def changed_layers(baseline: list[list[str]], ours: list[list[str]]) -> set[str]
     return {name for name, _ in set(map(tuple, baseline)) ^ set(map(tuple, ours))}
 
 
-def judge_dtype(entry: dict[str, Any] | None, baseline: list[list[str]], reproducible: bool,
-                failure: str) -> dict[str, Any]:
-    """One dtype of one mutant: status and what tells it (see the module docstring)."""
+def judge_run(entry: dict[str, Any] | None, baseline: list[list[str]], reproducible: bool,
+              failure: str) -> dict[str, Any]:
+    """One run of one mutant: status and what tells it (see the module docstring)."""
     if entry is None:
         return {"status": "crashed", "reason": failure}
     if "error" in entry:
@@ -212,8 +218,8 @@ def judge_dtype(entry: dict[str, Any] | None, baseline: list[list[str]], reprodu
     return out
 
 
-def judge(result: dict[str, Any], baseline: dict[str, Any], dtypes: Sequence[str], timeout: float | None) -> dict[str, Any]:
-    """Every dtype of one mutant, and the mutant's status: killed in any dtype, else crashed in any, else survived in
+def judge(result: dict[str, Any], baseline: dict[str, Any], labels: Sequence[str], timeout: float | None) -> dict[str, Any]:
+    """Every run of one mutant, and the mutant's status: killed in any run, else crashed in any, else survived in
     any, else equivalent."""
     if result.get("timed_out"):
         failure = f"timeout after {fmt(timeout)} s"
@@ -223,12 +229,12 @@ def judge(result: dict[str, Any], baseline: dict[str, Any], dtypes: Sequence[str
         failure = f"the mutated file was not imported (worker exit code {result.get('returncode')})"
     else:
         failure = f"the worker stopped (exit code {result.get('returncode')}): {result.get('log_tail', '')[-300:]}"
-    per = {d: judge_dtype(result.get("dtypes", {}).get(d) if result.get("loaded") else None,
-                          baseline["digests"][d], baseline["reproducible"], failure) for d in dtypes}
+    per = {run: judge_run(result.get("runs", {}).get(run) if result.get("loaded") else None,
+                          baseline["digests"][run], baseline["reproducible"], failure) for run in labels}
     statuses = [p["status"] for p in per.values()]
     status = next(s for s in ("killed", "crashed", "survived", "equivalent") if s in statuses)
     chosen = next(p for p in per.values() if p["status"] == status)
-    return {"status": status, "dtypes": per, "timed_out": bool(result.get("timed_out")), "seconds": result.get("wall"),
+    return {"status": status, "runs": per, "timed_out": bool(result.get("timed_out")), "seconds": result.get("wall"),
             **{k: chosen.get(k) for k in ("first_divergence", "failure", "localised", "first_changed", "reason",
                                           "closest")}}
 
@@ -293,10 +299,10 @@ def choose_sources(component: Any, options: Options, ran: Sequence[str], coverag
 
 # --- one component ------------------------------------------------------------------------------------
 
-def run_baseline(workers: Workers, spec: dict[str, Any], dtypes: Sequence[str], name: str) -> dict[str, Any]:
+def run_baseline(workers: Workers, spec: dict[str, Any], labels: Sequence[str], name: str) -> dict[str, Any]:
     """The unmutated run, twice at once (the first traced): digests, whether they reproduce, coverage, what ran.
 
-    Raises :class:`BaselineFails` when a dtype does not pass, an input error when the worker reports one.
+    Raises :class:`BaselineFails` when a run does not pass, an input error when the worker reports one.
     """
     traced, again = workers.submit({**spec, "trace": True}, None), workers.submit(spec, None)
     first, second = traced.result(), again.result()
@@ -306,26 +312,27 @@ def run_baseline(workers: Workers, spec: dict[str, Any], dtypes: Sequence[str], 
             if error["input_error"]:
                 raise InputError(error["error"])
             raise RuntimeError(f"the {name} worker failed to start: {error['error']}\n{error['traceback']}")
-        for dtype in dtypes:
-            entry = result.get("dtypes", {}).get(dtype)
+        for label in labels:
+            entry = result.get("runs", {}).get(label)
             if entry is None:
-                raise RuntimeError(f"the unmutated {name} {dtype} run stopped (exit code {result.get('returncode')}):\n"
+                raise RuntimeError(f"the unmutated {name} {label} run stopped (exit code {result.get('returncode')}):\n"
                                    f"{result.get('log_tail', '')}")
             if "error" in entry:
                 if entry.get("input_error"):
                     raise InputError(entry["error"])
-                raise RuntimeError(f"the unmutated {name} {dtype} run raised {entry['error']}\n{entry['traceback']}")
+                raise RuntimeError(f"the unmutated {name} {label} run raised {entry['error']}\n{entry['traceback']}")
             if entry["verdict"] != "PASS":
                 why = entry.get("failure") or (entry.get("crash") or {}).get("error") or ""
-                raise BaselineFails(f"the unmutated {name} fails in {dtype} (first divergence {entry['first_divergence']}"
+                again_with = f"--dtype {label}" if label in DTYPES else "--coverage"
+                raise BaselineFails(f"the unmutated {name} fails in {label} (first divergence {entry['first_divergence']}"
                                     f"{': ' + why if why else ''}); a mutation score of a failing comparison means "
-                                    "nothing: fix it first (`parity run " + f"{name} --dtype {dtype}`)")
-    digests = {d: first["dtypes"][d]["digests"] for d in dtypes}
-    reproducible = all(digests[d] == second["dtypes"][d]["digests"] for d in dtypes)
+                                    f"nothing: fix it first (`parity run {name} {again_with}`)")
+    digests = {r: first["runs"][r]["digests"] for r in labels}
+    reproducible = all(digests[r] == second["runs"][r]["digests"] for r in labels)
     return {"digests": digests, "reproducible": reproducible, "coverage": first.get("coverage", {}),
             "ran": first.get("ran", []), "seconds": max(first["wall"], second["wall"]),
-            "dtypes": {d: {**{k: first["dtypes"][d][k] for k in ("verdict", "layers", "seconds")},
-                           "closest": closest(first["dtypes"][d].get("margins") or [])} for d in dtypes}}
+            "runs": {r: {**{k: first["runs"][r].get(k) for k in ("verdict", "layers", "seconds", "calibration")},
+                         "closest": closest(first["runs"][r].get("margins") or [])} for r in labels}}
 
 
 def _executed(mutant: Mutant, coverage: dict[Path, set[int]]) -> bool:
@@ -378,14 +385,15 @@ def plan(component: Any, options: Options, base: dict[str, Any]) -> Plan:
     return Plan(files, found_by, everything, executed, select(executed, options.max_mutants))
 
 
-def new_result(component: Any, options: Options, config: dict[str, Any], base: dict[str, Any], planned: Plan,
-               timeout: float, jobs: int, worker_threads: int) -> dict[str, Any]:
+def new_result(component: Any, options: Options, config: dict[str, Any], runs: list[dict[str, Any]],
+               base: dict[str, Any], planned: Plan, timeout: float, jobs: int, worker_threads: int) -> dict[str, Any]:
     """The ``mutations.json`` of a run about to start (mutants are added as they finish)."""
     def count(mutants: list[Mutant], path: Path) -> int:
         return sum(Path(m.file).resolve() == path for m in mutants)
 
     return {
         "schema": SCHEMA, "kind": "parity-mutate", "component": component.name, "dtypes": list(options.dtypes),
+        "runs": [r["label"] for r in runs],
         "seed": options.seed, "config": config, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "versions": versions(),
         "settings": {"max_mutants": options.max_mutants, "timeout": timeout, "jobs": jobs,
@@ -394,23 +402,36 @@ def new_result(component: Any, options: Options, config: dict[str, Any], base: d
         "sources_found_by": planned.found_by,
         "sources": [{"file": label(p), "mutants": count(planned.everything, p), "executed": count(planned.executed, p)}
                     for p in planned.files],
-        "baseline": {"reproducible": base["reproducible"], "seconds": base["seconds"], "dtypes": base["dtypes"]},
+        "baseline": {"reproducible": base["reproducible"], "seconds": base["seconds"], "runs": base["runs"]},
         "counts": {"generated": len(planned.everything), "not_executed": len(planned.everything) - len(planned.executed),
                    "executed": len(planned.executed), "selected": len(planned.chosen)},
         "mutants": [], "complete": False, "interrupted": False,
     }
 
 
-def reference_bundles(component: Any, options: Options, scratch: Path, progress: Progress) -> dict[str, str]:
-    """One reference bundle per dtype: the only PyTorch runs of the whole mutation run."""
+def reference_bundles(component: Any, options: Options, scratch: Path, progress: Progress) -> list[dict[str, Any]]:
+    """The runs each mutant makes, with their reference bundles (the only PyTorch runs of the whole mutation run):
+    one per dtype (the float32 one with the second call's), and one per coverage cell, in float32."""
     from parity import bundle
 
-    bundles = {}
+    def dump(folder: str, dtype: str, overrides: Any = None, inputs: Any = None) -> str:
+        return str(bundle.dump_reference(component, scratch / folder, dtype, options.seed, options.config_path,
+                                         overrides=overrides, inputs=inputs))
+
+    runs = []
     for dtype in options.dtypes:
         progress.step(f"[{component.name}] reference bundle, {dtype} (computed once for every mutant)")
-        bundles[dtype] = str(bundle.dump_reference(component, scratch / f"bundle-{dtype}", dtype, options.seed,
-                                                   options.config_path))
-    return bundles
+        run = {"label": dtype, "bundle": dump(f"bundle-{dtype}", dtype)}
+        if dtype == "float32" and component.second_call:
+            config = component.load_config(options.config_path)
+            run["call2"] = dump("bundle-call2", dtype, inputs=component.second_inputs(config, options.seed))
+        runs.append(run)
+    if options.coverage and "float32" in options.dtypes:
+        for i, cell in enumerate(component.coverage):
+            label = variant(component, cell)
+            progress.step(f"[{component.name}] reference bundle, coverage cell {label}")
+            runs.append({"label": label, "bundle": dump(f"bundle-cell{i}", "float32", overrides=cell)})
+    return runs
 
 
 def mutate_component(name: str, out_dir: Path, options: Options, progress: Progress = SILENT) -> dict[str, Any]:
@@ -427,8 +448,9 @@ def mutate_component(name: str, out_dir: Path, options: Options, progress: Progr
     folder = out_dir / component.name
     jobs = options.jobs or threads.available_cores()
     with tempfile.TemporaryDirectory(prefix=f"parity-mutate-{component.name}-") as scratch:
-        bundles = reference_bundles(component, options, Path(scratch), progress)
-        spec = {"component": component.name, "bundles": bundles,
+        runs = reference_bundles(component, options, Path(scratch), progress)
+        spec = {"component": component.name, "runs": runs,
+                "calibration_dir": str(Path(options.calibration_dir).resolve()) if options.calibration_dir else None,
                 "component_modules": [str(Path(p).resolve()) for p in options.component_modules],
                 "thresholds": [str(Path(p).resolve()) for p in options.thresholds]}
         workers = Workers(jobs, Path(scratch), worker_env(jobs))
@@ -436,11 +458,11 @@ def mutate_component(name: str, out_dir: Path, options: Options, progress: Progr
         try:
             progress.step(f"[{component.name}] the unmutated MLX side against the bundles (traced; and again, "
                           "for bit-reproducibility)")
-            base = run_baseline(workers, spec, list(options.dtypes), component.name)
+            base = run_baseline(workers, spec, [r["label"] for r in runs], component.name)
             planned = plan(component, options, base)
             timeout = options.timeout or max(MIN_TIMEOUT, TIMEOUT_FACTOR * base["seconds"])
-            config = read_manifest(next(iter(bundles.values())))["config"]
-            result = new_result(component, options, config, base, planned, timeout, jobs,
+            config = read_manifest(runs[0]["bundle"])["config"]
+            result = new_result(component, options, config, runs, base, planned, timeout, jobs,
                                 int(workers.env[threads.ENV_THREADS]))
             if not base["reproducible"]:
                 progress.step(f"[{component.name}] warning: two unmutated runs differ bit-wise; no mutant is called "
@@ -480,7 +502,7 @@ def _run_mutants(workers: Workers, spec: dict[str, Any], chosen: list[Mutant], r
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 mutant = pending.pop(future)
-                entry = {**_entry(mutant), **judge(future.result(), base, result["dtypes"], timeout)}
+                entry = {**_entry(mutant), **judge(future.result(), base, result["runs"], timeout)}
                 result["mutants"].append(entry)
                 result["mutants"].sort(key=lambda m: order[m["id"]])
                 summarise(result)
@@ -518,7 +540,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"({c['killed']} killed / {c['killed'] + c['survived']} non-equivalent, {c['survived']} survived); "
             f"{c['equivalent']} equivalent, {c['crashed']} crashed ({c['timeouts']} timeouts); "
             f"{c['run']} of {c['executed']} mutants on lines that ran ({c['generated']} made), "
-            f"{', '.join(result['dtypes'])}, {fmt(result.get('seconds'))} s")
+            f"{', '.join(result['runs'])}, {fmt(result.get('seconds'))} s")
     if result.get("interrupted"):
         head += " [interrupted]"
     lines = [head]

@@ -22,15 +22,27 @@ def _where(m: dict[str, Any]) -> str:
 
 def _closest(m: dict[str, Any]) -> str:
     parts = []
-    for dtype, entry in (m.get("dtypes") or {}).items():
+    for run, entry in (m.get("runs") or {}).items():
         near = entry.get("closest")
         if near:
-            parts.append(f"{dtype}: {near['layer']} {near['metric']} at {fmt(near['ratio'])} of its limit")
+            parts.append(f"{run}: {near['layer']} {near['metric']} at {fmt(near['ratio'])} of its limit")
     return "; ".join(parts)
 
 
+def _calibration(baseline: dict[str, Any]) -> str:
+    """Which runs the judge used calibrated limits in (as a run does), or why not."""
+    parts = []
+    for run, entry in (baseline.get("runs") or {}).items():
+        found = entry.get("calibration") or {}
+        if "path" in found:
+            parts.append(f"{run}: {found['path']} ({found['layers']} layers, {found['seeds']} seeds)")
+        elif found.get("note"):
+            parts.append(f"{run}: {found['note']}")
+    return "; ".join(parts) or "none (global limits)"
+
+
 def _killed_in(m: dict[str, Any]) -> str:
-    return ", ".join(d for d, e in (m.get("dtypes") or {}).items() if e.get("status") == "killed")
+    return ", ".join(r for r, e in (m.get("runs") or {}).items() if e.get("status") == "killed")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[dict[str, Any]], ident: str) -> dict[str, Any]:
@@ -95,10 +107,11 @@ def render(result: dict[str, Any]) -> str:
               "value": f"{counts.get('run', 0)} / {counts.get('executed', 0)} / {counts.get('generated', 0)}"}]
     settings = result.get("settings") or {}
     meta = [
-        ("component", result.get("component")), ("dtypes", ", ".join(result.get("dtypes") or [])),
+        ("component", result.get("component")), ("runs", ", ".join(result.get("runs") or [])),
         ("seed", result.get("seed")), ("sources found by", result.get("sources_found_by")),
-        ("baseline", "; ".join(f"{d}: {e.get('verdict')}, {e.get('layers')} layers, {fmt(e.get('seconds'))} s"
-                               for d, e in (baseline.get("dtypes") or {}).items())
+        ("calibration", _calibration(baseline)),
+        ("baseline", "; ".join(f"{r}: {e.get('verdict')}, {e.get('layers')} layers, {fmt(e.get('seconds'))} s"
+                               for r, e in (baseline.get("runs") or {}).items())
          + ("; bit-reproducible" if baseline.get("reproducible") else
             "; NOT bit-reproducible: no mutant is called equivalent")),
         ("bounds", f"at most {settings.get('max_mutants') if settings.get('max_mutants') is not None else 'all'} "

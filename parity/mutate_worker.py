@@ -3,17 +3,19 @@
     python -m parity.mutate_worker SPEC.json
 
 Started by :mod:`parity.mutate` (not a command). ``SPEC`` holds ``component``,
-``component_modules``, ``bundles`` (dtype -> bundle folder), ``thresholds`` (files layered over
-the harness's), ``out`` (the result file) and optionally
+``component_modules``, ``runs`` (each a ``label``, the ``bundle`` it is judged against and, for the
+float32 run, ``call2``: the bundle of the second call, made on the same model object), ``thresholds``
+(files layered over the harness's), ``calibration_dir`` (where the judge finds calibrated limits, as
+a run does), ``out`` (the result file) and optionally
 
-- ``mutant``: ``{"file": path, "mutant": path}``: ``file`` is imported from the mutant's copy instead
+- ``mutant``: ``{"file": path, "mutant": path}``: ``file`` is imported from the mutant's copy
   instead (the loader is patched before anything is imported, so every import of the file, also
   ``--component-module`` loading, gets the mutant; ``__file__`` and tracebacks name the original
   path, showing the mutant's lines; nothing is written next to the original, no bytecode cache);
 - ``trace``: record which lines of the project's files run (coverage, from the first import) and
   which files have a function run during the comparisons (the component's MLX sources).
 
-The result (JSON, rewritten after each dtype) holds per dtype the verdict, the first divergence
+The result (JSON, rewritten after each run) holds per run the verdict, the first divergence
 and its failure, a crash, how close each layer came to its limit and a digest of every captured
 MLX tensor (equivalence is bit-identity of these); and ``loaded`` (the mutant was imported).
 """
@@ -154,17 +156,26 @@ def closest(margins: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(margins, key=lambda m: m["ratio"], default=None)
 
 
-def compare_dtype(component: str, bundle: str, thresholds: Any) -> dict[str, Any]:
-    """The MLX side against one bundle: verdict, first divergence, crash, margins, digests."""
+def compare_run(component: str, run_spec: dict[str, Any], thresholds: Any, calibration_dir: str | None) -> dict[str, Any]:
+    """The MLX side against one bundle (and, when the run has one, its second call against the bundle of the
+    second call, on the same model object): verdict, first divergence, crash, margins, digests."""
     import tempfile
 
     from parity.bundle import open_bundle, run_against
+    from parity.runner import SECOND_CALL, second_call
 
     started = time.perf_counter()
-    opened = open_bundle(component, bundle, use_bundle_config=True)
+    opened = open_bundle(component, run_spec["bundle"], use_bundle_config=True)
     with tempfile.TemporaryDirectory(prefix="parity-mutant-") as spool:
-        run = run_against(opened, thresholds, Path(spool), keep_mlx=True)
+        run = run_against(opened, thresholds, Path(spool), keep_mlx=True, calibration_dir=calibration_dir)
         comparison, mlx = run.comparison, run.sides.mlx
+        digests = [[name, digest(mlx, name)] for name in mlx.order]
+        if run_spec.get("call2") and comparison.crash is None:
+            again = open_bundle(component, run_spec["call2"], use_bundle_config=True)
+            second = second_call(run.setup, run.judge, ref=again.ref, inputs=again.inputs)
+            comparison.layers += second.layers
+            comparison.crash = second.crash
+            digests += [[SECOND_CALL + name, digest(second.mlx, name)] for name in second.mlx.order]
         first = next((l for l in comparison.layers if l.verdict == "FAIL"), None)
         crash = comparison.crash
         return {
@@ -175,9 +186,10 @@ def compare_dtype(component: str, bundle: str, thresholds: Any) -> dict[str, Any
             "failure_metric": first.failures[0].metric if first is not None and first.failures else None,
             "failed_sections": [s.name for s in comparison.sections if s.passed is False],
             "crash": {"side": crash.side, "error": crash.error, "after": crash.after} if crash else None,
+            "calibration": run.calibrated,
             "margins": margins(comparison.layers),
             "layers": len(comparison.layers),
-            "digests": [[name, digest(mlx, name)] for name in mlx.order],
+            "digests": digests,
             "seconds": round(time.perf_counter() - started, 3),
         }
 
@@ -196,7 +208,7 @@ def main(spec_path: str) -> int:
     tracer = Tracer() if spec.get("trace") else None
     if tracer:
         sys.settrace(tracer)
-    result: dict[str, Any] = {"dtypes": {}}
+    result: dict[str, Any] = {"runs": {}}
     out = Path(spec["out"])
 
     def write() -> None:
@@ -223,15 +235,16 @@ def main(spec_path: str) -> int:
         result["setup_error"] = error_entry(err)
         write()
         return 0
-    for dtype, bundle in spec["bundles"].items():
+    for run_spec in spec["runs"]:
         if tracer:
             tracer.running = True
         try:
-            result["dtypes"][dtype] = compare_dtype(spec["component"], bundle, thresholds)
+            result["runs"][run_spec["label"]] = compare_run(spec["component"], run_spec, thresholds,
+                                                            spec.get("calibration_dir"))
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # noqa: BLE001 - a mutant that breaks building or loading: reported
-            result["dtypes"][dtype] = error_entry(err)
+            result["runs"][run_spec["label"]] = error_entry(err)
         finally:
             if tracer:
                 tracer.running = False

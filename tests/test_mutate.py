@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.mutate import BaselineFails, first_changed, judge, judge_dtype, run_baseline
+from parity.mutate import BaselineFails, first_changed, judge, judge_run, run_baseline
 from parity.mutate_ops import OPERATORS, mutants, select
 from parity.mutate_page import render
 from parity.vocab import InputError
@@ -121,9 +121,12 @@ def test_mutants_of_our_sources_parse_keep_their_lines_and_have_unique_ids():
 
 def test_selection_is_bounded_deterministic_and_gives_every_operator_a_turn():
     found = mutants(ROOT / "mlx_impl" / "block.py")
-    chosen = select(found, 20)
-    assert len(chosen) == 20 and chosen == select(found, 20)
-    assert {m.operator for m in chosen} == {m.operator for m in found}  # 20 exceeds the number of operators here
+    operators = {m.operator for m in found}
+    limit = len(operators) + 3  # more than the operators here, fewer than the mutants
+    assert limit < len(found)
+    chosen = select(found, limit)
+    assert len(chosen) == limit and chosen == select(found, limit)
+    assert {m.operator for m in chosen} == operators
     assert chosen == sorted(chosen, key=found.index)
     assert select(found, None) == found and select(found, 0) == []
 
@@ -168,26 +171,26 @@ def entry(digests, verdict="PASS", first=None, crash=None, metric=None):
 def test_mutants_are_classified_from_their_bits_and_verdicts():
     changed = [["a", "1"], ["b", "9"], ["c", "8"]]
     assert first_changed(BASE, changed) == "b" and first_changed(BASE, BASE) is None
-    assert judge_dtype(entry(BASE), BASE, True, "")["status"] == "equivalent"
-    assert judge_dtype(entry(BASE), BASE, False, "")["status"] == "survived"  # not reproducible: never equivalent
-    survived = judge_dtype(entry(changed), BASE, True, "")
+    assert judge_run(entry(BASE), BASE, True, "")["status"] == "equivalent"
+    assert judge_run(entry(BASE), BASE, False, "")["status"] == "survived"  # not reproducible: never equivalent
+    survived = judge_run(entry(changed), BASE, True, "")
     assert survived["status"] == "survived" and survived["first_changed"] == "b"
     assert survived["closest"]["layer"] == "b"  # the nearest to its limit among the layers it changed (not a)
-    killed = judge_dtype(entry(changed, "FAIL", "b", metric="max_abs"), BASE, True, "")
+    killed = judge_run(entry(changed, "FAIL", "b", metric="max_abs"), BASE, True, "")
     assert killed["status"] == "killed" and killed["localised"] is True
-    downstream = judge_dtype(entry(changed, "FAIL", "c", metric="max_abs"), BASE, True, "")
+    downstream = judge_run(entry(changed, "FAIL", "c", metric="max_abs"), BASE, True, "")
     assert downstream["status"] == "killed" and downstream["localised"] is False
     crash = {"side": "MLX", "error": "ValueError: shapes", "after": "a"}
-    crashed = judge_dtype(entry(BASE[:1], "FAIL", "b", crash, "presence"), BASE, True, "")
+    crashed = judge_run(entry(BASE[:1], "FAIL", "b", crash, "presence"), BASE, True, "")
     assert crashed["status"] == "crashed" and "ValueError" in crashed["reason"]
-    caught_first = judge_dtype(entry([["a", "7"]], "FAIL", "a", crash, "max_abs"), BASE, True, "")
+    caught_first = judge_run(entry([["a", "7"]], "FAIL", "a", crash, "max_abs"), BASE, True, "")
     assert caught_first["status"] == "killed"  # a layer before the crash failed: the comparison caught it
-    assert judge_dtype(None, BASE, True, "timeout after 9 s") == {"status": "crashed", "reason": "timeout after 9 s"}
+    assert judge_run(None, BASE, True, "timeout after 9 s") == {"status": "crashed", "reason": "timeout after 9 s"}
     killed_in_bf16 = entry(changed, "FAIL", "b", metric="budget_ratio")
-    both = judge({"loaded": True, "wall": 1.0, "dtypes": {"float32": entry(BASE), "bfloat16": killed_in_bf16}},
+    both = judge({"loaded": True, "wall": 1.0, "runs": {"float32": entry(BASE), "bfloat16": killed_in_bf16}},
                  {"digests": {"float32": BASE, "bfloat16": BASE}, "reproducible": True}, ["float32", "bfloat16"], 60)
-    assert both["status"] == "killed" and both["dtypes"]["float32"]["status"] == "equivalent"
-    timed_out = judge({"loaded": True, "timed_out": True, "dtypes": {}},
+    assert both["status"] == "killed" and both["runs"]["float32"]["status"] == "equivalent"
+    timed_out = judge({"loaded": True, "timed_out": True, "runs": {}},
                       {"digests": {"float32": BASE}, "reproducible": True}, ["float32"], 60)
     assert timed_out["status"] == "crashed" and timed_out["timed_out"] and "timeout" in timed_out["reason"]
 
@@ -205,7 +208,7 @@ class StubWorkers:
 
 
 def run_result(verdict="PASS", digests=BASE, **extra):
-    return {"wall": 1.0, "coverage": {}, "ran": [], "dtypes": {"float32": {
+    return {"wall": 1.0, "coverage": {}, "ran": [], "runs": {"float32": {
         **entry(digests, verdict, None if verdict == "PASS" else "b", metric="max_abs"), "layers": 3, **extra}}}
 
 
@@ -224,11 +227,12 @@ def test_the_page_escapes_everything():
     mutant = {"id": f"m{evil}", "operator": "sub_swap", "file": f"x{evil}.py", "line": 3, "function": evil,
               "original": "a - b", "replacement": "b - a", "change": evil, "summary": evil,
               "diff": f"--- x\n+++ x (mutant)\n-{evil}\n+a & b\n", "first_changed": evil}
-    result = {"component": evil, "dtypes": ["float32"], "mutants": [
-        {**mutant, "status": "survived", "dtypes": {"float32": {"closest": {"layer": evil, "metric": "max_abs", "ratio": 0.5}}}},
+    result = {"component": evil, "dtypes": ["float32"], "runs": ["float32", evil], "mutants": [
+        {**mutant, "status": "survived", "runs": {evil: {"closest": {"layer": evil, "metric": "max_abs", "ratio": 0.5}}}},
         {**mutant, "id": "k", "status": "killed", "first_divergence": evil, "failure": evil, "localised": False,
-         "dtypes": {"float32": {"status": "killed"}}},
-        {**mutant, "id": "c", "status": "crashed", "reason": evil, "dtypes": {}}],
+         "runs": {evil: {"status": "killed"}}},
+        {**mutant, "id": "c", "status": "crashed", "reason": evil, "runs": {}}],
+        "baseline": {"runs": {evil: {"verdict": "PASS", "calibration": {"note": evil}}}},
         "counts": {"killed": 1, "survived": 1, "equivalent": 0, "crashed": 1}, "kill_rate": 0.5,
         "by_operator": {"sub_swap": {"killed": 1, "survived": 1, "equivalent": 0, "crashed": 1}},
         "operators": {"sub_swap": evil}, "sources": [{"file": evil, "mutants": 3, "executed": 3}]}
@@ -306,7 +310,7 @@ def test_rope_mutants_killed_and_equivalent_then_ctrl_c_keeps_them(tmp_path):
     data = json.loads(results.read_text())
     assert data["interrupted"] and not data["complete"] and data["counts"]["pending"] > 0
     assert data["sources"] == [{"file": "mlx_impl/rope.py", "mutants": 8, "executed": 8}]
-    assert data["baseline"]["reproducible"] and data["baseline"]["dtypes"]["float32"]["verdict"] == "PASS"
+    assert data["baseline"]["reproducible"] and data["baseline"]["runs"]["float32"]["verdict"] == "PASS"
     finished = {m["id"]: m for m in data["mutants"]}
     assert {k: m["status"] for k, m in finished.items()} == {k: EXPECTED_ROPE[k] for k in finished}
     killed = [m for m in finished.values() if m["status"] == "killed"]

@@ -19,14 +19,17 @@ DESCRIPTION = """\
 Apply small numerical mutations to the MLX source of each COMPONENT, one at a time, and run the
 comparison on each mutant: the share of mutants it catches is its detection power.
 
-The reference runs once per dtype (a reference bundle); the unmutated MLX side must pass against
-it (run twice: traced, to find the source files and the lines that run, and to prove the run is
-bit-reproducible). Each mutant runs in a fresh process with the mutated copy shadowing the
+Each mutant makes the runs a gate makes: each dtype, the float32 one with a second call of the
+same model object (call2/ layers), and each coverage cell in float32 (--no-coverage: none). The
+reference runs once per run (a reference bundle); the MLX side is judged as `parity run` judges
+it (calibrated limits where calibration/ holds a calibration of the component, dtype and config).
+The unmutated MLX side must pass (run twice: traced, to find the source files and the lines that
+run, and to prove the run is bit-reproducible). Each mutant runs in a fresh process with the mutated copy shadowing the
 original file (your files are never written), --jobs at a time, each for at most --timeout.
 
-A mutant is killed (a dtype fails; the report gives the first divergence and whether it is the
-first layer the mutant changed), survived (its MLX outputs changed, every dtype passes),
-equivalent (every captured MLX tensor bit-identical to the unmutated run's) or crashed (an
+A mutant is killed (a run fails; the report gives the first divergence and whether it is the
+first layer the mutant changed), survived (its MLX outputs changed, every run passes),
+equivalent (every captured MLX tensor bit-identical to the unmutated runs') or crashed (an
 exception or a timeout before any layer failed). Kill rate = killed / (killed + survived).
 Writes <out>/<component>/mutations.json (kept up to date while running) and mutations.html.
 """
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.config or args.source) and len(args.components) != 1:
         raise UsageError("--config/--source apply to one component; name exactly one")
     limits = load_thresholds(args)  # checked here; the workers read the same files
-    options = mutate.Options(dtypes=dtypes(args.dtype), seed=args.seed, config_path=args.config,
+    options = mutate.Options(dtypes=dtypes(args.dtype), coverage=not args.no_coverage, seed=args.seed,
+                             config_path=args.config,
                              sources=args.source or (), operators=args.operator, max_mutants=args.max_mutants,
                              timeout=args.timeout, jobs=args.jobs,
                              thresholds=list(limits.paths),
@@ -113,6 +117,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    "(finished mutants are kept)")
     p.add_argument("components", nargs="+", metavar="COMPONENT", help="components to mutate, or 'all'")
     p.add_argument("--dtype", default="all", choices=DTYPE_CHOICES, help="precision(s) each mutant runs in (default all)")
+    p.add_argument("--no-coverage", action="store_true",
+                   help="leave out the component's coverage cells (float32 runs of other configs)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--config", type=Path, help="a component config (one component)")
     p.add_argument("--source", action="append", type=Path, metavar="FILE",
