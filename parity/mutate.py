@@ -4,8 +4,9 @@ For one component:
 
 1. **reference once**, in this process (no mutant runs PyTorch): a reference bundle
    (:func:`parity.bundle.dump_reference`) for each run a gate makes of the component: one per
-   dtype, the float32 one with a bundle of the second call (its second inputs: the worker calls
-   the same MLX model object again, ``call2/...`` layers), and one per coverage cell (float32);
+   dtype and one per coverage cell (float32; ``Options.coverage``), each float32 one with a bundle
+   of its second call (its second inputs: the worker calls the same MLX model object again,
+   ``call2/...`` layers);
 2. **baseline**: the unmutated MLX side against the bundles in two fresh worker processes
    (:mod:`parity.mutate_worker`), judged as a run judges (thresholds, and calibrated limits where
    ``calibration_dir`` holds a calibration of the component, dtype and config). It must PASS (a mutation score of a failing comparison means
@@ -410,27 +411,24 @@ def new_result(component: Any, options: Options, config: dict[str, Any], runs: l
 
 
 def reference_bundles(component: Any, options: Options, scratch: Path, progress: Progress) -> list[dict[str, Any]]:
-    """The runs each mutant makes, with their reference bundles (the only PyTorch runs of the whole mutation run):
-    one per dtype (the float32 one with the second call's), and one per coverage cell, in float32."""
+    """The runs each mutant makes, as the gate makes them, with their reference bundles (the only PyTorch runs of
+    the whole mutation run): one per dtype and one per coverage cell (float32); each float32 run also with the
+    bundle of its second call."""
     from parity import bundle
 
-    def dump(folder: str, dtype: str, overrides: Any = None, inputs: Any = None) -> str:
-        return str(bundle.dump_reference(component, scratch / folder, dtype, options.seed, options.config_path,
-                                         overrides=overrides, inputs=inputs))
-
-    runs = []
-    for dtype in options.dtypes:
-        progress.step(f"[{component.name}] reference bundle, {dtype} (computed once for every mutant)")
-        run = {"label": dtype, "bundle": dump(f"bundle-{dtype}", dtype)}
-        if dtype == "float32" and component.second_call:
-            config = component.load_config(options.config_path)
-            run["call2"] = dump("bundle-call2", dtype, inputs=component.second_inputs(config, options.seed))
-        runs.append(run)
+    plan = [(dtype, dtype, None) for dtype in options.dtypes]
     if options.coverage and "float32" in options.dtypes:
-        for i, cell in enumerate(component.coverage):
-            label = variant(component, cell)
-            progress.step(f"[{component.name}] reference bundle, coverage cell {label}")
-            runs.append({"label": label, "bundle": dump(f"bundle-cell{i}", "float32", overrides=cell)})
+        plan += [(variant(component, cell), "float32", cell) for cell in component.coverage]
+    runs = []
+    for i, (label, dtype, cell) in enumerate(plan):
+        progress.step(f"[{component.name}] reference bundle, {label} (computed once for every mutant)")
+        run = {"label": label, "bundle": str(bundle.dump_reference(
+            component, scratch / f"bundle{i}", dtype, options.seed, options.config_path, overrides=cell))}
+        if dtype == "float32" and component.second_call:
+            inputs = component.second_inputs(component.load_config(options.config_path, cell), options.seed)
+            run["call2"] = str(bundle.dump_reference(component, scratch / f"bundle{i}-call2", dtype, options.seed,
+                                                     options.config_path, overrides=cell, inputs=inputs))
+        runs.append(run)
     return runs
 
 

@@ -266,8 +266,8 @@ EXPECTED_ROPE = {  # float32, operators upcast_to_bf16 and sin_cos_swap: what ea
     "mlx_impl/rope.31.upcast_to_bf16": "killed",      # frame positions 250..259 in bf16: 257, 259 are not representable
     "mlx_impl/rope.32.upcast_to_bf16": "equivalent",  # row positions 0..3 are exact in bf16
     "mlx_impl/rope.33.upcast_to_bf16": "equivalent",  # column positions 0..4 too
-    "mlx_impl/rope.40.sin_cos_swap": "killed", "mlx_impl/rope.40.sin_cos_swap.2": "killed",
-    "mlx_impl/rope.61.sin_cos_swap": "killed", "mlx_impl/rope.62.sin_cos_swap": "killed",
+    "mlx_impl/rope.41.sin_cos_swap": "killed", "mlx_impl/rope.41.sin_cos_swap.2": "killed",
+    "mlx_impl/rope.62.sin_cos_swap": "killed", "mlx_impl/rope.63.sin_cos_swap": "killed",
 }
 
 
@@ -317,8 +317,8 @@ def test_rope_mutants_killed_and_equivalent_then_ctrl_c_keeps_them(tmp_path):
     for m in killed:
         assert m["first_divergence"] and m["failure"] and m["localised"] is True, m
         assert m["first_divergence"] == m["first_changed"]
-    if "mlx_impl/rope.40.sin_cos_swap" in finished:
-        assert finished["mlx_impl/rope.40.sin_cos_swap"]["first_divergence"] == "helios/cos"
+    if "mlx_impl/rope.41.sin_cos_swap" in finished:
+        assert finished["mlx_impl/rope.41.sin_cos_swap"]["first_divergence"] == "helios/cos"
     assert data["kill_rate"] == 1.0 and data["counts"]["equivalent"] >= 1
     html = (out / "rope" / "mutations.html").read_text()
     assert "Interrupted" in html and all(ident in html for ident in finished)
@@ -338,3 +338,98 @@ def test_an_external_ports_own_files_are_found_and_mutated(tmp_path):
         assert m["first_divergence"].startswith("helios/") and m["first_changed"] == "table" and m["localised"]
     assert "port_rope: kill rate 100% (2 killed / 2 non-equivalent" in out
     assert (tmp_path / "port_rope" / "mutations.html").is_file()
+
+
+TOY_PORT = '''"""A toy port: x * 3, recomputed at every call; then + 1, for every row count."""
+from mlx_impl.taps import tap
+
+
+class Toy:
+    def __init__(self):
+        self.calls = 0
+        self.cached = None
+
+    def __call__(self, x):
+        if self.cached is None or self.calls >= 1:
+            self.cached = x * 3.0
+        self.calls += 1
+        tap("tripled", self.cached)
+        return tap("out", self.cached + 1.0 if x.shape[0] >= 1 else self.cached)
+'''
+
+TOY_COMPONENT = '''"""x * 3 + 1 in torch vs toy_port.Toy: a throw-away component with a coverage cell of one row."""
+import mlx.core as mx
+import numpy as np
+
+import toy_port
+from parity.api import Component, ComponentConfig
+
+
+class ToyConfig(ComponentConfig):
+    rows: int
+
+
+class ToyComponent(Component):
+    name = "toy_state"
+    description = "x * 3 + 1"
+    config_model = ToyConfig
+    coverage = ({"rows": 1},)
+
+    def make_inputs(self, config, seed):
+        return {"x": np.random.default_rng(seed).standard_normal((config.rows, 4)).astype(np.float32)}
+
+    def build_reference(self, config, seed):
+        import torch
+
+        return torch.nn.Module()
+
+    def run_reference(self, reference, inputs, dtype, capture):
+        import torch
+
+        tripled = torch.from_numpy(inputs["x"]).to(getattr(torch, dtype)) * 3
+        capture.add("tripled", tripled)
+        capture.add("out", tripled + 1)
+
+    def convert_weights(self, weights):
+        return weights
+
+    def build_mlx(self, config, weights, dtype):
+        return toy_port.Toy()
+
+    def run_mlx(self, model, inputs, dtype):
+        model(mx.array(inputs["x"]).astype(getattr(mx, dtype)))
+
+
+COMPONENT = ToyComponent()
+'''
+
+
+def test_the_second_call_and_the_coverage_cells_kill_what_the_default_run_cannot_see(tmp_path):
+    """Each mutant makes the gate's runs: ``>= 1`` -> ``> 1`` in the cache check leaves every first call
+    bit-identical and is killed at call2/tripled; in the row check it changes only one-row inputs and is
+    killed in the coverage cell only. Without the cells (--no-coverage) the second is equivalent."""
+    folder = tmp_path / "port"
+    folder.mkdir()
+    (folder / "toy_port.py").write_text(TOY_PORT)
+    (folder / "toy_state.py").write_text(TOY_COMPONENT)
+    (folder / "toy_state.json").write_text(json.dumps({"rows": 5}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    common = ["mutate", "toy_state", "--component-module", folder / "toy_state.py", "--dtype", "float32",
+              "--operator", "compare_boundary", "--jobs", "2", "--quiet"]
+    code, out, err = cli(*common, "--out", tmp_path / "all", env=env)
+    assert code == 0, (out, err)
+    data = json.loads((tmp_path / "all" / "toy_state" / "mutations.json").read_text())
+    assert data["runs"] == ["float32", "toy_state[rows=1]"]
+    for run in data["runs"]:
+        assert data["baseline"]["runs"][run]["layers"] == 4  # tripled, out, call2/tripled, call2/out
+    by_line = {m["line"]: m for m in data["mutants"]}
+    cache, rows = by_line[11], by_line[15]
+    assert cache["status"] == "killed" and cache["first_divergence"] == "call2/tripled" and cache["localised"]
+    assert {k: v["status"] for k, v in cache["runs"].items()} == {"float32": "killed", "toy_state[rows=1]": "killed"}
+    assert rows["status"] == "killed" and rows["first_divergence"] == "out"
+    assert {k: v["status"] for k, v in rows["runs"].items()} == {"float32": "equivalent", "toy_state[rows=1]": "killed"}
+    code, out, err = cli(*common, "--no-coverage", "--out", tmp_path / "default", env=env)
+    assert code == 0, (out, err)
+    data = json.loads((tmp_path / "default" / "toy_state" / "mutations.json").read_text())
+    assert data["runs"] == ["float32"]
+    assert {m["line"]: m["status"] for m in data["mutants"]} == {11: "killed", 15: "equivalent"}
