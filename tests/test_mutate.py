@@ -407,18 +407,17 @@ COMPONENT = ToyComponent()
 def test_the_second_call_and_the_coverage_cells_kill_what_the_default_run_cannot_see(tmp_path):
     """Each mutant makes the gate's runs: ``>= 1`` -> ``> 1`` in the cache check leaves every first call
     bit-identical and is killed at call2/tripled; in the row check it changes only one-row inputs and is
-    killed in the coverage cell only. Without the cells (--no-coverage) the second is equivalent."""
+    killed in the coverage cell only (equivalent in the default run)."""
     folder = tmp_path / "port"
     folder.mkdir()
     (folder / "toy_port.py").write_text(TOY_PORT)
     (folder / "toy_state.py").write_text(TOY_COMPONENT)
     (folder / "toy_state.json").write_text(json.dumps({"rows": 5}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
-    common = ["mutate", "toy_state", "--component-module", folder / "toy_state.py", "--dtype", "float32",
-              "--operator", "compare_boundary", "--jobs", "2", "--quiet"]
-    code, out, err = cli(*common, "--out", tmp_path / "all", env=env)
+    code, out, err = cli("mutate", "toy_state", "--component-module", folder / "toy_state.py", "--dtype", "float32",
+                         "--operator", "compare_boundary", "--jobs", "2", "--quiet", "--out", tmp_path, env=env)
     assert code == 0, (out, err)
-    data = json.loads((tmp_path / "all" / "toy_state" / "mutations.json").read_text())
+    data = json.loads((tmp_path / "toy_state" / "mutations.json").read_text())
     assert data["runs"] == ["float32", "toy_state[rows=1]"]
     for run in data["runs"]:
         assert data["baseline"]["runs"][run]["layers"] == 4  # tripled, out, call2/tripled, call2/out
@@ -428,8 +427,3 @@ def test_the_second_call_and_the_coverage_cells_kill_what_the_default_run_cannot
     assert {k: v["status"] for k, v in cache["runs"].items()} == {"float32": "killed", "toy_state[rows=1]": "killed"}
     assert rows["status"] == "killed" and rows["first_divergence"] == "out"
     assert {k: v["status"] for k, v in rows["runs"].items()} == {"float32": "equivalent", "toy_state[rows=1]": "killed"}
-    code, out, err = cli(*common, "--no-coverage", "--out", tmp_path / "default", env=env)
-    assert code == 0, (out, err)
-    data = json.loads((tmp_path / "default" / "toy_state" / "mutations.json").read_text())
-    assert data["runs"] == ["float32"]
-    assert {m["line"]: m["status"] for m in data["mutants"]} == {11: "killed", 15: "equivalent"}
