@@ -27,15 +27,16 @@ import os
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from parity import registry
+from parity import calibration, registry
 from parity import thresholds as thresholds_mod
-from parity.compare import compare
+from parity.compare import Comparison, Judge, compare
 from parity.component import Component, RunContext, Section
 from parity.dumps import new_run_dir, write_json, write_npy, writable_folder
 from parity.progress import SILENT, Progress
@@ -96,13 +97,17 @@ def dump_reference(
     max_weights_mb: float = DEFAULT_MAX_WEIGHTS_MB,
     overrides: Mapping[str, Any] | None = None,
     progress: Progress = SILENT,
+    inputs: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Run only the reference of a component and write a bundle at ``out`` (which must not exist, or be empty)."""
+    """Run only the reference of a component and write a bundle at ``out`` (which must not exist, or be empty);
+    on ``inputs`` when given (``parity mutate``'s bundle of the second call), else on the component's own."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: exists and is not an empty folder; a bundle is never overwritten")
     writable_folder(out.parent, f"--out {out}: its folder")
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, mlx=False, progress=progress)
+    if inputs is not None:
+        setup.inputs = dict(inputs)
     comp = setup.component
     weights = comp.reference_weights(setup.reference)
     nbytes = sum(int(np.asarray(v).nbytes) for v in weights.values())
@@ -214,23 +219,30 @@ def _bundle_inputs(bundle: Path, manifest: Mapping[str, Any]) -> dict[str, np.nd
     return inputs
 
 
-def compare_bundle(
+@dataclass
+class OpenBundle:
+    """A reference bundle checked against the comparison asked for: what the MLX side needs and the stored sides."""
+
+    path: Path
+    manifest: dict[str, Any]
+    component: Component
+    dtype: str
+    config: Any
+    weights: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+    ref: StreamCapture
+    truth: StreamCapture | None
+
+
+def open_bundle(
     name: str | Component,
     bundle: str | Path,
-    out_dir: str | Path | None = "reports",
     config_path: str | Path | None = None,
     weights_path: str | Path | None = None,
     use_bundle_config: bool = False,
-    thresholds: Any = None,
-    run_dir: Path | None = None,
-    progress: Progress = SILENT,
-):
-    """Compare the MLX side against a reference bundle; returns a ``parity.runner.RunResult``.
-
-    Our config (the component's default, or ``config_path``) must be the bundle's, unless
-    ``use_bundle_config``; the weights (the bundle's own, or ``weights_path``) must match the
-    bundle's fingerprint, and its inputs theirs. Otherwise :class:`BundleMismatch` names what differs.
-    """
+) -> OpenBundle:
+    """Read and check a bundle for ``name``; a mismatch is a :class:`BundleMismatch` naming what differs (see
+    :func:`compare_bundle`)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     comp = registry.get(name)
@@ -238,7 +250,6 @@ def compare_bundle(
         raise BundleMismatch(f"bundle {bundle} holds the reference of component {manifest['component']!r}, "
                              f"not {comp.name!r}")
     dtype = check_dtype(manifest["dtype"])
-    thresholds = thresholds or thresholds_mod.load()
     if config_fingerprint(manifest["config"]) != manifest["config_sha256"]:
         raise BundleMismatch(f"bundle {bundle}: its config does not match its own fingerprint (edited or corrupt)")
     if use_bundle_config:
@@ -261,37 +272,82 @@ def compare_bundle(
     where = f"bundle {bundle}"
     ref = StreamCapture.open("ref", bundle / "ref", sides["ref"], where)
     truth = StreamCapture.open("truth", bundle / "truth", sides["truth"], where) if "truth" in sides else None
+    return OpenBundle(bundle, manifest, comp, dtype, config, weights, inputs, ref, truth)
 
-    setup = prepare(comp, dtype, manifest["seed"], reference=False, weights=weights, config=config, progress=progress)
-    setup.inputs = inputs
-    setup.weights_source = manifest["weights"]["source"]
-    judge, calibrated = judge_for(setup, thresholds)
+
+@dataclass
+class BundleRun:
+    """The MLX side run against an open bundle and judged: its setup, captures, judge, comparison (with views),
+    context, and what the report says of the calibration the judge used."""
+
+    setup: Any
+    sides: Any
+    judge: Judge
+    comparison: Comparison
+    context: RunContext
+    calibrated: dict[str, Any] | None
+
+
+def run_against(opened: OpenBundle, thresholds: Any, spool: Path, spool_owner: Any = None, keep_mlx: bool = True,
+                progress: Progress = SILENT, calibration_dir: str | Path | None = calibration.DEFAULT_DIR) -> BundleRun:
+    """Run the MLX side on the bundle's inputs and weights, streaming into ``spool``, judge it (with the
+    calibration in ``calibration_dir`` that fits, as a run does) and add the views."""
+    comp, dtype = opened.component, opened.dtype
+    setup = prepare(comp, dtype, opened.manifest["seed"], reference=False, weights=opened.weights,
+                    config=opened.config, progress=progress)
+    setup.inputs = opened.inputs
+    setup.weights_source = opened.manifest["weights"]["source"]
+    judge, calibrated = judge_for(setup, thresholds, calibration_dir)
+    progress.step(f"[{comp.name} {dtype}] MLX against reference bundle {opened.path}")
+    sides = run_sides(setup, judge, streaming=True, spool=spool, stats_only=opened.manifest.get("stats_only"),
+                      ref=opened.ref, truth=opened.truth, keep_mlx=keep_mlx or comp.has_views(), progress=progress)
+    comparison = compare(comp.name, dtype, opened.ref, sides.mlx, thresholds, judge.alignment, opened.truth,
+                         sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
+                         calibrated=judge.calibrated, key_groups=judge.key_groups)
+    context = RunContext(comp, opened.config, opened.manifest["seed"], dtype, opened.inputs, None, setup.mlx_model,
+                         opened.ref, sides.mlx, opened.truth, thresholds,
+                         extra={"ref_bundle": str(opened.path), "spool": spool_owner}, comparison=comparison)
+    comparison.sections = sections(setup, context, bool(sides.crashes), extra_runs=False)
+    if comp.has_extra_runs():
+        note = "not computed from a reference bundle: it runs the reference model, which is not here"
+        comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
+                                           {"columns": ["note"], "rows": [[note]]}, None, None, note))
+    return BundleRun(setup, sides, judge, comparison, context, calibrated)
+
+
+def compare_bundle(
+    name: str | Component,
+    bundle: str | Path,
+    out_dir: str | Path | None = "reports",
+    config_path: str | Path | None = None,
+    weights_path: str | Path | None = None,
+    use_bundle_config: bool = False,
+    thresholds: Any = None,
+    run_dir: Path | None = None,
+    progress: Progress = SILENT,
+):
+    """Compare the MLX side against a reference bundle; returns a ``parity.runner.RunResult``.
+
+    Our config (the component's default, or ``config_path``) must be the bundle's, unless
+    ``use_bundle_config``; the weights (the bundle's own, or ``weights_path``) must match the
+    bundle's fingerprint, and its inputs theirs. Otherwise :class:`BundleMismatch` names what differs.
+    """
+    opened = open_bundle(name, bundle, config_path, weights_path, use_bundle_config)
+    comp, dtype = opened.component, opened.dtype
+    thresholds = thresholds or thresholds_mod.load()
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
     report_dir = run_dir / f"{comp.name}-{dtype}" if out_dir is not None else None
     spool, tmp = spool_dir(report_dir)
-    progress.step(f"[{comp.name} {dtype}] MLX against reference bundle {bundle}")
     try:
-        result_sides = run_sides(setup, judge, streaming=True, spool=spool, stats_only=manifest.get("stats_only"),
-                                 ref=ref, truth=truth, keep_mlx=report_dir is not None or comp.has_views(),
-                                 progress=progress)
-        comparison = compare(comp.name, dtype, ref, result_sides.mlx, thresholds, judge.alignment, truth,
-                             result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
-                             judge.lineage, calibrated=judge.calibrated, key_groups=judge.key_groups)
-        context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
-                             result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp},
-                             comparison=comparison)
-        comparison.sections = sections(setup, context, bool(result_sides.crashes), extra_runs=False)
-        if comp.has_extra_runs():
-            note = "not computed from a reference bundle: it runs the reference model, which is not here"
-            comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
-                                               {"columns": ["note"], "rows": [[note]]}, None, None, note))
-        meta = run_meta(setup, thresholds, result_sides.crashes, calibrated)
+        run = run_against(opened, thresholds, spool, tmp, keep_mlx=report_dir is not None, progress=progress)
+        meta = run_meta(run.setup, thresholds, run.sides.crashes, run.calibrated)
         meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
-        meta["ref_bundle"] = {"path": str(bundle), "created": manifest.get("created"),
+        manifest = opened.manifest
+        meta["ref_bundle"] = {"path": str(opened.path), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}
-        result = finish_run(comparison, context, meta, run_dir, report_dir, progress=progress)
+        result = finish_run(run.comparison, run.context, meta, run_dir, report_dir, progress=progress)
     except BaseException:
         if report_dir is not None:
             shutil.rmtree(run_dir if created else report_dir, ignore_errors=True)

@@ -23,6 +23,8 @@ A component declares
   same computation, which must then agree within float32 limits (:mod:`parity.invariance`);
 - ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
   component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
+- ``mutate_sources``: the files ``parity mutate`` mutates, when not the project files its MLX
+  side runs (:mod:`parity.mutate`).
 
 Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
@@ -131,6 +133,9 @@ class Component(ABC):
     #: Reference submodules (globs, in the state dict's namespace) whose outputs the reference records,
     #: and their layer names: what ``MlxHooks(derive=True)`` matches the port's converter against.
     reference_layers: ClassVar[Mapping[str, str]] = {}
+    #: Module names or files (relative to the component's module) ``parity mutate`` mutates; empty: the project
+    #: files whose functions run during the comparison (the harness and this component's own file excluded).
+    mutate_sources: ClassVar[tuple[str, ...]] = ()
 
     # --- identity and configuration -----------------------------------------------------------
     def lineage(self) -> list[str]:

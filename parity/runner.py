@@ -269,17 +269,25 @@ class SecondCall:
     crash: Crash | None
 
 
-def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT) -> SecondCall:
+def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT, ref: Capture | None = None,
+                inputs: Mapping[str, Any] | None = None) -> SecondCall:
     """Call the same MLX model object again, on the component's :meth:`~parity.component.Component.second_inputs`,
     and judge it against the reference's answer for those inputs.
 
     A port that keeps state between calls (a value cached at the first call, a feature cache or a
-    step counter never reset) passes a single call and fails here, at ``call2/<layer>``.
+    step counter never reset) passes a single call and fails here, at ``call2/<layer>``. ``ref`` and
+    ``inputs`` given (a reference bundle of the second call, as ``parity mutate`` makes): the
+    reference does not run.
     """
-    inputs = setup.component.second_inputs(setup.config, setup.seed)
-    ref, mlx = Capture("ref"), Capture("mlx")
+    if inputs is None:
+        inputs = setup.component.second_inputs(setup.config, setup.seed)
+    mlx = Capture("mlx")
     progress.step(f"[{setup.name} {setup.dtype}] second call")
-    crash = run_reference(setup, setup.dtype, ref, inputs) or run_mlx(setup, mlx, inputs)
+    if ref is None:
+        ref = Capture("ref")
+        crash = run_reference(setup, setup.dtype, ref, inputs) or run_mlx(setup, mlx, inputs)
+    else:
+        crash = run_mlx(setup, mlx, inputs)
     if crash is not None and crash.after:
         crash.after = SECOND_CALL + crash.after
     judged = compare(setup.component.name, setup.dtype, ref, mlx, judge.thresholds, judge.alignment,
