@@ -278,7 +278,7 @@ def compare_bundle(
                                  progress=progress)
         comparison = compare(comp.name, dtype, ref, result_sides.mlx, thresholds, judge.alignment, truth,
                              result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
-                             judge.lineage, calibrated=judge.calibrated)
+                             judge.lineage, calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
                              result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp},
                              comparison=comparison)
@@ -288,6 +288,7 @@ def compare_bundle(
             comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
                                                {"columns": ["note"], "rows": [[note]]}, None, None, note))
         meta = run_meta(setup, thresholds, result_sides.crashes, calibrated)
+        meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
         meta["ref_bundle"] = {"path": str(bundle), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}
         result = finish_run(comparison, context, meta, run_dir, report_dir, progress=progress)

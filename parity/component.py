@@ -19,6 +19,8 @@ A component declares
   and ``extra_runs`` (sections that run the models again, e.g. drift over repeated application);
 - ``second_inputs``: what a second call of the same MLX model object sees (state carried between
   calls shows as ``call2/...`` layers); ``coverage``: config overrides the gate also runs.
+- ``attention_groups`` (named key ranges whose attention mass is judged per head, when the
+  component captures attention maps: ``<attention>/probs`` layers, :mod:`parity.attention`).
 
 Subclasses inherit thresholds (threshold tables of their parents) as well.
 """
@@ -280,6 +282,15 @@ class Component(ABC):
         from parity.capture_mlx import record_taps
 
         return hooks.capture(model, capture) if hooks is not None else record_taps(capture)
+
+    # --- attention maps -----------------------------------------------------------------------
+    def attention_groups(self, config: Any) -> dict[str, dict[str, tuple[int, int]]]:
+        """Named key ranges of attention map layers, by layer glob: ``{"attn1/probs": {"history": (0, 36)}}``.
+
+        Their mass is reported and judged per head besides the generic ``sink`` and ``first``
+        (:mod:`parity.attention`); none by default.
+        """
+        return {}
 
     # --- report sections ----------------------------------------------------------------------
     def views(self, run: RunContext) -> list[Section]:

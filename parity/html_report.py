@@ -7,7 +7,9 @@ folder. Pages embed their plots as base64 PNGs and their CSS/JS inline, and forb
 access with a Content-Security-Policy, so a page can be mailed or archived on its own.
 
 Nothing here is specific to a component: sections are drawn by ``kind`` (curves -> line plot,
-heatmap -> image, table -> HTML table), and tensor images come from the ``.npy`` dumps.
+heatmap -> image, table -> HTML table), and tensor images come from the ``.npy`` dumps. A run
+with attention maps (``<attention>/probs`` layers) gets an attention section from their per-head
+metrics and dumps (:mod:`parity.attention_report`).
 """
 from __future__ import annotations
 
@@ -284,6 +286,40 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
     return views
 
 
+# --- attention maps ------------------------------------------------------------------------------
+
+def attention_view(report_dir: Path, report: dict[str, Any]) -> dict[str, Any] | None:
+    """The attention section: per-head table, entropy and mass over depth, the worst heads' maps (None: no maps)."""
+    from parity import attention_report, plots
+
+    rows = attention_report.map_rows(report)
+    if not rows:
+        return None
+    heads = attention_report.head_rows(rows)
+    table_columns = [column("layer"), column("head", True), column("verdict")]
+    table_columns += [column(header, True) for _key, header, _value in heads[0]["values"]]
+    body = []
+    for entry in heads:
+        failing = entry["failing"]
+        cells = [cell(entry["layer"], cls="layer", detail=", ".join(m.removeprefix("attn_") for m in failing)),
+                 cell(entry["head"], str(entry["head"]), "num"), cell("FAIL" if failing else "PASS",
+                                                                      badge="FAIL" if failing else "PASS")]
+        cells += [num_cell(value, bad=key in failing)
+                  for key, _header, value in entry["values"]]
+        body.append({"cls": "fail" if failing else "", "id": "", "cells": cells})
+    try:
+        manifest = load_json(report_dir / "manifest.json", "manifest")
+    except InputError:
+        manifest = {}
+
+    def load(side: str, layer: str) -> np.ndarray | None:
+        path = _dump_path(report_dir, manifest, side, layer)
+        return _load_dump(path) if path.is_file() else None
+    return {"table": {"id": "attention-heads", "columns": table_columns, "rows": body},
+            "curves": [image for image in map(plots.curves_plot, attention_report.depth_curves(rows)) if image],
+            "grids": attention_report.grids(rows, load)}
+
+
 # --- the run report ------------------------------------------------------------------------------
 
 def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
@@ -377,6 +413,7 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
         config_json=_json(report.get("config")), versions_json=_json(versions),
         depth_plot=plots.depth_plot(layers, first, limit) if layers else None,
         layer_table=layer_table(layers, first), sections=sections, slices=tensor_views(report_dir, report),
+        attention=attention_view(report_dir, report),
         index_link=index_link, generated=_now(), source=str(report_dir), files=files)
     return html
 

@@ -142,11 +142,13 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
 
 def judge_for(setup: Setup, thresholds: thresholds_mod.Thresholds,
               calibration_dir: str | Path | None = calibration.DEFAULT_DIR) -> tuple[Judge, dict[str, Any] | None]:
-    """The run's judge: thresholds, alignment, and the per-layer limits of a calibration of this
-    component, dtype and config in ``calibration_dir`` (None: none); and what to say of it in the report."""
+    """The run's judge: thresholds, alignment, attention key groups, and the per-layer limits of a
+    calibration of this component, dtype and config in ``calibration_dir`` (None: none); and what to
+    say of the calibration in the report."""
     comp = setup.component
     found, note = calibration.for_run(comp.name, setup.dtype, setup.config.to_dict(), calibration_dir)
-    judge = Judge(comp.lineage(), setup.dtype, thresholds, setup.alignment, found.limits() if found else {})
+    judge = Judge(comp.lineage(), setup.dtype, thresholds, setup.alignment, found.limits() if found else {},
+                  comp.attention_groups(setup.config))
     if found is not None:
         return judge, {"path": str(found.path), "seeds": len(found.seeds), "layers": len(found.layers),
                        "rule": calibration.RULE[setup.dtype]}
@@ -282,10 +284,17 @@ def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT) -> Seco
     return SecondCall(layers, ref, mlx, crash)
 
 
-def _wants_second_call(setup: Setup, streaming: bool, crashed: bool) -> bool:
-    """Float32 runs in memory whose first call got through: state between calls is a property of the
-    code, not of the precision, and a crashed first call has already said what is wrong."""
-    return setup.component.second_call and setup.dtype == "float32" and not streaming and not crashed
+def second_call_skipped(setup: Setup, streaming: bool, crashed: bool) -> str | None:
+    """Why this run makes no second call (None: it makes one). Float32 runs in memory whose first
+    call got through make one: state between calls is a property of the code, not of the precision,
+    and a crashed first call has already said what is wrong."""
+    if not setup.component.second_call:
+        return f"{setup.component.name} declares none"
+    if setup.dtype != "float32":
+        return "made in float32 runs only"
+    if streaming:
+        return "not made in streaming runs"
+    return "the first call crashed" if crashed else None
 
 
 def _merge_second_call(second: SecondCall, comparison: Comparison, context: RunContext) -> list[Crash]:
@@ -397,14 +406,16 @@ def run_component(
                           progress=progress)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
-                             calibrated=judge.calibrated)
+                             calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp},
                              comparison=comparison)
         comparison.sections = sections(setup, context, bool(sides.crashes))
-        if _wants_second_call(setup, streaming, bool(sides.crashes)):
+        skipped = second_call_skipped(setup, streaming, bool(sides.crashes))
+        if skipped is None:
             sides.crashes += _merge_second_call(second_call(setup, judge, progress), comparison, context)
         meta = run_meta(setup, thresholds, sides.crashes, calibrated)
+        meta["second_call"] = skipped or f"made: layers {SECOND_CALL}<layer>"
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
     except BaseException:

@@ -10,7 +10,6 @@ import reference_runners.rope  # noqa: F401
 from parity import registry
 from parity import runner  # noqa: F401
 
-pytest_plugins = ["pytester"]
 # Import every module the inner sessions use up front: pytester's in-process runs forget modules
 # first imported inside them, and a native extension (mlx, torch) cannot be initialised twice --
 # without this, running this file alone fails where running it after another file passes.

@@ -54,7 +54,8 @@ class WanBlockComponent(BlockComponent):
 
         from reference_runners import block as ref_runner
 
-        ref_runner.run_wan(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture)
+        ref_runner.run_wan(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture,
+                           maps=self.maps_on(reference.config))
 
     def build_mlx(self, config: WanBlockConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
         t = config.transformer
