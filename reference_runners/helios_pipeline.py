@@ -2,15 +2,13 @@
 scheduler and VAE.
 
 Nothing of the loop is reproduced. ``pipeline_helios_pyramid`` imports ``transformers`` at module level
-(its text encoder), which this harness does not install, so the pipeline's methods are compiled from the
-installed source, unmodified (:mod:`reference_runners.pipeline_source`), and set on a minimal class
-(:func:`pipeline`): ``__call__``, ``check_inputs``, ``encode_prompt``, ``prepare_latents``,
-``sample_block_noise``, the properties, and the module's ``calculate_shift``. What ``DiffusionPipeline``
-would provide the shell provides: the attributes ``__init__`` sets (``vae_scale_factor_*`` read from the
-VAE config as ``__init__`` reads them, ``config.is_distilled``), the CPU as ``_execution_device``, a silent
-``progress_bar``, no model hooks to free, and a ``video_processor`` that hands back the video it is given
-(recorded as ``video``: the decoded chunks concatenated and trimmed, before post-processing). There is no
-text encoder: ``prompt_embeds`` are given, ``guidance_scale`` 1 (the distilled model runs without CFG).
+(its text encoder), which this harness does not install, so the ``HeliosPyramidPipeline`` class is
+compiled from the installed source, unmodified (:func:`reference_runners.pipeline_source.compile_class`),
+on diffusers' own ``DiffusionPipeline`` (the LoRA mixin, which needs ``transformers``, left out: no LoRA is
+loaded), and built by its own ``__init__`` with the distilled model's ``is_distilled=True``, no tokenizer
+or text encoder: ``prompt_embeds`` are given, ``guidance_scale`` 1 (the distilled model runs without CFG).
+What it computes is recorded through instance attributes on its models (:func:`recorded`); ``video``
+is what it hands ``video_processor.postprocess_video``: the decoded chunks concatenated and trimmed.
 
 So the chunks, the history and the DMD stages are driven by the pipeline itself: per chunk ``k`` it
 splits the last ``sum(history_sizes)`` latent frames of ``history_latents`` into long / mid / 1x history
@@ -37,24 +35,25 @@ first frame), neither re-noised. That call's first chunk is then the original ch
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from functools import cache
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan, HeliosDMDScheduler
+from diffusers import AutoencoderKLWan, DiffusionPipeline, HeliosDMDScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.helios.pipeline_output import HeliosPipelineOutput
 from diffusers.utils import logging, replace_example_docstring
+from diffusers.video_processor import VideoProcessor
 
 from parity.capture import Capture
 from reference_runners import transformer as transformer_runner
-from reference_runners.pipeline_source import compile_functions
+from reference_runners.pipeline_source import compile_class, compile_functions
 
 PIPELINE_MODULE = "diffusers.pipelines.helios.pipeline_helios_pyramid"
-METHODS = ("__call__", "check_inputs", "encode_prompt", "prepare_latents", "sample_block_noise", "guidance_scale",
-           "do_classifier_free_guidance", "num_timesteps", "current_timestep", "interrupt", "attention_kwargs")
 HISTORY_TERMS = ("long", "mid", "short")
 
 
@@ -114,13 +113,22 @@ class Draws:
 
 
 class _Torch:
-    """``torch`` for the compiled pipeline: ``randn`` hands out the shared draws, everything else is torch's."""
+    """``torch`` for the compiled pipeline: ``randn`` hands out the run's shared draws, everything else is torch's."""
 
-    def __init__(self, draws: Draws):
-        self.randn = draws.randn
+    draws: Draws | None = None
+
+    def randn(self, *size: Any, **kwargs: Any) -> torch.Tensor:
+        return self.draws.randn(*size, **kwargs)
+
+    def randn_tensor(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.draws.randn_tensor(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
+
+
+#: The compiled pipeline's ``torch`` and ``randn_tensor``; :func:`run` sets its draws for the call.
+TORCH = _Torch()
 
 
 # --- what the pipeline calls, recorded --------------------------------------------------------------
@@ -144,118 +152,81 @@ class Recorder:
         self.capture.add(f"chunk{self.chunk}/{name}", x)
 
 
-class _Transformer:
-    """The transformer as the pipeline calls it: in its precision (autocast in mixed precision); records the history."""
+@cache
+def pipeline_class() -> type:
+    """``HeliosPyramidPipeline`` from the installed source, with the globals its methods read (its own
+    ``calculate_shift`` and ``optimized_scale`` compiled from the same file)."""
+    helpers = compile_functions(PIPELINE_MODULE, ["calculate_shift", "optimized_scale"], namespace={"torch": torch})
+    return compile_class(PIPELINE_MODULE, "HeliosPyramidPipeline", {
+        "torch": TORCH, "F": F, "math": math, "DiffusionPipeline": DiffusionPipeline, "HeliosLoraLoaderMixin": object,
+        "PipelineCallback": PipelineCallback, "MultiPipelineCallbacks": MultiPipelineCallbacks,
+        "replace_example_docstring": replace_example_docstring, "EXAMPLE_DOC_STRING": "",
+        "logger": logging.get_logger(PIPELINE_MODULE), "XLA_AVAILABLE": False, "VideoProcessor": VideoProcessor,
+        "HeliosPipelineOutput": HeliosPipelineOutput, "randn_tensor": TORCH.randn_tensor,
+        "calculate_shift": helpers.calculate_shift, "optimized_scale": helpers.optimized_scale})
 
-    def __init__(self, reference: transformer_runner.Reference, recorder: Recorder):
-        self.reference, self.recorder = reference, recorder
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.reference.model, name)
+def pipeline(side: Side) -> Any:
+    """A distilled ``HeliosPyramidPipeline`` on ``side``'s transformer and VAE and a real ``HeliosDMDScheduler``."""
+    scheduler = HeliosDMDScheduler(**side.config.scheduler.to_dict())
+    pipe = pipeline_class()(tokenizer=None, text_encoder=None, vae=side.vae, scheduler=scheduler,
+                            transformer=side.transformer.model, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    def __call__(self, **kwargs: Any) -> Any:
-        if not self.recorder.history_seen:
+
+@contextmanager
+def recorded(pipe: Any, side: Side, recorder: Recorder) -> Iterator[None]:
+    """Record what the pipeline computes (the module docstring); the transformer runs in its precision
+    (autocast in mixed precision). Instance attributes, removed on exit: the models are the run's to reuse."""
+    model, vae, scheduler, processor = pipe.transformer, pipe.vae, pipe.scheduler, pipe.video_processor
+    forward, decode, set_timesteps, step = model.forward, vae.decode, scheduler.set_timesteps, scheduler.step
+
+    def transformer(*args: Any, **kwargs: Any) -> Any:
+        if not recorder.history_seen:
             for term in HISTORY_TERMS:
-                self.recorder.add(f"history/{term}", channels_last(kwargs[f"latents_history_{term}"]))
-            self.recorder.history_seen = True
-        with self.reference.precision():
-            return self.reference.model(**kwargs)
+                recorder.add(f"history/{term}", channels_last(kwargs[f"latents_history_{term}"]))
+            recorder.history_seen = True
+        with side.transformer.precision():
+            return forward(*args, **kwargs)
 
+    def recorded_schedule(num_inference_steps: int, stage_index: int, *args: Any, **kwargs: Any) -> None:
+        set_timesteps(num_inference_steps, stage_index, *args, **kwargs)
+        recorder.stage = stage_index
+        recorder.add(f"stage{stage_index}/timesteps", scheduler.timesteps)
+        recorder.add(f"stage{stage_index}/sigmas", scheduler.sigmas)
 
-class _Scheduler:
-    """The real ``HeliosDMDScheduler``; records each stage's schedule, start point and steps."""
-
-    def __init__(self, scheduler: HeliosDMDScheduler, recorder: Recorder):
-        self.scheduler, self.recorder = scheduler, recorder
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
-
-    def set_timesteps(self, num_inference_steps: int, stage_index: int, *args: Any, **kwargs: Any) -> None:
-        self.scheduler.set_timesteps(num_inference_steps, stage_index, *args, **kwargs)
-        self.recorder.stage = stage_index
-        self.recorder.add(f"stage{stage_index}/timesteps", self.scheduler.timesteps)
-        self.recorder.add(f"stage{stage_index}/sigmas", self.scheduler.sigmas)
-
-    def step(self, *args: Any, cur_sampling_step: int, dmd_noisy_tensor: torch.Tensor, **kwargs: Any) -> Any:
-        stage = self.recorder.stage
+    def recorded_step(*args: Any, cur_sampling_step: int, dmd_noisy_tensor: torch.Tensor, **kwargs: Any) -> Any:
+        stage = recorder.stage
         if cur_sampling_step == 0:
-            self.recorder.add("stage0/downsample" if stage == 0 else f"stage{stage}/transition",
-                              channels_last(dmd_noisy_tensor))
-        out = self.scheduler.step(*args, cur_sampling_step=cur_sampling_step, dmd_noisy_tensor=dmd_noisy_tensor,
-                                  **kwargs)
-        self.recorder.last = out[0]
-        self.recorder.add(f"stage{stage}/step{cur_sampling_step}", channels_last(out[0]))
+            recorder.add("stage0/downsample" if stage == 0 else f"stage{stage}/transition", channels_last(dmd_noisy_tensor))
+        out = step(*args, cur_sampling_step=cur_sampling_step, dmd_noisy_tensor=dmd_noisy_tensor, **kwargs)
+        recorder.last = out[0]
+        recorder.add(f"stage{stage}/step{cur_sampling_step}", channels_last(out[0]))
         return out
 
-
-class _Vae:
-    """The real VAE; each ``decode`` ends a chunk: records its latents and frames."""
-
-    def __init__(self, vae: AutoencoderKLWan, recorder: Recorder):
-        self.vae, self.recorder = vae, recorder
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.vae, name)
-
-    def decode(self, latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.recorder.add("latents", channels_last(self.recorder.last))
-        out = self.vae.decode(latents, *args, **kwargs)
-        self.recorder.add("frames", out[0])
-        self.recorder.chunk += 1
-        self.recorder.stage, self.recorder.history_seen = 0, False
+    def recorded_decode(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        recorder.add("latents", channels_last(recorder.last))
+        out = decode(latents, *args, **kwargs)
+        recorder.add("frames", out[0])
+        recorder.chunk += 1
+        recorder.stage, recorder.history_seen = 0, False
         return out
 
+    def recorded_video(video: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        recorder.capture.add("video", video)
+        return VideoProcessor.postprocess_video(processor, video, *args, **kwargs)
 
-class _VideoProcessor:
-    """Hands back the video it is given, recording it as ``video`` (post-processing to [0, 1] is not compared)."""
-
-    def __init__(self, capture: Capture):
-        self.capture = capture
-
-    def postprocess_video(self, video: torch.Tensor, output_type: str = "np") -> torch.Tensor:
-        self.capture.add("video", video)
-        return video
-
-
-class _ProgressBar:
-    def __enter__(self) -> "_ProgressBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def update(self, n: int = 1) -> None:
-        return None
-
-
-# --- the pipeline ------------------------------------------------------------------------------------
-def pipeline(side: Side, scheduler: HeliosDMDScheduler, draws: Draws, capture: Capture, recorder: Recorder) -> Any:
-    """A ``HeliosPyramidPipeline`` made of its own methods (compiled from the installed source) and ``side``'s models."""
-    namespace = {"torch": _Torch(draws), "F": F, "math": math, "randn_tensor": draws.randn_tensor,
-                 "logger": logging.get_logger(PIPELINE_MODULE), "XLA_AVAILABLE": False,
-                 "PipelineCallback": PipelineCallback, "MultiPipelineCallbacks": MultiPipelineCallbacks,
-                 "replace_example_docstring": replace_example_docstring, "EXAMPLE_DOC_STRING": "    Examples:"}
-    functions = compile_functions(PIPELINE_MODULE, ["calculate_shift", "optimized_scale"],
-                                  {"HeliosPyramidPipeline": list(METHODS)}, namespace)
-    shell = type("HeliosPyramidPipeline", (), {
-        **{name: getattr(functions, name) for name in METHODS},
-        "_execution_device": torch.device("cpu"),
-        "progress_bar": lambda self, total=None: _ProgressBar(),
-        "maybe_free_model_hooks": lambda self: None,
-    })()
-    vae = side.vae
-    shell.transformer = _Transformer(side.transformer, recorder)
-    shell.scheduler = _Scheduler(scheduler, recorder)
-    shell.vae = _Vae(vae, recorder)
-    shell.config = SimpleNamespace(is_distilled=True, is_cfg_zero_star=False)
-    # HeliosPyramidPipeline.__init__:
-    #   self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
-    #   self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
-    shell.vae_scale_factor_temporal = vae.config.scale_factor_temporal
-    shell.vae_scale_factor_spatial = vae.config.scale_factor_spatial
-    shell.video_processor = _VideoProcessor(capture)
-    return shell
+    patched = ((model, "forward", transformer), (vae, "decode", recorded_decode),
+               (scheduler, "set_timesteps", recorded_schedule), (scheduler, "step", recorded_step),
+               (processor, "postprocess_video", recorded_video))
+    try:
+        for owner, name, method in patched:
+            setattr(owner, name, method)
+        yield
+    finally:
+        for owner, name, _ in patched:
+            owner.__dict__.pop(name, None)  # the class's method again
 
 
 def draws(inputs: Mapping[str, np.ndarray], chunks: Sequence[int], stages: int) -> list[tuple[str, np.ndarray]]:
@@ -276,8 +247,7 @@ def run(side: Side, inputs: Mapping[str, np.ndarray], dtype: torch.dtype, captur
     chunks = [start.chunk] if start is not None else list(range(config.chunks))
     shared = Draws(draws(inputs, chunks, config.scheduler.stages))
     recorder = Recorder(capture, chunks[0])
-    scheduler = HeliosDMDScheduler(**config.scheduler.to_dict())
-    pipe = pipeline(side, scheduler, shared, capture, recorder)
+    pipe = pipeline(side)
     spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
     window = (config.latent_frames - 1) * temporal + 1  # the pipeline's window_num_frames
     state = {}
@@ -285,12 +255,17 @@ def run(side: Side, inputs: Mapping[str, np.ndarray], dtype: torch.dtype, captur
         latents_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         state = {"video_latents": channels_first(start.history, latents_dtype),
                  "image_latents": None if start.prefix is None else channels_first(start.prefix, latents_dtype)}
-    pipe(prompt_embeds=torch.from_numpy(inputs["text"]).to(dtype), height=config.height * spatial,
-         width=config.width * spatial, num_frames=len(chunks) * window, guidance_scale=1.0, output_type="pt",
-         return_dict=False, callback_on_step_end_tensor_inputs=None, history_sizes=list(config.history_sizes),
-         num_latent_frames_per_chunk=config.latent_frames, keep_first_frame=True,
-         pyramid_num_inference_steps_list=list(config.steps),
-         is_amplify_first_chunk=config.is_amplify_first_chunk and chunks[0] == 0,
-         add_noise_to_image_latents=False, add_noise_to_video_latents=False, **state)
+    TORCH.draws = shared
+    try:
+        with recorded(pipe, side, recorder):
+            pipe(prompt_embeds=torch.from_numpy(inputs["text"]).to(dtype), height=config.height * spatial,
+                 width=config.width * spatial, num_frames=len(chunks) * window, guidance_scale=1.0, output_type="pt",
+                 return_dict=False, callback_on_step_end_tensor_inputs=None, history_sizes=list(config.history_sizes),
+                 num_latent_frames_per_chunk=config.latent_frames, keep_first_frame=True,
+                 pyramid_num_inference_steps_list=list(config.steps),
+                 is_amplify_first_chunk=config.is_amplify_first_chunk and chunks[0] == 0,
+                 add_noise_to_image_latents=False, add_noise_to_video_latents=False, **state)
+    finally:
+        TORCH.draws = None
     shared.check_used()
 

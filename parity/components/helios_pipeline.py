@@ -18,13 +18,21 @@ decodes in float32 in every run but the float64 truth, as the Helios example loa
 (``AutoencoderKLWan.from_pretrained(..., torch_dtype=torch.float32)``).
 
 Sections: ``chunks`` (curves over chunks: free-running error of the latents and frames, bf16 budget
-ratios, high-frequency energy ratio of the latents and spatial-gradient ratio of the frames, ours over
-the reference's: error compounding through the history); ``teacher_forcing`` / ``teacher_forcing_chunks``
-(each chunk of ours run again from the *reference's* history, judged by the layers' rules: the first
-chunk whose own error breaks its limit is the culprit).
+ratios, high-frequency energy ratio of the latents and spatial-gradient ratio of the frames (the zoom
+signature), ours over the reference's, with their growth from the first chunk to the last as measured);
+``seams``, ``periodicity``, ``frame_stats`` (the video in pixel space: brightness / contrast / frame-difference
+jumps at chunk seams vs inside chunks, 8 px patterns, mean and std per frame; :mod:`parity.artifacts`);
+``teacher_forcing`` / ``teacher_forcing_chunks`` (each chunk of ours run again from the *reference's*
+history, judged by the layers' rules: the first chunk whose own error breaks its limit is the culprit;
+a chunk failing only free-running inherits its error through the history).
+
+Measured on the fixture (2 blocks, 8x8 latents): a bf16 residual add in every block in the float32-stream
+mode keeps each chunk within its budget (latents' budget ratio ~1.2 against ~1.1 clean) and does not grow
+over chunks: each DMD step re-anchors on its x0 prediction, so the history carries no compounding error
+at this depth; the deep-stream zoom fault is the transformer components' (``blocks.{i}`` culprit).
 
 The decoded video compares with ``parity video``: ``parity video <run>/helios_pipeline-<dtype>/{ref,mlx}/video.npy
---boundaries 5,10`` (the default config: 3 chunks of 2 latent frames, 5 frames each, trimmed to 13).
+--chunk-frames 5`` (the default config: 3 chunks of 2 latent frames, 5 frames each, trimmed to 13).
 """
 from __future__ import annotations
 
@@ -39,13 +47,14 @@ from pydantic import Field, model_validator
 from fixtures.inputs import normal
 from mlx_impl import scheduler as sched
 from mlx_impl import transformer as mlx_transformer
-from mlx_impl.helios_pipeline import TERMS, Chunk, HeliosPipeline
+from mlx_impl.helios_pipeline import TEMPORAL, TERMS, Chunk, HeliosPipeline
 from mlx_impl.taps import muted
 from mlx_impl.vae_decoder import WanVAEDecoder, convert, decoder_weights
 from parity import drift, teacher_forcing
 from parity.capture import Capture
 from parity.compare import FAIL, Judge, judge_tensors
 from parity.component import Component, RunContext, Section
+from parity.components import _vae_views as views
 from parity.components._diffusers import HeliosDMDSchedulerConfig, HeliosTransformerConfig, WanVaeConfig
 from parity.components.block import bf16_exact
 from parity.components.transformer import stream_dtype
@@ -211,10 +220,16 @@ class HeliosPipelineComponent(Component):
             if bf16:
                 hf = [drift.high_frequency_energy(np.asarray(x[latents]), cutoff) for x in (run.ref, run.truth)]
                 series["HF energy ratio (latents, ref / float64)"].append(hf[0] / hf[1] if hf[1] else math.nan)
-        return [Section("chunks", "Chunk by chunk: error compounding through the history", "curves",
-                        {"x": [f"chunk{c}" for c in chunks], "series": series, "xlabel": "chunk",
-                         "ylabel": "error / ratio", "log": True},
-                        note=growth_note(series) + " Information only: every layer is judged in the table.")]
+        starts = video_starts(run.config, run.ref.shapes["video"][2]) if "video" in run.ref else []
+        sections = [Section("chunks", "Chunk by chunk: error compounding through the history", "curves",
+                            {"x": [f"chunk{c}" for c in chunks], "series": series, "xlabel": "chunk",
+                             "ylabel": "error / ratio", "log": True},
+                            note=growth_note(series) + " Information only: every layer is judged in the table."),
+                    views.seam_table(run, frames=("video (pixel space)", "video", starts), per_block=False),
+                    views.periodicity_table(run, [("video (pixel space)", views.pair(run, "video"), views.PIXEL_PERIOD)]),
+                    views.frame_stats_curves(run, "video", "frame_stats", "Video: brightness (mean) and contrast (std) "
+                                             "per frame", "frame")]
+        return [section for section in sections if section is not None]
 
     def extra_runs(self, run: RunContext) -> list[Section]:
         if not run.config.teacher_forcing or run.reference is None or run.thresholds is None:
@@ -257,6 +272,12 @@ class HeliosPipelineComponent(Component):
             diverged.append(any(layer.verdict == FAIL for key, layer in judged.items() if key.startswith(f"chunk{c}/")))
             labels.append(f"chunk{c}")
         return teacher_forcing.sections(labels, local, inherited, diverged, dtype, "chunk")
+
+
+def video_starts(config: HeliosPipelineConfig, frames: int) -> list[int]:
+    """The first frame of each chunk in the ``frames``-frame video: every chunk decodes to ``1 + 4 (latent_frames - 1)``."""
+    window = 1 + TEMPORAL * (config.latent_frames - 1)
+    return [c * window for c in range(config.chunks) if c * window < frames]
 
 
 def forced_start(ref: Any, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
