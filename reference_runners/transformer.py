@@ -22,6 +22,7 @@ its forward; everything else in the model is resident.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -102,6 +103,21 @@ def carry_patches_in_float32(model: torch.nn.Module) -> None:
     """Mixed precision: the patch embeddings' (autocast bf16) outputs continue as float32, as the official stream."""
     for name in patch_modules(model):
         getattr(model, name).register_forward_hook(lambda _m, _a, out: out.float())
+
+
+def cast(model: torch.nn.Module, dtype: str, stream: str, keep_fp32: tuple[str, ...]) -> Reference:
+    """A copy of ``model`` run in ``dtype`` with a ``stream`` residual stream: its parameters in ``stream`` as
+    diffusers' ``from_pretrained(torch_dtype=stream)`` leaves them (``keep_fp32`` modules float32 in a bf16 model;
+    buffers, such as RoPE bases, as built); mixed precision (``stream`` float32 in a bf16 run): float32 under
+    autocast to ``dtype``, the patch embeddings' outputs carried in float32."""
+    model = copy.deepcopy(model)
+    keep = keep_fp32 if stream == "bfloat16" else ()
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not any(k in name.split(".") for k in keep):
+            param.data = param.data.to(getattr(torch, stream))
+    if stream != dtype:
+        carry_patches_in_float32(model)
+    return Reference(model, dtype if stream != dtype else None)
 
 
 # --- inputs ------------------------------------------------------------------------------------

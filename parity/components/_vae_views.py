@@ -124,10 +124,11 @@ def _seam_row(label: str, ref: np.ndarray, mlx: np.ndarray, starts: list[int]) -
             report["error_seam_ratio"]]
 
 
-def seam_table(run: RunContext, prefix: str = "", frames: tuple[str, str, list[int]] | None = None) -> Section | None:
-    """Seam / inside-chunk ratios of the blocks that keep several frames per chunk, and of ``frames``
-    (label, layer, chunk starts): a whole-video tensor such as the decoded video, in pixel space."""
-    blocks, chunks = chunked_blocks(run.ref, prefix)
+def seam_table(run: RunContext, prefix: str = "", frames: tuple[str, str, list[int]] | None = None,
+               per_block: bool = True) -> Section | None:
+    """Seam / inside-chunk ratios of the blocks that keep several frames per chunk (``per_block``), and of
+    ``frames`` (label, layer, chunk starts): a whole-video tensor such as the decoded video, in pixel space."""
+    blocks, chunks = chunked_blocks(run.ref, prefix) if per_block else ([], 0)
     rows = []
     for block in blocks:
         joined = across_chunks(run, block, chunks, prefix)

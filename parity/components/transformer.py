@@ -25,7 +25,6 @@ or drawn from the seed per block), for models that do not fit (``fixtures/config
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,12 @@ class TransformerConfig(ComponentConfig):
     teacher_forcing: Bool = True
     stream_weights: Bool = False
     checkpoint: str | None = None
+
+
+def stream_dtype(stream: str, dtype: str) -> str:
+    """The residual stream's dtype in a ``dtype`` run: float32 for a bf16 run with ``stream: float32`` (mixed
+    precision), else ``dtype``."""
+    return "float32" if stream == "float32" and dtype == "bfloat16" else dtype
 
 
 # --- block weights, streamed -----------------------------------------------------------------------
@@ -178,8 +183,7 @@ class TransformerComponent(Component):
 
     # --- precision -------------------------------------------------------------------------------
     def stream_dtype(self, config: Any, dtype: str) -> str:
-        """float32 for a bf16 run with ``stream: float32`` (mixed precision), else ``dtype``."""
-        return "float32" if config.stream == "float32" and dtype == "bfloat16" else dtype
+        return stream_dtype(config.stream, dtype)
 
     def dims(self, config: Any) -> Any:
         raise NotImplementedError
@@ -256,16 +260,11 @@ class TransformerComponent(Component):
 
         (base, config, source) = reference
         stream = self.stream_dtype(config, dtype)
-        model = copy.deepcopy(base.model)
-        keep = self.keep_fp32 if stream == "bfloat16" else ()
-        for name, param in model.named_parameters():
-            if param.is_floating_point() and not any(k in name.split(".") for k in keep):
-                param.data = param.data.to(getattr(torch, stream))
-        if stream != dtype:
-            ref.carry_patches_in_float32(model)
+        model = ref.cast(base.model, dtype, stream, self.keep_fp32)
         if source is not None:
-            ref.StreamedBlocks(source, getattr(torch, stream), keep).attach(model)
-        return ReferenceSide(ref.Reference(model, dtype if stream != dtype else None), config, source)
+            keep = self.keep_fp32 if stream == "bfloat16" else ()
+            ref.StreamedBlocks(source, getattr(torch, stream), keep).attach(model.model)
+        return ReferenceSide(model, config, source)
 
     def run_reference(self, reference: Any, inputs: dict, dtype: str, capture: Capture) -> None:
         import torch
