@@ -8,8 +8,8 @@ memory-bound, and a second BLAS thread loses badly to a busy neighbour core). No
 are counted per side and left out of the error sums (any NaN/Inf makes the layer fail, see
 ``parity.compare``).
 
-``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end. A
-cheap float32 estimate of the floor comes first (one BLAS dot over the reference). The main pass
+``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end (a
+tensor of one chunk is divided then, from the buffers). Otherwise a cheap float32 estimate of the floor comes first (one BLAS dot over the reference). The main pass
 divides only where it can matter: an element with ``|d| <= R * max(|ref|, lo)`` (``lo`` just
 under the estimate) contributes at most ``R``, the largest ratio found so far (seeded from a
 strided sample), whatever the floor turns out to be; the few others are divided exactly, and those whose ``|ref|`` lies near
@@ -93,7 +93,7 @@ def _floor_estimate(ref: np.ndarray) -> float:
     return estimate if math.isfinite(estimate) and estimate > 0 else math.nan
 
 
-@single_threaded_blas()
+@single_threaded_blas
 def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int | None]:
     """Cosine, max abs/rel, mean abs, RMSE, SNR (dB) and NaN/Inf counts of ``test`` against ``ref``.
 
@@ -103,9 +103,9 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     dot = ref_sq = test_sq = diff_sq = abs_sum = 0.0
     max_abs = ref_max = 0.0
     nan_ref = inf_ref = nan_test = inf_test = finite = 0
-    estimate = _floor_estimate(ref)
-    banded = not math.isnan(estimate)
-    rel = _RelMax(estimate)
+    single = n <= CHUNK  # one chunk: max_rel straight from it at the end, once the floor is known
+    estimate = math.nan if single else _floor_estimate(ref)
+    rel = None if math.isnan(estimate) else _RelMax(estimate)
     buffers = _Buffers(4, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for ca, cb in zip(blocks(ref), blocks(test)):
@@ -136,13 +136,16 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
             max_abs = max(max_abs, float(d.max()))
             np.abs(a, out=a)
             ref_max = max(ref_max, float(a.max()))
-            if banded:
+            if rel is not None:
                 rel.add(a, d, scratch, buffers.mask[:a.size])
     ref_rms = math.sqrt(ref_sq / finite) if finite else 0.0
     floor = max(REL_FLOOR * ref_rms, _TINY)
-    max_rel = rel.result(floor) if banded else None
-    if max_rel is None:
-        max_rel = _max_rel(ref, test, floor)
+    if single:  # a = |ref| and d = |test - ref| of the only chunk
+        max_rel = float(np.divide(d, np.maximum(a, floor, out=a), out=d).max()) if finite else 0.0
+    else:
+        max_rel = rel.result(floor) if rel is not None else None
+        if max_rel is None:
+            max_rel = _max_rel(ref, test, floor)
     if ref_sq > 0 and test_sq > 0:
         cosine = dot / math.sqrt(ref_sq * test_sq)
     else:
@@ -268,7 +271,7 @@ ROUNDED = ("bfloat16", "float16")
 EXACT_ROUNDOFFS = 64
 
 
-@single_threaded_blas()
+@single_threaded_blas
 def precision_budget(truth: np.ndarray, ref: np.ndarray, test: np.ndarray, test_dtype: str | None = None
                      ) -> dict[str, float]:
     """Our error against a float64 truth relative to the reference's own error against it.
@@ -319,7 +322,7 @@ def precision_budget(truth: np.ndarray, ref: np.ndarray, test: np.ndarray, test_
     return out
 
 
-@single_threaded_blas()
+@single_threaded_blas
 def rmse_and_rms(truth: np.ndarray, test: np.ndarray) -> tuple[float, float]:
     """RMSE of ``test`` against ``truth`` and the RMS of ``truth`` (finite elements only)."""
     diff_sq = truth_sq = 0.0
