@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from parity import registry
+from parity import registry, threads
 from parity import thresholds as thresholds_mod
 from parity.capture import Capture
 from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
@@ -130,6 +130,9 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
         else:
             ref_model = comp.build_reference(config, seed)
             weights = comp.reference_weights(ref_model)
+    threads.apply(parameters=sum(int(getattr(v, "size", 0)) for v in weights.values()))
+    if mlx:
+        threads.advise_once()  # one line, once, when MLX's float32 GEMM is the slow reference BLAS
     mlx_model = comp.build_mlx(config, comp.convert_weights(weights), dtype) if mlx else None
     inputs = comp.make_inputs(config, seed)
     return Setup(comp, config, seed, dtype, inputs, ref_model if reference else None, mlx_model, source,
@@ -182,11 +185,12 @@ class Sides:
 
 def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path | None = None,
               stats_only: Sequence[str] | None = None, ref: Capture | None = None, truth: Capture | None = None,
-              keep_mlx: bool = True, progress: Progress = SILENT) -> Sides:
+              keep_mlx: bool = True, progress: Progress = SILENT, float64_truth: bool = True) -> Sides:
     """Run the sides a comparison needs; ``ref`` / ``truth`` given (a bundle): only the MLX side runs.
 
     ``streaming``: tensors go to ``spool/<side>/`` as captured and each MLX tensor is judged as it
-    arrives; ``keep_mlx`` False writes no MLX tensor (statistics only, when nothing reads them).
+    arrives; ``keep_mlx`` False writes no MLX tensor (statistics only, when nothing reads them);
+    ``float64_truth`` False skips the truth run of a reduced-precision run (no precision budget).
     """
     label = f"[{setup.name} {setup.dtype}]"
     keep = stats_predicate(stats_only)
@@ -198,7 +202,7 @@ def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path |
         return Capture(side)
 
     if ref is None:
-        if setup.dtype != "float32":
+        if setup.dtype != "float32" and float64_truth:
             truth = capture("truth")
             with progress.counter(f"{label} float64 reference") as count:
                 truth.observers.append(count)
@@ -286,6 +290,7 @@ def run_component(
     streaming: bool = False,
     stats_only: Sequence[str] | None = None,
     keep_tensors: str = "all",
+    analyses: bool = True,
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
 
@@ -294,7 +299,9 @@ def run_component(
     temporary folder when ``out_dir`` is None) as it is captured, and each MLX tensor is judged as
     it arrives. ``stats_only`` (globs on reference layer names; implies streaming) keeps only
     statistics and a small sample of those layers. ``keep_tensors``: which tensors the report
-    folder keeps (all, failing layers only, none).
+    folder keeps (all, failing layers only, none). ``analyses`` False leaves out the extra
+    analyses (the float64 truth of a bf16 run, the component's extra runs such as drift): the
+    capture-and-compare part alone, as ``bench/run_bench.py`` times it.
     """
     progress = progress or SILENT
     if keep_tensors not in KEEP_TENSORS:
@@ -312,12 +319,12 @@ def run_component(
         spool, tmp = spool_dir(report_dir) if streaming else (None, None)
         sides = run_sides(setup, judge, streaming, spool, stats_only,
                           keep_mlx=report_dir is not None or comp.has_views() or comp.has_extra_runs(),
-                          progress=progress)
+                          progress=progress, float64_truth=analyses)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
-        comparison.sections = sections(setup, context, bool(sides.crashes))
+        comparison.sections = sections(setup, context, bool(sides.crashes), extra_runs=analyses)
         meta = run_meta(setup, thresholds, sides.crashes)
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
@@ -334,8 +341,6 @@ def run_component(
 
 def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = ()) -> dict[str, Any]:
     """The metadata block of a report."""
-    from parity import threads
-
     return {
         "variant": setup.name,
         "lineage": setup.component.lineage(),
@@ -426,8 +431,6 @@ def versions() -> dict[str, str]:
 
 def mlx_blas() -> str:
     """The BLAS behind MLX's float32 CPU matmuls and convolutions (see :mod:`parity.threads`)."""
-    from parity import threads
-
     return threads.mlx_blas()
 
 
