@@ -106,10 +106,10 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     single = n <= CHUNK  # one chunk: max_rel straight from it at the end, once the floor is known
     estimate = math.nan if single else _floor_estimate(ref)
     rel = None if math.isnan(estimate) else _RelMax(estimate)
-    buffers = _Buffers(4, n)
+    buffers = _Buffers(3, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for ca, cb in zip(blocks(ref), blocks(test)):
-            a, b, d, scratch = buffers.load(ca, cb)
+            a, b, d = buffers.load(ca, cb)
             rs, ts = float(a @ a), float(b @ b)
             if not (math.isfinite(rs) and math.isfinite(ts)):
                 fa, fb = np.isfinite(a), np.isfinite(b)
@@ -120,7 +120,7 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
                 both = fa & fb
                 if not both.all():
                     a, b = a[both], b[both]
-                    d, scratch = d[:a.size], scratch[:a.size]
+                    d = d[:a.size]
                     rs, ts = float(a @ a), float(b @ b)
             finite += a.size
             if a.size == 0:
@@ -137,7 +137,7 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
             np.abs(a, out=a)
             ref_max = max(ref_max, float(a.max()))
             if rel is not None:
-                rel.add(a, d, scratch, buffers.mask[:a.size])
+                rel.add(a, d, b, buffers.mask[:a.size])  # b is free: scratch
     ref_rms = math.sqrt(ref_sq / finite) if finite else 0.0
     floor = max(REL_FLOOR * ref_rms, _TINY)
     if single:  # a = |ref| and d = |test - ref| of the only chunk
