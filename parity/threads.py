@@ -1,4 +1,4 @@
-"""Thread policy and MLX's BLAS: decided once per process, applied to torch and BLAS, recorded in reports.
+"""Thread policy and MLX's BLAS: decided per run, applied to torch and every BLAS pool, recorded in reports.
 
 Shared machines punish spinning thread pools: an OpenMP or OpenBLAS pool whose threads wait at
 a barrier for a thread the scheduler gave away to a neighbour runs a small op 10-70x slower than
@@ -181,13 +181,13 @@ def load_mlx_blas() -> None:
         _mlx_blas.update(how="bundled", note="MLX was imported before parity")
         return
     try:
-        handle = ctypes.CDLL(wanted or SYSTEM_OPENBLAS, mode=os.RTLD_GLOBAL)
+        ctypes.CDLL(wanted or SYSTEM_OPENBLAS, mode=os.RTLD_GLOBAL)  # stays loaded: ctypes never unloads
     except OSError as err:
         if wanted:
             _mlx_blas["error"] = f"{ENV_MLX_BLAS}={wanted!r}: cannot load it ({err})"
         _mlx_blas["how"] = "bundled"
         return
-    _mlx_blas.update(how="loaded", library=wanted or SYSTEM_OPENBLAS, handle=handle)
+    _mlx_blas.update(how="loaded", library=wanted or SYSTEM_OPENBLAS)
 
 
 def _preloaded() -> list[str]:
@@ -222,9 +222,10 @@ def mlx_blas_advice() -> str | None:
         return None
     how = _mlx_blas.get("how")
     if how == "bundled" and os.environ.get(ENV_MLX_BLAS) != "bundled":
-        reason = _mlx_blas.get("note") or f"no system OpenBLAS ({SYSTEM_OPENBLAS})"
-        return (f"MLX computes float32 matmuls with the wheel's reference BLAS (~30x slower): {reason}; "
-                f"`{INSTALL_HINT}` and parity uses it automatically")
+        slow = "MLX computes float32 matmuls with the wheel's reference BLAS (~30x slower)"
+        if _mlx_blas.get("note"):
+            return f"{slow}: MLX was imported before parity; import parity first"
+        return f"{slow}: no system OpenBLAS ({SYSTEM_OPENBLAS}); `{INSTALL_HINT}` and parity uses it automatically"
     pool = _system_blas_pool()
     if pool and str(pool.get("architecture", "")).lower() in _PRE_AVX_KERNELS and "OPENBLAS_CORETYPE" not in os.environ:
         flags = _cpu_flags()
@@ -235,7 +236,7 @@ def mlx_blas_advice() -> str | None:
     return None
 
 
-def advise_once(say: Any = None) -> None:
+def advise_once(say: Callable[[str], None] | None = None) -> None:
     """Print :func:`mlx_blas_advice` once per process (to stderr, or through ``say``)."""
     advice = mlx_blas_advice()
     if advice and advice not in _said:
