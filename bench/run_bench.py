@@ -59,7 +59,7 @@ FULL_CONFIGS = {
     "vae": "fixtures/configs/vae_full.json",
 }
 MEMORY_LIMIT_GB = 24
-#: The neighbour of ``--contended`` stops by itself after this long, should the bench not stop it.
+#: The neighbour of ``--contended`` stops by itself after this long, or when the bench is gone.
 NEIGHBOUR_SECONDS = 4 * 3600
 
 
@@ -97,7 +97,10 @@ def neighbour(active: bool) -> Iterator[int | None]:
     if not active:
         yield None
         return
-    code = f"import time\nend = time.monotonic() + {NEIGHBOUR_SECONDS}\nwhile time.monotonic() < end: pass"
+    code = ("import os, time\n"
+            f"parent, end = os.getppid(), time.monotonic() + {NEIGHBOUR_SECONDS}\n"
+            "while time.monotonic() < end and os.getppid() == parent:  # also stops if the bench dies\n"
+            "    for _ in range(1_000_000): pass\n")
     process = subprocess.Popen([sys.executable, "-c", code])
     try:
         yield process.pid
