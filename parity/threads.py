@@ -13,13 +13,16 @@ one thread does. So:
   (:func:`single_threaded_blas`);
 - MLX's float32 GEMM: the Linux ``mlx[cpu]`` wheel bundles the netlib reference BLAS (~30x
   slower than OpenBLAS). :func:`load_mlx_blas` (run when :mod:`parity` is imported) puts a system
-  OpenBLAS in the process's global symbol scope before MLX is loaded, so MLX binds to it;
-  ``PARITY_MLX_BLAS=bundled`` keeps the wheel's, ``PARITY_MLX_BLAS=<library>`` names another.
+  OpenBLAS in the process's global symbol scope just before MLX is imported (after PyTorch, whose
+  own BLAS symbols it would otherwise take over), so MLX binds to it; ``PARITY_MLX_BLAS=bundled``
+  keeps the wheel's, ``PARITY_MLX_BLAS=<library>`` names another.
 - reports record all of it (:func:`current`, :func:`mlx_blas`).
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.abc
+import importlib.util
 import math
 import os
 import re
@@ -88,8 +91,14 @@ def configure(threads: int | str | None = None) -> None:
 
     A bad count or an unusable ``PARITY_MLX_BLAS`` is an :class:`InputError`, before anything runs.
     """
+    wanted = os.environ.get(ENV_MLX_BLAS, "").strip()
     if _mlx_blas.get("error"):
         raise InputError(_mlx_blas["error"])
+    if wanted and wanted != "bundled":
+        try:
+            ctypes.CDLL(wanted)
+        except OSError as err:
+            raise InputError(f"{ENV_MLX_BLAS}={wanted!r}: cannot load it ({err})") from None
     _requested.clear()
     if threads is not None:
         _requested.update(threads=_positive(threads, "--threads"), source="--threads")
@@ -164,30 +173,56 @@ def _blas_controller() -> Any:
 # --- MLX's BLAS ---------------------------------------------------------------------------------
 
 def load_mlx_blas() -> None:
-    """Load a system OpenBLAS into the global symbol scope so MLX, imported later, binds its GEMM to it.
+    """Arrange for MLX's float32 GEMM to bind to a system OpenBLAS (run by ``import parity``; Linux).
 
-    MLX's ``libmlx.so`` leaves ``cblas_sgemm`` & co. to the dynamic linker, which looks in the
-    global scope before the wheel's own ``libblas``. A library joins that scope only before
-    ``libmlx.so`` is loaded: loading it after ``import mlx`` changes nothing. Linux only; a no-op
-    when MLX is already imported, when ``LD_PRELOAD`` names a BLAS, or with ``PARITY_MLX_BLAS=bundled``.
+    Python loads extension modules with ``RTLD_NOW``: a library's symbols are bound when it is
+    imported, global symbol scope first. So, just before MLX is first imported (an import hook,
+    :class:`_BeforeMlx`), PyTorch is imported if it is installed (its MKL symbols, ``sgemm_`` and
+    the rest, must bind to its own MKL: an OpenBLAS already in the global scope would take them
+    over and change the reference), then the OpenBLAS joins the global scope, then MLX binds its
+    ``cblas_sgemm`` to it ahead of the wheel's bundled netlib ``libblas``. A no-op when MLX is
+    already imported (noted), ``LD_PRELOAD`` names a BLAS, or ``PARITY_MLX_BLAS=bundled``.
     """
     if _mlx_blas or sys.platform != "linux":
         return
     wanted = os.environ.get(ENV_MLX_BLAS, "").strip()
     if wanted == "bundled" or _preloaded():
         _mlx_blas["how"] = "bundled" if wanted == "bundled" else "LD_PRELOAD"
-        return
-    if "mlx.core" in sys.modules:
+    elif "mlx.core" in sys.modules:
         _mlx_blas.update(how="bundled", note="MLX was imported before parity")
-        return
+    else:
+        _mlx_blas["how"] = "pending"
+        sys.meta_path.insert(0, _BeforeMlx())
+
+
+class _BeforeMlx(importlib.abc.MetaPathFinder):
+    """Runs :func:`_give_mlx_openblas` when ``mlx`` is first imported, then steps aside (it finds nothing itself)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "mlx" and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            _give_mlx_openblas()
+        return None
+
+
+def _give_mlx_openblas() -> None:
+    wanted = os.environ.get(ENV_MLX_BLAS, "").strip()
+    library = wanted or SYSTEM_OPENBLAS
     try:
-        ctypes.CDLL(wanted or SYSTEM_OPENBLAS, mode=os.RTLD_GLOBAL)  # stays loaded: ctypes never unloads
+        ctypes.CDLL(library)  # loaded, not yet global: is it there at all?
     except OSError as err:
         if wanted:
             _mlx_blas["error"] = f"{ENV_MLX_BLAS}={wanted!r}: cannot load it ({err})"
         _mlx_blas["how"] = "bundled"
         return
-    _mlx_blas.update(how="loaded", library=wanted or SYSTEM_OPENBLAS)
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401 - before the OpenBLAS goes global, see load_mlx_blas
+    ctypes.CDLL(library, mode=os.RTLD_GLOBAL)  # the same library, now in the global scope (never unloaded)
+    _mlx_blas.update(how="loaded", library=library)
+    _controller.cache_clear()  # a new pool: found by the next scan, and given the current count now
+    _blas_controller.cache_clear()
+    if _chosen:
+        _blas_controller().limit(limits=_chosen["threads"])
 
 
 def _preloaded() -> list[str]:
@@ -221,6 +256,9 @@ def mlx_blas_advice() -> str | None:
     if sys.platform != "linux":
         return None
     how = _mlx_blas.get("how")
+    if how == "LD_PRELOAD":
+        return ("LD_PRELOAD of a BLAS also replaces PyTorch's own MKL in the reference; parity gives MLX the "
+                "system OpenBLAS by itself: run without LD_PRELOAD")
     if how == "bundled" and os.environ.get(ENV_MLX_BLAS) != "bundled":
         slow = "MLX computes float32 matmuls with the wheel's reference BLAS (~30x slower)"
         if _mlx_blas.get("note"):

@@ -117,50 +117,68 @@ import parity
 from parity import threads
 import mlx.core as mx
 import numpy as np
+import torch  # after MLX: the worst order for it
 rng = np.random.default_rng(0)
-a, b = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in ((96, 80), (80, 64)))
-np.save(sys.argv[1], np.array(a @ b))
+a, b = (rng.standard_normal(s).astype(np.float32) for s in ((96, 80), (80, 64)))
+np.save(sys.argv[1], np.array(mx.array(a) @ mx.array(b)))
+np.save(sys.argv[2], (torch.from_numpy(a) @ torch.from_numpy(b)).numpy())
 print(threads.mlx_blas())
 """
 
 
-def _gemm(tmp_path: Path, name: str, mlx_blas: str | None) -> tuple[np.ndarray, str, str]:
-    """A float32 matmul in a fresh process: its result, ``mlx_blas()``, and the library ``cblas_sgemm`` was bound to."""
+def _gemm(tmp_path: Path, name: str, mlx_blas: str | None) -> dict:
+    """Float32 matmuls in a fresh process: MLX's and torch's results, ``mlx_blas()``, and where
+    ``cblas_sgemm`` (MLX) and ``sgemm_`` (torch) were bound."""
     env = {k: v for k, v in os.environ.items() if k not in (threads.ENV_MLX_BLAS, "LD_PRELOAD")}
     env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / f"{name}.ld"), PYTHONPATH=str(REPO))
     if mlx_blas:
         env[threads.ENV_MLX_BLAS] = mlx_blas
-    out = tmp_path / f"{name}.npy"
-    done = subprocess.run([sys.executable, "-c", _GEMM, str(out)], env=env, capture_output=True, text=True, check=True)
-    lines = [line for log in tmp_path.glob(f"{name}.ld*") for line in log.read_text(errors="replace").splitlines()
-             if "libmlx" in line and "`cblas_sgemm'" in line]
-    bound = lines[0].split(" to ", 1)[1].split(" [", 1)[0] if lines else ""
-    return np.load(out), done.stdout.strip(), bound
+    outs = [tmp_path / f"{name}-{side}.npy" for side in ("mlx", "torch")]
+    done = subprocess.run([sys.executable, "-c", _GEMM, *map(str, outs)], env=env, capture_output=True, text=True,
+                          check=True)
+    lines = [line for log in tmp_path.glob(f"{name}.ld*") for line in log.read_text(errors="replace").splitlines()]
+
+    def bound(library: str, symbol: str) -> str:
+        found = [line.split(" to ", 1)[1].split(" [", 1)[0] for line in lines
+                 if f"/{library}" in line.split(" to ", 1)[0] and f"`{symbol}'" in line]
+        return found[0] if found else ""
+    return {"mlx": np.load(outs[0]), "torch": np.load(outs[1]), "mlx_blas": done.stdout.strip(),
+            "mlx_gemm": bound("libmlx.so", "cblas_sgemm"), "torch_gemm": bound("libtorch_cpu.so", "sgemm_")}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the mlx[cpu] wheel's BLAS: Linux")
-def test_mlx_gemm_binds_to_the_system_openblas_when_present(tmp_path):
-    auto, auto_blas, auto_lib = _gemm(tmp_path, "auto", None)
-    bundled, bundled_blas, bundled_lib = _gemm(tmp_path, "bundled", "bundled")
-    if not bundled_lib:
+def test_mlx_gemm_binds_to_the_system_openblas_when_present_and_torch_keeps_its_own(tmp_path):
+    auto, bundled = _gemm(tmp_path, "auto", None), _gemm(tmp_path, "bundled", "bundled")
+    if not bundled["mlx_gemm"]:
         pytest.skip("the dynamic linker does not report bindings (LD_DEBUG)")
-    assert "mlx_cpu.libs/libblas" in bundled_lib and "bundled netlib" in bundled_blas
+    assert "mlx_cpu.libs/libblas" in bundled["mlx_gemm"] and "bundled netlib" in bundled["mlx_blas"]
     if _system_openblas():
-        assert "libopenblas" in auto_lib and "mlx_cpu.libs" not in auto_lib
-        assert auto_blas.startswith(threads.SYSTEM_OPENBLAS) and "loaded by parity before MLX" in auto_blas
+        assert "libopenblas" in auto["mlx_gemm"] and "mlx_cpu.libs" not in auto["mlx_gemm"]
+        assert auto["mlx_blas"].startswith(threads.SYSTEM_OPENBLAS) and "loaded by parity before MLX" in auto["mlx_blas"]
     else:
-        assert auto_lib == bundled_lib and "bundled netlib" in auto_blas
-    np.testing.assert_allclose(auto, bundled, rtol=1e-5, atol=1e-5)  # another summation order, the same product
+        assert auto["mlx_gemm"] == bundled["mlx_gemm"] and "bundled netlib" in auto["mlx_blas"]
+    for run in (auto, bundled):  # torch's own BLAS either way (its symbols stay in libtorch_cpu)
+        assert "libopenblas" not in run["torch_gemm"]
+    np.testing.assert_array_equal(auto["torch"], bundled["torch"])  # the reference is untouched
+    np.testing.assert_allclose(auto["mlx"], bundled["mlx"], rtol=1e-5, atol=1e-5)  # another summation order
 
 
-def test_without_a_system_openblas_one_line_says_how_to_get_it(monkeypatch):
+@pytest.fixture
+def mlx_not_loaded_yet(monkeypatch):
+    """As if MLX were not imported yet, with no BLAS decided (all restored afterwards)."""
     monkeypatch.setattr(threads, "_mlx_blas", {})
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delitem(sys.modules, "mlx.core")
+
+
+def test_without_a_system_openblas_one_line_says_how_to_get_it(monkeypatch, mlx_not_loaded_yet):
     monkeypatch.setattr(threads, "SYSTEM_OPENBLAS", "libparity-test-no-such-blas.so.0")
     monkeypatch.delenv(threads.ENV_MLX_BLAS, raising=False)
-    monkeypatch.delitem(sys.modules, "mlx.core")  # as if MLX were not loaded yet
     threads.load_mlx_blas()
+    threads._give_mlx_openblas()  # what the import hook runs when MLX is imported
     advice = threads.mlx_blas_advice()
     assert advice and "\n" not in advice and threads.INSTALL_HINT in advice
+    assert "bundled netlib" in threads.mlx_blas()
     monkeypatch.setattr(threads, "_said", set())
     lines = []
     threads.advise_once(lines.append)
@@ -168,10 +186,9 @@ def test_without_a_system_openblas_one_line_says_how_to_get_it(monkeypatch):
     assert lines == [advice]
 
 
-def test_an_unusable_parity_mlx_blas_is_an_input_error(monkeypatch):
-    monkeypatch.setattr(threads, "_mlx_blas", {})
+def test_an_unusable_parity_mlx_blas_is_an_input_error(monkeypatch, mlx_not_loaded_yet, capsys):
     monkeypatch.setenv(threads.ENV_MLX_BLAS, "libparity-test-no-such-blas.so.0")
-    monkeypatch.delitem(sys.modules, "mlx.core")
-    threads.load_mlx_blas()
     with pytest.raises(InputError, match=threads.ENV_MLX_BLAS):
         threads.configure()
+    assert cli.main(["list"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
