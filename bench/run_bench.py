@@ -74,7 +74,7 @@ def machine() -> dict[str, Any]:
             "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
             "memory_gb": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
             "versions": {k: v for k, v in versions().items() if k != "platform"}, "platform": platform.platform(),
-            "threads": {k: info.get(k) for k in ("available_cores", "threads", "source", "torch")},
+            "threads": {"available_cores": info["available_cores"], "requested": threads.requested()},
             "blas": [{k: pool[k] for k in ("version", "architecture", "num_threads")} | {"file": Path(pool["filepath"]).name}
                      for pool in info["blas"] if pool["internal_api"] in ("openblas", "mkl", "blis")],
             "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
@@ -172,6 +172,7 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
     t_setup = timed(setup, repeat)
     reference, mlx_model, inputs = setup()
     cast = comp.cast_reference(reference, dtype)
+    count = threads.apply(parameters=sum(v.size for v in comp.reference_weights(reference).values()))  # as a run would
 
     def ref_forward():
         with torch.no_grad():
@@ -181,7 +182,7 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
         with comp.mlx_capture(mlx_model, discard("mlx")):
             comp.run_mlx(mlx_model, inputs, dtype)
 
-    return {"setup": t_setup, "ref": timed(ref_forward, repeat), "mlx": timed(mlx_forward, repeat)}
+    return {"setup": t_setup, "ref": timed(ref_forward, repeat), "mlx": timed(mlx_forward, repeat), "threads": count}
 
 
 def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, float]:
@@ -208,7 +209,8 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
             continue
         baseline = plain["setup"] + plain["ref"] + plain["mlx"]
         rows.append({
-            "component": label, "dtype": dtype, **{f"t_{k}": v for k, v in {**plain, **runs}.items()},
+            "component": label, "dtype": dtype, "threads": plain.pop("threads"),
+            **{f"t_{k}": v for k, v in {**plain, **runs}.items()},
             "t_plain": baseline, "overhead": runs["core"] / baseline, "fixed_ms": 1e3 * (runs["core"] - baseline),
             "t_analyses": runs["run"] - runs["core"], "overhead_run": runs["run"] / baseline,
             "overhead_streaming": runs["run_streaming"] / baseline, "mlx_over_torch": plain["mlx"] / plain["ref"],
@@ -404,24 +406,25 @@ def render(results: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.1f}" for x in m["load_average"]) if m.get("load_average") else "-"
     neighbour = (f"**contended**: a CPU-bound neighbour process (pid {results['neighbour']}) ran throughout"
                  if results.get("neighbour") else "no neighbour started by the bench")
+    policy = (f"{t['requested'][0]} ({t['requested'][1]})" if t["requested"] else
+              f"per run: 1 for a reference under {threads.SMALL_REFERENCE:,} parameters, else the {t['available_cores']} available")
     lines = [f"# parity harness benchmarks, {m['date']}",
              f"machine: {m['cpu']}, {m['nproc']} cores (nproc), {m['memory_gb']} GB RAM, load average at start {load}; "
              f"{neighbour}",
-             f"threads: {t['threads']} ({t['source']}; {t['available_cores']} available), torch {t.get('torch')}; "
-             f"BLAS pools (threadpoolctl): {blas}; OPENBLAS_*: {env}",
+             f"threads: {policy}; BLAS pools (threadpoolctl): {blas}; OPENBLAS_*: {env}",
              f"torch {v.get('torch')}, mlx {v.get('mlx')}, numpy {v.get('numpy')}, python {v.get('python')}; "
              f"MLX BLAS: {v.get('mlx_blas')}; mode: {'quick' if results['quick'] else 'default'}, "
              f"median of {results['repeat']}", ""]
     lines += ["## Components (median wall time; plain = build both models + one forward each)", "",
-              "| component | dtype | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
+              "| component | dtype | threads | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
               "capture+compare s | overhead (goal <= 1.15) | fixed cost ms (goal <= 50) | extra analyses s | "
               "parity run s | streaming run s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["components"]:
         if "error" in r:
-            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} ||||||||||")
+            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} |||||||||||")
             continue
-        lines.append(f"| {r['component']} | {r['dtype']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
+        lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
                      f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['fixed_ms'], '.0f')} | "
                      f"{_f(r['t_analyses'])} | {_f(r['t_run'])} | {_f(r['t_run_streaming'])} |")
     mt = results["metrics"]
@@ -484,16 +487,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--full-config expects COMPONENT=CONFIG, got {item!r}")
         configs[name] = path
 
-    import torch  # noqa: F401 - loaded before the thread policy is applied, so torch gets it
+    import mlx.core  # noqa: F401 - now (after torch, see parity.threads): the header names the BLAS it binds to
     from parity import registry
     from parity.vocab import InputError
 
     try:
-        count = threads.configure(args.threads)
+        threads.configure(args.threads)
     except InputError as err:
         parser.error(str(err))
     if args.threads:  # the subprocesses (peak RSS, full size) follow the same count
-        os.environ[threads.ENV_THREADS] = str(count)
+        os.environ[threads.ENV_THREADS] = args.threads
     threads.advise_once()
     names = args.components.split(",") if args.components else registry.available()
     repeat = args.repeat or (3 if args.quick else 5)
