@@ -35,6 +35,8 @@ FLOAT32_ROUNDOFF = 2.0**-24
 _BAND = 0.02
 #: At most this many band elements are kept; beyond that, max_rel takes a second pass.
 _BAND_CAP = 1 << 20
+#: Elements per dot of the floor estimate (a streaming read: no buffers to keep in cache; fewer calls).
+_ESTIMATE_CHUNK = 1 << 20
 #: Every this many elements of the first chunk seed the running max_rel the chunks are filtered against.
 _SAMPLE_STEP = 64
 _TINY = np.finfo(np.float64).tiny
@@ -87,7 +89,7 @@ def _floor_estimate(ref: np.ndarray) -> float:
     if ref.size == 0 or ref.dtype not in (np.float32, np.float64):
         return math.nan
     total = 0.0
-    for chunk in blocks(ref):
+    for chunk in blocks(ref, _ESTIMATE_CHUNK):
         total += float(np.dot(chunk, chunk))
     estimate = REL_FLOOR * math.sqrt(total / ref.size)
     return estimate if math.isfinite(estimate) and estimate > 0 else math.nan
