@@ -130,13 +130,23 @@ def reset_peak_rss() -> bool:
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
     """Median wall time of ``repeat`` calls (after one untimed warm-up call)."""
+    return timed_cpu(fn, repeat)[0]
+
+
+def timed_cpu(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (this process, all its threads) of ``repeat`` calls, after a warm-up.
+
+    On a shared machine the wall time is what one waits; the CPU time is the work done, which
+    neighbours barely change (a pool spinning against them still shows: spinning burns CPU).
+    """
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 # --- 1 + 2: harness overhead and MLX / torch --------------------------------------------------
@@ -157,8 +167,8 @@ class _Discard:
         self.capture = Discard
 
 
-def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
-    """What a plain script pays: build both models, one reference forward, one MLX forward."""
+def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
+    """What a plain script pays: build both models, one reference forward, one MLX forward ((wall, CPU) each)."""
     import torch
 
     config = comp.load_config()
@@ -169,10 +179,9 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
         weights = comp.reference_weights(reference)
         return reference, comp.build_mlx(config, comp.convert_weights(weights), dtype), comp.make_inputs(config, 0)
 
-    t_setup = timed(setup, repeat)
     reference, mlx_model, inputs = setup()
-    cast = comp.cast_reference(reference, dtype)
     count = threads.apply(parameters=sum(v.size for v in comp.reference_weights(reference).values()))  # as a run would
+    cast = comp.cast_reference(reference, dtype)
 
     def ref_forward():
         with torch.no_grad():
@@ -182,17 +191,18 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
         with comp.mlx_capture(mlx_model, discard("mlx")):
             comp.run_mlx(mlx_model, inputs, dtype)
 
-    return {"setup": t_setup, "ref": timed(ref_forward, repeat), "mlx": timed(mlx_forward, repeat), "threads": count}
+    return {"setup": timed_cpu(setup, repeat), "ref": timed_cpu(ref_forward, repeat),
+            "mlx": timed_cpu(mlx_forward, repeat), "threads": count}
 
 
-def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, float]:
+def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, tuple[float, float]]:
     """``run_component`` as ``parity run`` calls it (report and dumps written): capture-and-compare only, whole, streaming."""
     from parity.runner import run_component
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
         for label, kwargs in (("core", {"analyses": False}), ("run", {}), ("run_streaming", {"streaming": True})):
-            out[label] = timed(lambda: run_component(name, dtype, out_dir=tmp, **kwargs), repeat)
+            out[label] = timed_cpu(lambda: run_component(name, dtype, out_dir=tmp, **kwargs), repeat)
     return out
 
 
@@ -207,13 +217,17 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         except Exception as err:  # noqa: BLE001 - one broken component must not stop the bench
             rows.append({"component": label, "dtype": dtype, "error": f"{type(err).__name__}: {err}"})
             continue
-        baseline = plain["setup"] + plain["ref"] + plain["mlx"]
+        count = plain.pop("threads")
+        wall = {k: v[0] for k, v in {**plain, **runs}.items()}
+        cpu = {k: v[1] for k, v in {**plain, **runs}.items()}
+        base, base_cpu = (sum(t[k] for k in ("setup", "ref", "mlx")) for t in (wall, cpu))
         rows.append({
-            "component": label, "dtype": dtype, "threads": plain.pop("threads"),
-            **{f"t_{k}": v for k, v in {**plain, **runs}.items()},
-            "t_plain": baseline, "overhead": runs["core"] / baseline, "fixed_ms": 1e3 * (runs["core"] - baseline),
-            "t_analyses": runs["run"] - runs["core"], "overhead_run": runs["run"] / baseline,
-            "overhead_streaming": runs["run_streaming"] / baseline, "mlx_over_torch": plain["mlx"] / plain["ref"],
+            "component": label, "dtype": dtype, "threads": count,
+            **{f"t_{k}": v for k, v in wall.items()}, **{f"cpu_{k}": v for k, v in cpu.items()},
+            "t_plain": base, "overhead": wall["core"] / base, "fixed_ms": 1e3 * (wall["core"] - base),
+            "overhead_cpu": cpu["core"] / base_cpu, "fixed_ms_cpu": 1e3 * (cpu["core"] - base_cpu),
+            "t_analyses": wall["run"] - wall["core"], "overhead_run": wall["run"] / base,
+            "overhead_streaming": wall["run_streaming"] / base, "mlx_over_torch": wall["mlx"] / wall["ref"],
         })
     return rows
 
@@ -227,13 +241,14 @@ def bench_metrics(numel: int, repeat: int) -> dict[str, Any]:
     a = rng.standard_normal(numel, dtype=np.float32)
     b = a + np.float32(1e-4) * rng.standard_normal(numel, dtype=np.float32)
     gb = 2 * a.nbytes / 1e9
-    t_metrics = timed(lambda: tensor_metrics(a, b), repeat)
-    t_numpy = timed(lambda: float(np.abs(b - a).max()), repeat)
+    t_metrics, cpu_metrics = timed_cpu(lambda: tensor_metrics(a, b), repeat)
+    t_numpy, cpu_numpy = timed_cpu(lambda: float(np.abs(b - a).max()), repeat)
     truth = a.astype(np.float64)
     t_budget = timed(lambda: precision_budget(truth, a, b), repeat)
     return {
         "numel": numel, "pair_gb": gb,
         "metrics_gbps": gb / t_metrics, "numpy_gbps": gb / t_numpy, "metrics_over_numpy": t_metrics / t_numpy,
+        "metrics_gbps_cpu": gb / cpu_metrics, "numpy_gbps_cpu": gb / cpu_numpy,
         "budget_gbps": (truth.nbytes + 2 * a.nbytes) / 1e9 / t_budget,
     }
 
@@ -415,24 +430,28 @@ def render(results: dict[str, Any]) -> str:
              f"torch {v.get('torch')}, mlx {v.get('mlx')}, numpy {v.get('numpy')}, python {v.get('python')}; "
              f"MLX BLAS: {v.get('mlx_blas')}; mode: {'quick' if results['quick'] else 'default'}, "
              f"median of {results['repeat']}", ""]
-    lines += ["## Components (median wall time; plain = build both models + one forward each)", "",
+    lines += ["## Components (median of wall time, or of CPU time where said; plain = build both models + "
+              "one forward each)", "",
               "| component | dtype | threads | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
-              "capture+compare s | overhead (goal <= 1.15) | fixed cost ms (goal <= 50) | extra analyses s | "
-              "parity run s | streaming run s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "capture+compare s | overhead (goal <= 1.15) | overhead, CPU time | fixed cost ms (goal <= 50) | "
+              "fixed cost ms, CPU time | extra analyses s | parity run s | streaming run s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["components"]:
         if "error" in r:
-            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} |||||||||||")
+            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} |||||||||||||")
             continue
         lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
-                     f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['fixed_ms'], '.0f')} | "
+                     f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['overhead_cpu'], '.2f')} | "
+                     f"{_f(r['fixed_ms'], '.0f')} | {_f(r['fixed_ms_cpu'], '.0f')} | "
                      f"{_f(r['t_analyses'])} | {_f(r['t_run'])} | {_f(r['t_run_streaming'])} |")
     mt = results["metrics"]
     lines += ["", "## Metrics (float32 pairs, one pass, float64 accumulation, BLAS on one thread)", "",
               "| elements | data GB | tensor_metrics GB/s (goal >= 2) | numpy abs(b-a).max GB/s | metrics / numpy time (goal <= 2) | "
-              "precision_budget GB/s (f64 truth + 2 f32) |", "|---|---|---|---|---|---|",
+              "tensor_metrics / numpy GB/s, CPU time | precision_budget GB/s (f64 truth + 2 f32) |",
+              "|---|---|---|---|---|---|---|",
               f"| {mt['numel']:,} | {_f(mt['pair_gb'])} | {_f(mt['metrics_gbps'], '.2f')} | {_f(mt['numpy_gbps'], '.2f')} | "
-              f"{_f(mt['metrics_over_numpy'], '.2f')} | {_f(mt['budget_gbps'], '.2f')} |"]
+              f"{_f(mt['metrics_over_numpy'], '.2f')} | {_f(mt['metrics_gbps_cpu'], '.2f')} / {_f(mt['numpy_gbps_cpu'], '.2f')} | "
+              f"{_f(mt['budget_gbps'], '.2f')} |"]
     if results.get("rss"):
         lines += ["", "## Peak RSS of a deep capture (subprocess each; per-channel affine + tanh stack, "
                       f"{_f(results['rss_tensor_mb'])} MB per captured tensor)", "",
