@@ -299,9 +299,9 @@ def run_component(
     temporary folder when ``out_dir`` is None) as it is captured, and each MLX tensor is judged as
     it arrives. ``stats_only`` (globs on reference layer names; implies streaming) keeps only
     statistics and a small sample of those layers. ``keep_tensors``: which tensors the report
-    folder keeps (all, failing layers only, none). ``analyses`` False leaves out the extra
-    analyses (the float64 truth of a bf16 run, the component's extra runs such as drift): the
-    capture-and-compare part alone, as ``bench/run_bench.py`` times it.
+    folder keeps (all, failing layers only, none). ``analyses`` False leaves out what the
+    verdict does not need (the float64 truth of a bf16 run, the component's sections: views and
+    extra runs such as drift): the capture-and-compare part alone, as ``bench/run_bench.py`` times it.
     """
     progress = progress or SILENT
     if keep_tensors not in KEEP_TENSORS:
@@ -324,7 +324,7 @@ def run_component(
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
-        comparison.sections = sections(setup, context, bool(sides.crashes), extra_runs=analyses)
+        comparison.sections = sections(setup, context, bool(sides.crashes)) if analyses else []
         meta = run_meta(setup, thresholds, sides.crashes)
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
