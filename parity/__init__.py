@@ -3,4 +3,4 @@ from parity.threads import load_mlx_blas as _load_mlx_blas
 
 __version__ = "0.1.0"
 
-_load_mlx_blas()  # before anything imports MLX: its float32 GEMM then binds to a system OpenBLAS
+_load_mlx_blas()  # MLX, once imported, binds its float32 GEMM to a system OpenBLAS (parity.threads)

@@ -86,8 +86,8 @@ def discard_if_empty(run_dir: Path) -> bool:
     return False
 
 
-#: Temporary names are ``.<name>.<token>-<n>.tmp``: unique to this process, no random draw per file.
-_TOKEN = f"{os.getpid()}{secrets.token_hex(3)}"
+#: Temporary names are ``.<name>.<pid><token>-<n>.tmp``: unique to this process (a fork's too), no random draw per file.
+_TOKEN = secrets.token_hex(3)
 _COUNTER = itertools.count()
 
 
@@ -98,7 +98,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
     files getting the usual permissions (the umask applies).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_TOKEN}-{next(_COUNTER)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TOKEN}-{next(_COUNTER)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
         fd = os.open(tmp, flags, 0o666)
