@@ -8,9 +8,11 @@ An :class:`Alignment` holds
   matches keeps its name. A rule may name an **adapter** that brings the MLX tensor into the
   reference's layout before any metric is computed: ``transpose(0, 2, 1, 3)`` (BHLD -> BLHD),
   ``channels_first`` (NTHWC -> NCTHW), ``channels_last``, ``split(3, 0)`` (part 0 of a fused
-  q/k/v along the last axis), ``interleave_halves`` (rotary pairs stored as two halves ->
-  adjacent pairs), ``reshape`` (to the reference's shape, same element order); steps chain with
-  ``|``. The adapter is shown in the report next to the layer.
+  q/k/v along the last axis), ``take(-1, 0)`` (index 0 of the last axis), ``repeat(2)`` (each
+  element twice along the last axis), ``swap_halves`` (``[sin, cos]`` -> ``[cos, sin]``),
+  ``interleave_halves`` (rotary pairs stored as two halves -> adjacent pairs), ``reshape`` (to the
+  reference's shape, same element order); steps chain with ``|``. The adapter is shown in the
+  report next to the layer.
 - **exclusions**: layer patterns (per side) a port never materialises, each with a reason;
   they show as ``excluded: <reason>`` instead of failing. An exclusion that matches no layer is
   an error: a stale exclusion would otherwise hide a layer that reappears under another name.
@@ -18,7 +20,7 @@ An :class:`Alignment` holds
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -51,6 +53,19 @@ def _split(x: np.ndarray, ref_shape: tuple[int, ...], parts: int, index: int, ax
     return np.split(x, parts, axis=axis)[index]
 
 
+def _take(x: np.ndarray, ref_shape: tuple[int, ...], axis: int, index: int) -> np.ndarray:
+    return np.take(x, index, axis=axis)
+
+
+def _repeat(x: np.ndarray, ref_shape: tuple[int, ...], times: int, axis: int = -1) -> np.ndarray:
+    return np.repeat(x, times, axis=axis)
+
+
+def _swap_halves(x: np.ndarray, ref_shape: tuple[int, ...], axis: int = -1) -> np.ndarray:
+    first, second = np.split(x, 2, axis=axis)
+    return np.concatenate([second, first], axis=axis)
+
+
 def _interleave_halves(x: np.ndarray, ref_shape: tuple[int, ...]) -> np.ndarray:
     half = x.shape[-1] // 2
     return np.stack([x[..., :half], x[..., half:]], axis=-1).reshape(x.shape)
@@ -65,7 +80,8 @@ def _reshape(x: np.ndarray, ref_shape: tuple[int, ...]) -> np.ndarray:
 
 ADAPTERS: dict[str, Callable[..., np.ndarray]] = {
     "transpose": _transpose, "channels_first": _channels_first, "channels_last": _channels_last,
-    "split": _split, "interleave_halves": _interleave_halves, "reshape": _reshape,
+    "split": _split, "take": _take, "repeat": _repeat, "swap_halves": _swap_halves,
+    "interleave_halves": _interleave_halves, "reshape": _reshape,
 }
 
 
@@ -128,17 +144,22 @@ class Alignment:
     exclusions: Sequence[Exclusion] = ()
 
     @classmethod
-    def of(cls, value: "Alignment | Mapping[str, Any] | None") -> "Alignment":
-        """An alignment from itself, None (identity) or a mapping ``ref pattern -> mlx name | (mlx name, adapter)``."""
-        if value is None:
-            return cls()
+    def of(cls, value: "Alignment | Mapping[str, Any] | None" = None, exclude: Mapping[str, str] | None = None
+           ) -> "Alignment":
+        """An alignment from itself, None (identity) or a mapping ``ref pattern -> mlx name | (mlx name, adapter)``.
+
+        ``exclude``: ``pattern -> reason`` of layers not compared; a pattern ``mlx:<glob>`` names
+        MLX-side layers, any other the reference's.
+        """
         if isinstance(value, Alignment):
             return value
         rules = []
-        for ref, target in value.items():
+        for ref, target in (value or {}).items():
             mlx, adapter = (target, None) if isinstance(target, str) else tuple(target)
             rules.append(Rule(ref, mlx, adapter))
-        return cls(tuple(rules))
+        exclusions = tuple(Exclusion(p.removeprefix("mlx:"), reason, "mlx" if p.startswith("mlx:") else "ref")
+                           for p, reason in (exclude or {}).items())
+        return cls(tuple(rules), exclusions)
 
     def target(self, ref_name: str) -> tuple[str, str | None]:
         """The MLX name ``ref_name`` is compared with, and the adapter to apply to it (None: as is)."""
@@ -175,22 +196,86 @@ def module_correspondence(convert: Callable[[dict[str, np.ndarray]], dict[str, n
 
     Every reference tensor is replaced by a constant array of its shape holding a value unique to
     its key; after ``convert`` (the port's whole-state-dict converter) the values found in each
-    converted tensor name its sources. Returns ``{port module: [reference modules]}`` (a module is
-    a key without its last component): ``self_attn.qkv`` -> ``[attn1.to_q, attn1.to_k, attn1.to_v]``
-    for a fused projection. Tensors a converter computes with (scales, sums) match nothing and are left out.
+    converted tensor name its sources, in the order they are laid out. Returns ``{port module:
+    [reference modules]}`` (a module is a key without its last component): ``self_attn.qkv`` ->
+    ``[attn1.to_q, attn1.to_k, attn1.to_v]`` for a fused projection. Tensors a converter computes
+    with (scales, sums) match nothing and are left out.
     """
     keys = sorted(state)
     tagged = {k: np.full(np.shape(state[k]), float(i + 1), np.float32) for i, k in enumerate(keys)}
     found: dict[str, list[str]] = {}
     for key, array in convert(tagged).items():
-        values = np.unique(np.asarray(array, np.float64))
-        sources = [keys[int(v) - 1] for v in values if float(v).is_integer() and 1 <= v <= len(keys)]
-        if len(sources) != len(values):
+        flat = np.asarray(array, np.float64).reshape(-1)
+        values, first = np.unique(flat, return_index=True)
+        if not all(float(v).is_integer() and 1 <= v <= len(keys) for v in values):
             continue
-        port_module = key.rpartition(".")[0]
-        for source in sources:
-            ref_module = source.rpartition(".")[0]
-            found.setdefault(port_module, [])
-            if ref_module not in found[port_module]:
-                found[port_module].append(ref_module)
+        sources = [keys[int(v) - 1].rpartition(".")[0] for v in values[np.argsort(first)]]
+        modules = found.setdefault(key.rpartition(".")[0], [])
+        modules += [m for m in dict.fromkeys(sources) if m not in modules]
     return found
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _common_prefix(paths: Iterable[str]) -> str:
+    split = [p.split(".") for p in paths]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def derive(convert: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], state: Mapping[str, np.ndarray],
+           reference_layers: Mapping[str, str]) -> tuple[dict[str, str], list[Rule]]:
+    """MLX hooks and alignment rules read off the port's weight converter.
+
+    ``reference_layers`` maps reference module paths (globs, in the state dict's namespace) to the
+    layer names the reference side records for their outputs. A port module all of whose weights
+    come from one reference module ``P`` -- and that holds all of ``P``'s weights -- is that module:
+    it is captured under ``P``'s layer name. A port leaf fused from several (``qkv`` from ``to_q``,
+    ``to_k``, ``to_v``) is captured under its own path and each reference layer is its part,
+    ``split(n, i)`` along the last axis in the order the converter laid them out. Returns
+    ``(outputs for MlxHooks, alignment rules)``; modules without weights (activations, parameter-free
+    norms) and functions are left to the port's declared hooks.
+    """
+    leaves = module_correspondence(convert, state)
+    ref_leaves = {key.rpartition(".")[0] for key in state}
+    covered: dict[str, set[str]] = {}
+    for leaf, sources in leaves.items():
+        for prefix in _prefixes(leaf):
+            covered.setdefault(prefix, set()).update(sources)
+
+    def layer_of(module: str) -> str | None:
+        for pattern, template in reference_layers.items():
+            groups = match_pattern(pattern, module)
+            if groups is not None:
+                return expand(template, groups)
+        return None
+
+    def leaves_under(module: str) -> set[str]:
+        return {m for m in ref_leaves if m == module or m.startswith(module + ".")}
+
+    outputs: dict[str, str] = {}
+    rules: list[Rule] = []
+    for port_module in sorted(covered, key=lambda m: m.count(".")):  # outermost first
+        sources = covered[port_module]
+        fused = leaves.get(port_module, [])
+        if len(fused) > 1:
+            names = [layer_of(m) for m in fused]
+            if all(names):
+                outputs[port_module] = port_module
+                rules += [Rule(name, port_module, f"split({len(fused)}, {i})") for i, name in enumerate(names)]
+            continue
+        # a leaf is a leaf (a Linear is a Linear); a container only the container holding the same weights
+        leaf = port_module in leaves
+        same = [p for p in _prefixes(_common_prefix(sources))
+                if leaves_under(p) == sources and (p in ref_leaves) == leaf and layer_of(p)]
+        name = layer_of(same[0]) if same else None
+        if name and name not in outputs.values():
+            outputs[port_module] = name
+    return outputs, rules

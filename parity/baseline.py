@@ -10,7 +10,7 @@ and ``err_vs_truth``, plus what the numbers depend on (config, seed, MLX device)
 Only a run that passes is saved (a baseline is a known-good state); a failing component is
 reported and not written (exit 1).
 
-The gate then fails a layer whose error grew past ``baseline_factor`` (``parity.toml``) times
+The gate then fails a layer whose error grew past ``baseline_factor`` (``parity/thresholds.toml``) times
 its baseline, even when it is still within the absolute thresholds: parity that silently
 erodes is caught while it is small. The growth is measured against ``max(baseline, floor)``:
 
@@ -48,8 +48,8 @@ from typing import Any
 from parity.dumps import write_json
 from parity.vocab import InputError, canonical_json, load_json
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DIR = REPO / "baselines"
+#: Baselines belong to the project being checked: ``baselines/`` in the folder the harness runs from.
+DEFAULT_DIR = Path("baselines")
 SCHEMA = 1
 #: Metrics stored per layer; the first three are gated, cosine is kept for information.
 STORED = ("max_abs", "rmse", "budget_ratio", "err_vs_truth", "cosine")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from functools import cache
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -156,6 +156,18 @@ def expand(template: str, groups: tuple[str, ...], call: int = 0) -> str:
         return template.format(*groups, call=call)
     except (IndexError, KeyError) as err:
         raise CaptureError(f"name template {template!r}: no value for {err} (wildcards: {list(groups)})") from None
+
+
+Names = str | Sequence[str]
+
+
+def name_for(names: Names, groups: tuple[str, ...], call: int, what: str) -> str:
+    """The layer name of the ``call``-th call: a template, or the ``call``-th of a list of names."""
+    if isinstance(names, str):
+        return expand(names, groups, call)
+    if call >= len(names):
+        raise CaptureError(f"{what} was called more than the {len(names)} time(s) its names list")
+    return expand(names[call], groups, call)
 
 
 class CallCounter:

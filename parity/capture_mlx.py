@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from mlx_impl import taps
-from parity.capture import CallCounter, Capture, CaptureError, expand, match_pattern
+from parity.capture import CallCounter, Capture, CaptureError, Names, expand, match_pattern, name_for
 
 
 @contextmanager
@@ -38,22 +38,41 @@ class MlxHooks:
 
     ``outputs`` / ``inputs``: module path glob -> layer name template; ``scopes``: module path glob
     or ``"pkg.module:function"`` -> scope template; ``functions``: ``"pkg.module:function"`` ->
-    layer name template of its result. Templates use ``{0}``... for wildcards and ``{call}``.
+    layer name template of its result. Templates use ``{0}``... for wildcards and ``{call}``; a
+    list instead of one template names successive calls (``["attn1/attention", "attn2/attention"]``;
+    a call past its end is an error). ``derive``: complete ``outputs`` (and the alignment) from the
+    port's weight converter (:meth:`parity.component.Component.run_hooks`).
     """
 
-    outputs: Mapping[str, str] = field(default_factory=dict)
-    inputs: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, Names] = field(default_factory=dict)
+    inputs: Mapping[str, Names] = field(default_factory=dict)
     scopes: Mapping[str, str] = field(default_factory=dict)
-    functions: Mapping[str, str] = field(default_factory=dict)
+    functions: Mapping[str, Names] = field(default_factory=dict)
+    derive: bool = False
 
     @contextmanager
-    def capture(self, root: Any, capture: Capture) -> Iterator[Capture]:
+    def capture(self, model: Any, capture: Capture) -> Iterator[Capture]:
+        """Install the hooks on ``model`` (an ``mlx.nn.Module``, or a tuple/list holding one first) and the functions."""
         module_scopes = {k: v for k, v in self.scopes.items() if ":" not in k}
         function_scopes = {k: v for k, v in self.scopes.items() if ":" in k}
         with ExitStack() as stack:
-            stack.enter_context(hook_modules(root, capture, self.outputs, self.inputs, module_scopes))
+            if self.outputs or self.inputs or module_scopes:
+                stack.enter_context(hook_modules(root_module(model), capture, self.outputs, self.inputs, module_scopes))
             stack.enter_context(wrap_functions(capture, self.functions, function_scopes))
             yield capture
+
+
+def root_module(model: Any) -> Any:
+    """The module to hook: ``model`` itself, or the first ``mlx.nn.Module`` of a tuple/list (``build_mlx``
+    may return the module with what its call needs, e.g. ``(block, config)``)."""
+    import mlx.nn as nn
+
+    if isinstance(model, nn.Module):
+        return model
+    found = next((m for m in model if isinstance(m, nn.Module)), None) if isinstance(model, (tuple, list)) else None
+    if found is None:
+        raise CaptureError(f"MLX hooks by module path need an mlx.nn.Module; build_mlx returned {type(model).__name__}")
+    return found
 
 
 def _modules(root: Any) -> dict[str, Any]:
@@ -77,7 +96,7 @@ _ACTIVE: dict[int, Callable] = {}
 
 
 @contextmanager
-def hook_modules(root: Any, capture: Capture, outputs: Mapping[str, str], inputs: Mapping[str, str] | None = None,
+def hook_modules(root: Any, capture: Capture, outputs: Mapping[str, Names], inputs: Mapping[str, Names] | None = None,
                  scopes: Mapping[str, str] | None = None) -> Iterator[Capture]:
     """Record outputs / inputs of the submodules of ``root`` that the globs select; open scopes per call."""
     modules = _modules(root)
@@ -115,14 +134,14 @@ def _recorder(capture: Capture, counter: CallCounter, path: str, kinds: dict[str
         try:
             if "input" in kinds and args:
                 template, groups = kinds["input"]
-                capture.add_tree(expand(template, groups, counter.next(("in", path))), args[0])
+                capture.add_tree(name_for(template, groups, counter.next(("in", path)), f"module {path!r}"), args[0])
             output = call(module, *args, **kwargs)
         finally:
             if scope is not None:
                 capture._scopes.pop()
         if "output" in kinds:
             template, groups = kinds["output"]
-            capture.add_tree(expand(template, groups, counter.next(("out", path))), output)
+            capture.add_tree(name_for(template, groups, counter.next(("out", path)), f"module {path!r}"), output)
         return output
     return record
 
@@ -145,11 +164,11 @@ def resolve(target: str) -> tuple[Any, str]:
 
 
 @contextmanager
-def wrap_functions(capture: Capture, outputs: Mapping[str, str], scopes: Mapping[str, str] | None = None
+def wrap_functions(capture: Capture, outputs: Mapping[str, Names], scopes: Mapping[str, str] | None = None
                    ) -> Iterator[Capture]:
     """Record the results of functions (``outputs``) and open a scope per call (``scopes``)."""
     counter = CallCounter(capture)
-    targets: dict[str, dict[str, str]] = {}
+    targets: dict[str, dict[str, Any]] = {}
     for kind, table in (("output", outputs), ("scope", scopes or {})):
         for target, template in table.items():
             targets.setdefault(target, {})[kind] = template
@@ -169,7 +188,7 @@ def wrap_functions(capture: Capture, outputs: Mapping[str, str], scopes: Mapping
             setattr(owner, name, original)
 
 
-def _wrapped(capture: Capture, counter: CallCounter, target: str, kinds: dict[str, str], function: Callable) -> Callable:
+def _wrapped(capture: Capture, counter: CallCounter, target: str, kinds: dict[str, Any], function: Callable) -> Callable:
     def call(*args, **kwargs):
         scope = None
         if "scope" in kinds:
@@ -181,7 +200,7 @@ def _wrapped(capture: Capture, counter: CallCounter, target: str, kinds: dict[st
             if scope is not None:
                 capture._scopes.pop()
         if "output" in kinds:
-            capture.add_tree(expand(kinds["output"], (), counter.next(("out", target))), result)
+            capture.add_tree(name_for(kinds["output"], (), counter.next(("out", target)), f"function {target!r}"), result)
         return result
 
     return call

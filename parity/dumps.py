@@ -29,16 +29,19 @@ INCOMPLETE = "INCOMPLETE"
 def writable_folder(path: str | Path, option: str) -> Path:
     """``path`` as a folder we can write into (created if need be), or an :class:`InputError` naming ``option``.
 
-    Checked before anything runs, so a bad ``--out`` costs nothing and leaves nothing behind.
+    Checked before anything runs (by writing and removing a probe file), so a bad ``--out`` costs
+    nothing and leaves no run folder behind.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{option} {path}: is a file, expected a folder")
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise InputError(f"{option} {path}: {existing} is a file, expected a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {path}: {existing} is not writable")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".parity-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
     return path
 
 

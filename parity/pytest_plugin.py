@@ -25,7 +25,7 @@ Fixtures
         add); with several (``float32,bfloat16`` or ``all``) every test using it, or ``parity_run``,
         is parametrized over them.
     ``parity_report_dir``: ``--parity-report-dir``, default a temporary folder of the session.
-    ``parity_thresholds``: the harness's parity.toml, the project's own (``parity.toml`` or
+    ``parity_thresholds``: the harness's parity/thresholds.toml, the project's own (``parity.toml`` or
         ``[tool.parity]`` in ``pyproject.toml`` from the rootdir up), then ``--parity-thresholds``.
     ``assert_parity``: :func:`parity.assertions.assert_parity`.
 
@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-report-dir", default=None, metavar="DIR",
                     help="where parity_run writes reports (default: a temporary folder of the session)")
     group.addoption("--parity-thresholds", default=None, metavar="FILE",
-                    help="thresholds layered over the harness's parity.toml and your project's")
+                    help="thresholds layered over the harness's parity/thresholds.toml and your project's")
     group.addoption("--parity-component-module", action="append", default=[], metavar="FILE",
                     help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
     parser.addini("parity_component_modules", "component files (paths relative to the rootdir)", type="paths",
@@ -211,9 +211,12 @@ def parity_run(request: pytest.FixtureRequest, parity_dtype: str, parity_report_
         component = component if component is not None else default
         if component is None:
             raise TypeError("parity_run: name a component, or mark the test @pytest.mark.parity_component(name)")
-        result = run_component(component, dtype or parity_dtype, seed=seed, out_dir=parity_report_dir,
-                               overrides=overrides or None, thresholds=parity_thresholds,
-                               run_dir=_session_run_dir(request.config, parity_report_dir))
+        try:
+            result = run_component(component, dtype or parity_dtype, seed=seed, out_dir=parity_report_dir,
+                                   overrides=overrides or None, thresholds=parity_thresholds,
+                                   run_dir=_session_run_dir(request.config, parity_report_dir))
+        except InputError as err:  # a bad argument or file: one line, not the harness's traceback
+            pytest.fail(f"parity_run: {err}", pytrace=False)
         request.config.stash[_RUNS].append(result)
         request.node.user_properties.append(("parity_report", str(result.report_dir)))
         return result

@@ -216,7 +216,7 @@ def _give_mlx_openblas() -> None:
         _mlx_blas["how"] = "bundled"
         return
     if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
-        import torch  # noqa: F401 - before the OpenBLAS goes global, see load_mlx_blas
+        importlib.import_module("torch")  # before the OpenBLAS goes global, see load_mlx_blas
     ctypes.CDLL(library, mode=os.RTLD_GLOBAL)  # the same library, now in the global scope (never unloaded)
     _mlx_blas.update(how="loaded", library=library)
     _controller.cache_clear()  # a new pool: found by the next scan, and given the current count now

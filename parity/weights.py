@@ -142,8 +142,8 @@ def keeps_float32(key: str, keep_float32: Iterable[str]) -> bool:
 
 
 def strict_load(model, state: dict[str, np.ndarray], convert: Converter = identity, dtype=None,
-                keep_float32: Iterable[str] = ()) -> None:
-    """Load ``state`` into the MLX ``model`` through ``convert`` (per key); fail on any mismatch.
+                keep_float32: Iterable[str] = ()):
+    """Load ``state`` into the MLX ``model`` through ``convert`` (per key); fail on any mismatch; return ``model``.
 
     ``dtype`` (an ``mlx.core`` dtype) casts the parameters, except those under a module named in
     ``keep_float32`` (diffusers' ``_keep_in_fp32_modules``, a component's ``keep_fp32``).
@@ -169,3 +169,4 @@ def strict_load(model, state: dict[str, np.ndarray], convert: Converter = identi
         params.append((key, value))
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
+    return model

@@ -11,13 +11,18 @@ does. Its history (first parent, oldest first):
     c3  skip      config file broken: ``parity run`` exits 2 (cannot test)
     c4  good      config fixed
     c5  BAD       "simplify the residual add": the residual add done in bf16 (bug-catalog row 8)
-    c6  bad       unrelated README change
+    c6  bad       unrelated README change; adds a top-level package ``leaky``
+
+The bisection runs under an interpreter on which the user's checkout is installed in editable mode
+(a setuptools-style finder whose ``MAPPING`` points ``leaky`` into the checkout): the component
+refuses to run if ``leaky`` resolves outside the revision under test, so a leak fails the good end.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +71,9 @@ def test_search_reports_suspects_when_skips_hide_the_answer():
 
 TINY_COMPONENT = '''"""A tiny residual MLP stack: PyTorch reference vs MLX port (the bisect demo's component)."""
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -121,6 +129,10 @@ class TinyComponent(Component):
 
     def run_mlx(self, model, inputs, dtype):
         from mlx_impl.tiny import forward
+
+        leaky = importlib.util.find_spec("leaky")
+        if leaky is not None and not os.path.realpath(leaky.origin).startswith(os.path.realpath(os.getcwd())):
+            raise RuntimeError(f"leaky comes from outside the revision under test: {leaky.origin}")
 
         forward(model, mx.array(inputs["x"]), getattr(mx, dtype), self.load_config().gate)
 
@@ -212,8 +224,40 @@ def make_demo_repo(repo: Path) -> dict[str, str]:
         "def residual_add(h, y):\n    return h + y.astype(mx.float32)\n", BF16_RESIDUAL))
     shas["c5"] = _commit(repo, "tiny: simplify the residual add")
     readme.write_text("# tiny port\n\nA residual MLP stack, in MLX.\n")
+    (repo / "leaky").mkdir()
+    (repo / "leaky" / "__init__.py").write_text('"""Exists from c6 on."""\n')
     shas["c6"] = _commit(repo, "README: mention MLX")
     return shas
+
+
+EDITABLE_FINDER = '''"""An editable install of the user's checkout, as setuptools writes it (a MAPPING-driven finder)."""
+import importlib.util
+import sys
+
+MAPPING = {"leaky": %r}
+
+
+class EditableFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname in MAPPING:
+            return importlib.util.spec_from_file_location(fullname, MAPPING[fullname] + "/__init__.py")
+        return None
+
+
+sys.meta_path.append(EditableFinder)
+'''
+
+
+def python_with_editable_install(folder: Path, repo: Path) -> Path:
+    """An interpreter wrapper on which ``repo`` is installed in editable mode (via ``sitecustomize``)."""
+    site = folder / "site"
+    site.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(EDITABLE_FINDER % str(repo / "leaky"))
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 def test_bisect_names_the_bf16_residual_commit(tmp_path, capsys):
@@ -221,7 +265,8 @@ def test_bisect_names_the_bf16_residual_commit(tmp_path, capsys):
     shas = make_demo_repo(repo)
     (repo / "scratch.txt").write_text("uncommitted work\n")  # the user's working tree: must survive untouched
     out = tmp_path / "bisect"
-    code = cli.main(["bisect", "--good", shas["c1"], "--bad", "main", "--component", "tiny",
+    python = python_with_editable_install(tmp_path / "interpreter", repo)
+    code = cli.main(["bisect", "--good", shas["c1"], "--bad", "main", "--component", "tiny", "--python", str(python),
                      "--dtype", "bfloat16", "--repo", str(repo), "--out", str(out), "--timeout", "120"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

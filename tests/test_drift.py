@@ -99,6 +99,13 @@ def test_drift_series_zoom_signature():
     assert step == 2  # the first blurred step already exceeds the error budget
 
 
+def test_first_failing_step_on_high_frequency_loss_alone():
+    """The zoom signature without error growth: only the HF check can fail it (at the step it leaves [1/2, 2])."""
+    series = {"error_growth": [1.0, 1.0, 1.1, 1.2], "error_ratio": [1.0, 1.0, 1.1, 1.2], "hf_ratio": [1.0, 0.8, 0.45, 0.3]}
+    assert drift.first_failing_step(series, 2.0, level_bound=2.0) == 2
+    assert drift.first_failing_step({**series, "hf_ratio": [1.0, 1.2, 2.5, 3.0]}, 2.0) == 2  # sharpened just as much
+
+
 def test_first_failing_step_level_bound_catches_a_constant_excess():
     """A test 4x noisier than the reference on every step: flat, so only the level check fails it."""
     truth, ref, _ = _recurrence()

@@ -72,9 +72,13 @@ def test_precision_budget_ratio():
 
 
 def test_precision_budget_floor_when_reference_is_exact():
+    """The reference exact, ours off by e: the ratio is e over float32 unit roundoff times rms(truth), not e / 0."""
     truth = _x().astype(np.float64)
-    budget = precision_budget(truth, truth.copy(), truth.copy())
-    assert budget["budget_ratio"] == 0.0
+    error = 3e-6 * np.random.default_rng(2).standard_normal(truth.shape)
+    budget = precision_budget(truth, truth.copy(), truth + error)
+    floor = 2.0**-24 * np.sqrt(np.mean(truth**2))
+    assert budget["ref_err_vs_truth"] == 0.0
+    assert budget["budget_ratio"] == pytest.approx(np.sqrt(np.mean(error**2)) / floor, rel=1e-9)
 
 
 def _direct(ref, test):

@@ -21,7 +21,8 @@ from parity.progress import Progress
 from parity.vocab import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, InputError
 
 #: Modules of this package that add subcommands, in ``--help`` order.
-COMMANDS = ("list", "run", "report", "gate", "baseline", "bisect", "bundle", "clean")
+COMMANDS = ("list", "run", "report", "attention", "gate", "baseline", "calibrate", "bisect", "bundle", "video",
+            "clean")
 
 
 def positive_int(text: str) -> int:
@@ -55,14 +56,31 @@ def common_options() -> argparse.ArgumentParser:
 
 def thresholds_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", type=Path, metavar="FILE",
-                        help="thresholds layered over the harness's parity.toml and your project's "
+                        help="thresholds layered over the harness's parity/thresholds.toml and your project's "
                              "(parity.toml or [tool.parity] in pyproject.toml, found from the current folder)")
 
 
 def load_thresholds(args: argparse.Namespace) -> thresholds_mod.Thresholds:
-    """The harness's parity.toml, then the project's thresholds file, then ``--thresholds``."""
+    """The harness's thresholds, then the project's thresholds file, then ``--thresholds``."""
     files = [f for f in (thresholds_mod.project_file(Path.cwd()), getattr(args, "thresholds", None)) if f]
     return thresholds_mod.load(files, known_components=registry.available())
+
+
+def html_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-html", action="store_true", help="do not render report.html and the index")
+
+
+def write_html(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """Render the run folder's report.html pages and the index of ``--out`` (unless ``--no-html``)."""
+    from parity import html_report
+
+    if run_dir is None:
+        return
+    if args.no_html:
+        print(f"HTML not written (--no-html): parity report {run_dir}", file=sys.stderr)
+        return
+    html_report.write_html_reports(run_dir, index_link=True)
+    print(f"HTML: {run_dir}/*/report.html, index {html_report.write_index(Path(args.out))}")
 
 
 def progress(args: argparse.Namespace) -> Progress:
@@ -90,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except InputError as err:
         print(f"parity: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # the user's file system: an output that cannot be written, a file that vanished
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"parity: error: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("parity: interrupted (an unfinished run folder is kept, marked INCOMPLETE)", file=sys.stderr)
