@@ -48,6 +48,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -174,8 +175,11 @@ class _Discard:
 
 
 def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
-    """What a plain script pays: build both models, one reference forward, one MLX forward ((wall, CPU) each)."""
+    """What a plain script pays for the calls a run makes: build both models, then each side's forward on
+    the inputs, and again on the second call's when the run makes one ((wall, CPU) each)."""
     import torch
+
+    from parity.runner import second_call_skipped
 
     config = comp.load_config()
     discard = _Discard().capture
@@ -183,22 +187,28 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
     def setup():
         reference = comp.build_reference(config, 0)
         weights = comp.reference_weights(reference)
-        return reference, comp.build_mlx(config, comp.convert_weights(weights), dtype), comp.make_inputs(config, 0)
+        return (reference, comp.build_mlx(config, comp.convert_weights(weights), dtype), comp.run_hooks(weights)[0],
+                comp.make_inputs(config, 0))
 
-    reference, mlx_model, inputs = setup()
+    reference, mlx_model, hooks, inputs = setup()
     count = threads.apply(parameters=sum(v.size for v in comp.reference_weights(reference).values()))  # as a run would
     cast = comp.cast_reference(reference, dtype)
+    calls = [inputs]
+    if second_call_skipped(SimpleNamespace(component=comp, dtype=dtype), streaming=False, crashed=False) is None:
+        calls.append(comp.second_inputs(config, 0))
 
     def ref_forward():
         with torch.no_grad():
-            comp.run_reference(cast, inputs, dtype, discard("ref"))
+            for call in calls:
+                comp.run_reference(cast, call, dtype, discard("ref"))
 
     def mlx_forward():
-        with comp.mlx_capture(mlx_model, discard("mlx")):
-            comp.run_mlx(mlx_model, inputs, dtype)
+        for call in calls:
+            with comp.mlx_capture(mlx_model, discard("mlx"), hooks):
+                comp.run_mlx(mlx_model, call, dtype)
 
     return {"setup": timed_cpu(setup, repeat), "ref": timed_cpu(ref_forward, repeat),
-            "mlx": timed_cpu(mlx_forward, repeat), "threads": count}
+            "mlx": timed_cpu(mlx_forward, repeat), "threads": count, "calls": len(calls)}
 
 
 def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, tuple[float, float]]:
@@ -223,12 +233,12 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         except Exception as err:  # noqa: BLE001 - one broken component must not stop the bench
             rows.append({"component": label, "dtype": dtype, "error": f"{type(err).__name__}: {err}"})
             continue
-        count = plain.pop("threads")
+        count, calls = plain.pop("threads"), plain.pop("calls")
         wall = {k: v[0] for k, v in {**plain, **runs}.items()}
         cpu = {k: v[1] for k, v in {**plain, **runs}.items()}
         base, base_cpu = (sum(t[k] for k in ("setup", "ref", "mlx")) for t in (wall, cpu))
         rows.append({
-            "component": label, "dtype": dtype, "threads": count,
+            "component": label, "dtype": dtype, "threads": count, "calls": calls,
             **{f"t_{k}": v for k, v in wall.items()}, **{f"cpu_{k}": v for k, v in cpu.items()},
             "t_plain": base, "overhead": wall["core"] / base, "fixed_ms": 1e3 * (wall["core"] - base),
             "overhead_cpu": cpu["core"] / base_cpu, "fixed_ms_cpu": 1e3 * (cpu["core"] - base_cpu),
@@ -514,16 +524,16 @@ def render(results: dict[str, Any]) -> str:
              f"MLX BLAS: {v.get('mlx_blas')}; mode: {'quick' if results['quick'] else 'default'}, "
              f"median of {results['repeat']}", ""]
     lines += ["## Components (median of wall time, or of CPU time where said; plain = build both models + "
-              "one forward each)", "",
-              "| component | dtype | threads | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
+              "each side's forward for each call the run makes)", "",
+              "| component | dtype | threads | calls | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
               "capture+compare s | overhead (goal <= 1.15) | overhead, CPU time | fixed cost ms (goal <= 50) | "
               "fixed cost ms, CPU time | extra analyses s | parity run s | streaming run s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["components"]:
         if "error" in r:
-            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} |||||||||||||")
+            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} ||||||||||||||")
             continue
-        lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
+        lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {r['calls']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
                      f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['overhead_cpu'], '.2f')} | "
                      f"{_f(r['fixed_ms'], '.0f')} | {_f(r['fixed_ms_cpu'], '.0f')} | "
                      f"{_f(r['t_analyses'])} | {_f(r['t_run'])} | {_f(r['t_run_streaming'])} |")
