@@ -269,6 +269,38 @@ def bench_metrics(numel: int, repeat: int) -> dict[str, Any]:
     }
 
 
+def bench_policy(repeat: int) -> dict[str, Any]:
+    """The thread policy against the pools' defaults (every available core), as ratios in one run: the
+    issue-17 cases (a metric pass whose BLAS dots spin on two threads; a small torch Linear)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from parity.metrics import tensor_metrics
+
+    cores = threads.available_cores()
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(2_000_000, dtype=np.float32)
+    b = a + np.float32(1e-4) * a
+    linear, x = torch.nn.Linear(256, 1024), torch.randn(192, 256)
+    before = torch.get_num_threads()
+
+    def forward():
+        with torch.no_grad():
+            linear(x)
+    try:
+        with threadpool_limits(limits=cores, user_api="blas"):
+            metrics_cores = timed(lambda: tensor_metrics.__wrapped__(a, b), repeat)  # without its one-thread BLAS
+            metrics_one = timed(lambda: tensor_metrics(a, b), repeat)
+        torch.set_num_threads(cores)
+        linear_cores = timed(forward, 10 * repeat)
+        torch.set_num_threads(1)
+        linear_one = timed(forward, 10 * repeat)
+    finally:
+        torch.set_num_threads(before)
+    return {"cores": cores, "metrics_cores_s": metrics_cores, "metrics_one_s": metrics_one,
+            "linear_cores_ms": 1e3 * linear_cores, "linear_one_ms": 1e3 * linear_one}
+
+
 # --- 4: peak RSS of a deep capture ------------------------------------------------------------
 
 def stack_component(layers: int, tokens: int, width: int, kind: str = "linear"):
@@ -545,6 +577,14 @@ def render(results: dict[str, Any]) -> str:
               f"| {mt['numel']:,} | {_f(mt['pair_gb'])} | {_f(mt['metrics_gbps'], '.2f')} | {_f(mt['numpy_gbps'], '.2f')} | "
               f"{_f(mt['metrics_over_numpy'], '.2f')} | {_f(mt['metrics_gbps_cpu'], '.2f')} / {_f(mt['numpy_gbps_cpu'], '.2f')} | "
               f"{_f(mt['budget_gbps'], '.2f')} |"]
+    if results.get("policy"):
+        p = results["policy"]
+        lines += ["", f"## Thread policy vs the pools' default ({p['cores']} threads), median wall time", "",
+                  "| case | default s | policy (1 thread) s | default / policy |", "|---|---|---|---|",
+                  f"| tensor_metrics, 2M float32 pairs (BLAS dots) | {_f(p['metrics_cores_s'])} | {_f(p['metrics_one_s'])} | "
+                  f"{_f(p['metrics_cores_s'] / p['metrics_one_s'], '.2f')} |",
+                  f"| torch Linear(256, 1024) on 192 tokens | {_f(p['linear_cores_ms'] / 1e3)} | {_f(p['linear_one_ms'] / 1e3)} | "
+                  f"{_f(p['linear_cores_ms'] / p['linear_one_ms'], '.2f')} |"]
     if results.get("rss"):
         lines += ["", "## Peak RSS of a deep capture (subprocess each; per-channel affine + tanh stack, "
                       f"{_f(results['rss_tensor_mb'])} MB per captured tensor)", "",
@@ -634,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             components.append(stack_component(8, 1024, 512) if args.quick else stack_component(8, 2048, 1024))
         results["components"] = bench_components(components, args.dtype, repeat)
         results["metrics"] = bench_metrics(8_000_000 if args.quick else 64_000_000, repeat)
+        results["policy"] = bench_policy(repeat)
         if not args.no_rss:
             tokens, width = (16384, 128) if args.quick else (65536, 128)
             results["rss_tensor_mb"] = tokens * width * 4 / 2**20

@@ -216,16 +216,12 @@ class Component(ABC):
         """A copy of the reference in ``dtype`` ("float32", "bfloat16" or "float64").
 
         In bf16, parameters under ``keep_fp32`` modules stay float32, as diffusers'
-        ``from_pretrained(torch_dtype=torch.bfloat16)`` leaves them. A reference already wholly in
-        ``dtype`` (a float32 run) is returned as it is: a copy would cost its size in memory and a
-        deep copy of every submodule (5-40 ms on the fixture configs, seconds at full size).
+        ``from_pretrained(torch_dtype=torch.bfloat16)`` leaves them.
         """
         import torch
 
-        target = getattr(torch, dtype)
-        if all(t.dtype == target for t in [*reference.parameters(), *reference.buffers()] if t.is_floating_point()):
-            return reference
         module = copy.deepcopy(reference)
+        target = getattr(torch, dtype)
         keep = self.keep_fp32 if dtype == "bfloat16" else ()
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):

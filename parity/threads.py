@@ -243,7 +243,7 @@ def mlx_blas() -> str:
         pool = _system_blas_pool()
         detail = f" {pool['version']} {pool['architecture']}" if pool else ""
         return f"{name}{detail} ({'loaded by parity before MLX' if how == 'loaded' else 'LD_PRELOAD'})"
-    bundled = sorted(Path(mlx.__path__[0]).parent.glob("mlx_cpu.libs/libblas*"))
+    bundled = sorted(lib for root in mlx.__path__ for lib in Path(root).parent.glob("mlx_cpu.libs/libblas*"))
     if not bundled:
         return "system"
     note = _mlx_blas.get("note") or ("PARITY_MLX_BLAS=bundled" if os.environ.get(ENV_MLX_BLAS) == "bundled"
