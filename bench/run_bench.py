@@ -3,12 +3,16 @@
 
 Not a test: it prints, in one run, ratios measured here, with the machine they were measured on.
 
-1. Harness overhead, per registered component: ``parity run`` wall time (in memory, and
-   streaming) / the same work done by a plain script (build both models, one reference forward,
-   one MLX forward). Goal <= 1.15.
+1. Harness overhead, per registered component: the capture-and-compare part of a run
+   (``run_component(analyses=False)``: report and dumps written, no float64 truth, no extra
+   runs) / the same work done by a plain script (build both models, one reference forward, one
+   MLX forward); goal <= 1.15 where the forwards dominate. The difference is the per-run fixed
+   cost (goal <= 50 ms). Then the extra analyses (drift, float64 truth) on their own, and the
+   whole ``parity run`` in memory and streaming.
 2. MLX implementation / torch reference forward wall time, per component. Goal <= 1.0.
 3. Metric throughput (``parity.metrics.tensor_metrics``) in GB/s of float32 pairs, against a
-   plain numpy pass over the same data (``np.abs(b - a).max()``). Goal >= 2 GB/s.
+   plain numpy pass over the same data (``np.abs(b - a).max()``). Goal >= 2 GB/s, and within 2x
+   of the numpy pass.
 4. Peak RSS of a 40-layer capture with and without streaming (and 10 layers, to show it is flat
    in layer count), each in its own subprocess.
 5. ``--full``: full-size configs (Wan-14B block, real Wan VAE encoder dims at modest resolution):
@@ -19,12 +23,20 @@ Not a test: it prints, in one run, ratios measured here, with the machine they w
    reference's and our probabilities and the per-head metrics, each in a subprocess, beyond the
    inputs and the map itself (goal: flat in token count).
 
-Options: ``--components a,b`` (default: every registered one), ``--quick`` (smaller data, one
-repetition), ``--dtype``, ``--repeat N``, ``--json FILE`` (all numbers, machine-readable).
+Threads follow the harness's policy (:mod:`parity.threads`; ``--threads N`` overrides it), and
+MLX gets the BLAS the harness gives it. ``--contended`` runs everything next to a CPU-bound
+neighbour process (started and stopped by the bench, bounded in time), so a thread policy that
+breaks on a shared machine shows. The header records the CPU, the ``OPENBLAS_*`` variables and
+the BLAS kernels threadpoolctl reports.
+
+Options: ``--components a,b`` (default: every registered one), ``--quick`` (smaller data, fewer
+repetitions), ``--dtype``, ``--repeat N``, ``--threads N``, ``--contended``, ``--json FILE``
+(all numbers, machine-readable).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -33,14 +45,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from parity import threads  # noqa: E402 - first: parity gives MLX the system OpenBLAS before anything imports MLX
 
 #: Full-size runs: component -> config file (relative to the repository). Missing ones are skipped.
 FULL_CONFIGS = {
@@ -48,6 +64,8 @@ FULL_CONFIGS = {
     "vae": "fixtures/configs/vae_full.json",
 }
 MEMORY_LIMIT_GB = 24
+#: The neighbour of ``--contended`` stops by itself after this long, or when the bench is gone.
+NEIGHBOUR_SECONDS = 4 * 3600
 #: Token counts of the attention-map measurement: the Wan-14B block fixture's (192), then larger.
 ATTENTION_TOKENS = [192, 768, 2048, 3072]
 
@@ -55,26 +73,47 @@ ATTENTION_TOKENS = [192, 768, 2048, 3072]
 # --- machine ----------------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
     from parity.runner import versions
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "nproc": os.cpu_count(), "cpu": cpu,
-            "memory_gb": mem, "versions": {k: v for k, v in versions().items() if k != "platform"},
-            "platform": platform.platform()}
+    info = threads.current()
+    mem = _proc_field("/proc/meminfo", "MemTotal")
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
+            "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+            "memory_gb": round(int(mem.split()[0]) / 2**20, 1) if mem else None,
+            "versions": {k: v for k, v in versions().items() if k != "platform"}, "platform": platform.platform(),
+            "threads": {"available_cores": info["available_cores"], "requested": threads.requested()},
+            "blas": [{k: pool[k] for k in ("version", "architecture", "num_threads")} | {"file": Path(pool["filepath"]).name}
+                     for pool in info["blas"] if pool["internal_api"] in ("openblas", "mkl", "blis")],
+            "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.split(":", 1)[0].strip() == key:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def neighbour(active: bool) -> Iterator[int | None]:
+    """A CPU-bound process spinning next to the bench (``active``), stopped on exit; yields its pid."""
+    if not active:
+        yield None
+        return
+    code = ("import os, time\n"
+            f"parent, end = os.getppid(), time.monotonic() + {NEIGHBOUR_SECONDS}\n"
+            "while time.monotonic() < end and os.getppid() == parent:  # also stops if the bench dies\n"
+            "    for _ in range(1_000_000): pass\n")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield process.pid
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def peak_rss_mb() -> float:
@@ -98,13 +137,23 @@ def reset_peak_rss() -> bool:
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
     """Median wall time of ``repeat`` calls (after one untimed warm-up call)."""
+    return timed_cpu(fn, repeat)[0]
+
+
+def timed_cpu(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (this process, all its threads) of ``repeat`` calls, after a warm-up.
+
+    On a shared machine the wall time is what one waits; the CPU time is the work done, which
+    neighbours barely change (a pool spinning against them still shows: spinning burns CPU).
+    """
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 # --- 1 + 2: harness overhead and MLX / torch --------------------------------------------------
@@ -112,45 +161,64 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
 class _Discard:
     """A capture that keeps nothing; MLX tensors are evaluated (as a caller of the model would)."""
 
-    def add(self, name: str, x: Any) -> None:
-        if type(x).__module__.startswith("mlx"):
-            import mlx.core as mx
+    def __init__(self) -> None:
+        from parity.capture import Capture
 
-            mx.eval(x)
+        class Discard(Capture):
+            def add(self, name: str, tensor: Any) -> None:
+                if type(tensor).__module__.startswith("mlx"):
+                    import mlx.core as mx
+
+                    mx.eval(tensor)
+
+        self.capture = Discard
 
 
-def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, float]:
-    """What a plain script pays: build both models, one reference forward, one MLX forward."""
+def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
+    """What a plain script pays for the calls a run makes: build both models, then each side's forward on
+    the inputs, and again on the second call's when the run makes one ((wall, CPU) each)."""
     import torch
 
+    from parity.runner import second_call_skipped
+
     config = comp.load_config()
+    discard = _Discard().capture
 
     def setup():
         reference = comp.build_reference(config, 0)
         weights = comp.reference_weights(reference)
-        return reference, comp.build_mlx(config, weights, dtype), comp.make_inputs(config, 0)
+        return (reference, comp.build_mlx(config, comp.convert_weights(weights), dtype), comp.run_hooks(weights)[0],
+                comp.make_inputs(config, 0))
 
-    t_setup = timed(setup, repeat)
-    reference, mlx_model, inputs = setup()
+    reference, mlx_model, hooks, inputs = setup()
+    count = threads.apply(parameters=sum(v.size for v in comp.reference_weights(reference).values()))  # as a run would
     cast = comp.cast_reference(reference, dtype)
+    calls = [inputs]
+    if second_call_skipped(SimpleNamespace(component=comp, dtype=dtype), streaming=False, crashed=False) is None:
+        calls.append(comp.second_inputs(config, 0))
 
     def ref_forward():
         with torch.no_grad():
-            comp.run_reference(cast, inputs, dtype, _Discard())
+            for call in calls:
+                comp.run_reference(cast, call, dtype, discard("ref"))
 
     def mlx_forward():
-        comp.run_mlx(mlx_model, inputs, dtype, _Discard())
+        for call in calls:
+            with comp.mlx_capture(mlx_model, discard("mlx"), hooks):
+                comp.run_mlx(mlx_model, call, dtype)
 
-    return {"setup": t_setup, "ref": timed(ref_forward, repeat), "mlx": timed(mlx_forward, repeat)}
+    return {"setup": timed_cpu(setup, repeat), "ref": timed_cpu(ref_forward, repeat),
+            "mlx": timed_cpu(mlx_forward, repeat), "threads": count, "calls": len(calls)}
 
 
-def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, float]:
+def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, tuple[float, float]]:
+    """``run_component`` as ``parity run`` calls it (report and dumps written): capture-and-compare only, whole, streaming."""
     from parity.runner import run_component
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
-        for label, kwargs in (("run", {}), ("run_streaming", {"streaming": True})):
-            out[label] = timed(lambda: run_component(name, dtype, out_dir=tmp, **kwargs), repeat)
+        for label, kwargs in (("core", {"analyses": False}), ("run", {}), ("run_streaming", {"streaming": True})):
+            out[label] = timed_cpu(lambda: run_component(name, dtype, out_dir=tmp, **kwargs), repeat)
     return out
 
 
@@ -165,11 +233,17 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         except Exception as err:  # noqa: BLE001 - one broken component must not stop the bench
             rows.append({"component": label, "dtype": dtype, "error": f"{type(err).__name__}: {err}"})
             continue
-        baseline = plain["setup"] + plain["ref"] + plain["mlx"]
+        count, calls = plain.pop("threads"), plain.pop("calls")
+        wall = {k: v[0] for k, v in {**plain, **runs}.items()}
+        cpu = {k: v[1] for k, v in {**plain, **runs}.items()}
+        base, base_cpu = (sum(t[k] for k in ("setup", "ref", "mlx")) for t in (wall, cpu))
         rows.append({
-            "component": label, "dtype": dtype, **{f"t_{k}": v for k, v in {**plain, **runs}.items()},
-            "overhead": runs["run"] / baseline, "overhead_streaming": runs["run_streaming"] / baseline,
-            "mlx_over_torch": plain["mlx"] / plain["ref"],
+            "component": label, "dtype": dtype, "threads": count, "calls": calls,
+            **{f"t_{k}": v for k, v in wall.items()}, **{f"cpu_{k}": v for k, v in cpu.items()},
+            "t_plain": base, "overhead": wall["core"] / base, "fixed_ms": 1e3 * (wall["core"] - base),
+            "overhead_cpu": cpu["core"] / base_cpu, "fixed_ms_cpu": 1e3 * (cpu["core"] - base_cpu),
+            "t_analyses": wall["run"] - wall["core"], "overhead_run": wall["run"] / base,
+            "overhead_streaming": wall["run_streaming"] / base, "mlx_over_torch": wall["mlx"] / wall["ref"],
         })
     return rows
 
@@ -183,15 +257,48 @@ def bench_metrics(numel: int, repeat: int) -> dict[str, Any]:
     a = rng.standard_normal(numel, dtype=np.float32)
     b = a + np.float32(1e-4) * rng.standard_normal(numel, dtype=np.float32)
     gb = 2 * a.nbytes / 1e9
-    t_metrics = timed(lambda: tensor_metrics(a, b), repeat)
-    t_numpy = timed(lambda: float(np.abs(b - a).max()), repeat)
+    t_metrics, cpu_metrics = timed_cpu(lambda: tensor_metrics(a, b), repeat)
+    t_numpy, cpu_numpy = timed_cpu(lambda: float(np.abs(b - a).max()), repeat)
     truth = a.astype(np.float64)
     t_budget = timed(lambda: precision_budget(truth, a, b), repeat)
     return {
         "numel": numel, "pair_gb": gb,
         "metrics_gbps": gb / t_metrics, "numpy_gbps": gb / t_numpy, "metrics_over_numpy": t_metrics / t_numpy,
+        "metrics_gbps_cpu": gb / cpu_metrics, "numpy_gbps_cpu": gb / cpu_numpy,
         "budget_gbps": (truth.nbytes + 2 * a.nbytes) / 1e9 / t_budget,
     }
+
+
+def bench_policy(repeat: int) -> dict[str, Any]:
+    """The thread policy against the pools' defaults (every available core), as ratios in one run: the
+    issue-17 cases (a metric pass whose BLAS dots spin on two threads; a small torch Linear)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from parity.metrics import tensor_metrics
+
+    cores = threads.available_cores()
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(2_000_000, dtype=np.float32)
+    b = a + np.float32(1e-4) * a
+    linear, x = torch.nn.Linear(256, 1024), torch.randn(192, 256)
+    before = torch.get_num_threads()
+
+    def forward():
+        with torch.no_grad():
+            linear(x)
+    try:
+        with threadpool_limits(limits=cores, user_api="blas"):
+            metrics_cores = timed(lambda: tensor_metrics.__wrapped__(a, b), repeat)  # without its one-thread BLAS
+            metrics_one = timed(lambda: tensor_metrics(a, b), repeat)
+        torch.set_num_threads(cores)
+        linear_cores = timed(forward, 10 * repeat)
+        torch.set_num_threads(1)
+        linear_one = timed(forward, 10 * repeat)
+    finally:
+        torch.set_num_threads(before)
+    return {"cores": cores, "metrics_cores_s": metrics_cores, "metrics_one_s": metrics_one,
+            "linear_cores_ms": 1e3 * linear_cores, "linear_one_ms": 1e3 * linear_one}
 
 
 # --- 4: peak RSS of a deep capture ------------------------------------------------------------
@@ -208,9 +315,17 @@ def stack_component(layers: int, tokens: int, width: int, kind: str = "linear"):
     import torch
 
     from fixtures.inputs import normal
-    from parity.capture import capture_mlx, capture_torch
+    from mlx_impl.taps import tap
+    from parity.capture_torch import hook_modules
     from parity.component import Component
+    from parity.config import ComponentConfig
     from parity.weights import strict_load
+
+    class StackConfig(ComponentConfig):
+        layers: int
+        tokens: int
+        width: int
+        kind: str
 
     class TorchAffine(torch.nn.Module):
         def __init__(self):
@@ -241,9 +356,10 @@ def stack_component(layers: int, tokens: int, width: int, kind: str = "linear"):
     class Stack(Component):
         name = "bench_stack"
         description = f"{layers} x ({kind}({width}) + tanh) on {tokens} tokens"
+        config_model = StackConfig
 
-        def load_config(self, path=None):
-            return {"layers": layers, "tokens": tokens, "width": width, "kind": kind}
+        def load_config(self, path=None, overrides=None):
+            return StackConfig(layers=layers, tokens=tokens, width=width, kind=kind)
 
         def make_inputs(self, config, seed):
             return {"x": normal(seed, "bench/x", (tokens, width))}
@@ -253,9 +369,8 @@ def stack_component(layers: int, tokens: int, width: int, kind: str = "linear"):
             return torch.nn.ModuleDict({"layers": torch.nn.ModuleList(torch_layer() for _ in range(layers))})
 
         def run_reference(self, reference, inputs, dtype, capture):
-            hooks = {f"layers.{i}": f"layer{i:02d}" for i in range(layers)}
             x = torch.from_numpy(inputs["x"]).to(getattr(torch, dtype))
-            with capture_torch(reference, capture, hooks):
+            with hook_modules(reference, capture, {"layers.*": "layer{0}"}):
                 for layer in reference["layers"]:
                     x = torch.tanh(layer(x))
 
@@ -264,22 +379,18 @@ def stack_component(layers: int, tokens: int, width: int, kind: str = "linear"):
             strict_load(model, weights, dtype=getattr(mx, dtype))
             return model
 
-        def run_mlx(self, model, inputs, dtype, capture):
-            from mlx_impl.taps import tap
-
+        def run_mlx(self, model, inputs, dtype):
             x = mx.array(inputs["x"]).astype(getattr(mx, dtype))
-            with capture_mlx(capture):
-                for i, layer in enumerate(model.layers):
-                    x = mx.tanh(tap(f"layer{i:02d}", layer(x)))
+            for i, layer in enumerate(model.layers):
+                x = mx.tanh(tap(f"layer{i}", layer(x)))
+            mx.eval(x)
 
     return Stack()
 
 
 def rss_child(mode: str, layers: int, tokens: int, width: int) -> dict[str, Any]:
     """In a subprocess: peak RSS of one run of the stack component (after a tiny warm-up)."""
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads.configure()
     from parity.runner import run_component
 
     run_component(stack_component(2, 8, 8, "affine"), out_dir=None)  # imports, allocator warm-up
@@ -429,29 +540,51 @@ def render_attention(rows: list[dict[str, Any]]) -> list[str]:
 
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
+    v, t = m["versions"], m["threads"]
+    blas = "; ".join(f"{b['file']} {b['version']} {b['architecture']} x{b['num_threads']}" for b in m["blas"])
+    env = ", ".join(f"{k}={val}" for k, val in m["openblas_env"].items()) or "none set"
+    load = ", ".join(f"{x:.1f}" for x in m["load_average"]) if m.get("load_average") else "-"
+    neighbour = (f"**contended**: a CPU-bound neighbour process (pid {results['neighbour']}) ran throughout"
+                 if results.get("neighbour") else "no neighbour started by the bench")
+    policy = (f"{t['requested'][0]} ({t['requested'][1]})" if t["requested"] else
+              f"per run: 1 for a reference under {threads.SMALL_REFERENCE:,} parameters, else the {t['available_cores']} available")
     lines = [f"# parity harness benchmarks, {m['date']}",
-             f"machine: {m['cpu']}, {m['nproc']} cores (nproc), {m['memory_gb']} GB RAM; "
-             f"torch {m['versions'].get('torch')}, mlx {m['versions'].get('mlx')}, numpy {m['versions'].get('numpy')}, "
-             f"python {m['versions'].get('python')}; MLX BLAS: {m['versions'].get('mlx_blas')}; "
-             f"mode: {'quick' if results['quick'] else 'default'}", ""]
-    lines += ["## Components (median wall time; plain = build both models + one forward each)", "",
-              "| component | dtype | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
-              "parity run s | overhead (goal <= 1.15) | streaming run s | overhead streaming |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+             f"machine: {m['cpu']}, {m['nproc']} cores (nproc), {m['memory_gb']} GB RAM, load average at start {load}; "
+             f"{neighbour}",
+             f"threads: {policy}; BLAS pools (threadpoolctl): {blas}; OPENBLAS_*: {env}",
+             f"torch {v.get('torch')}, mlx {v.get('mlx')}, numpy {v.get('numpy')}, python {v.get('python')}; "
+             f"MLX BLAS: {v.get('mlx_blas')}; mode: {'quick' if results['quick'] else 'default'}, "
+             f"median of {results['repeat']}", ""]
+    lines += ["## Components (median of wall time, or of CPU time where said; plain = build both models + "
+              "each side's forward for each call the run makes)", "",
+              "| component | dtype | threads | calls | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
+              "capture+compare s | overhead (goal <= 1.15) | overhead, CPU time | fixed cost ms (goal <= 50) | "
+              "fixed cost ms, CPU time | extra analyses s | parity run s | streaming run s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["components"]:
         if "error" in r:
-            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} ||||||||||||||")
             continue
-        plain = r["t_setup"] + r["t_ref"] + r["t_mlx"]
-        lines.append(f"| {r['component']} | {r['dtype']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
-                     f"{_f(plain)} | {_f(r['t_run'])} | {_f(r['overhead'], '.2f')} | {_f(r['t_run_streaming'])} | "
-                     f"{_f(r['overhead_streaming'], '.2f')} |")
+        lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {r['calls']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
+                     f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['overhead_cpu'], '.2f')} | "
+                     f"{_f(r['fixed_ms'], '.0f')} | {_f(r['fixed_ms_cpu'], '.0f')} | "
+                     f"{_f(r['t_analyses'])} | {_f(r['t_run'])} | {_f(r['t_run_streaming'])} |")
     mt = results["metrics"]
-    lines += ["", "## Metrics (float32 pairs, one pass, float64 accumulation)", "",
-              "| elements | data GB | tensor_metrics GB/s (goal >= 2) | numpy abs(b-a).max GB/s | metrics / numpy time | "
-              "precision_budget GB/s (f64 truth + 2 f32) |", "|---|---|---|---|---|---|",
+    lines += ["", "## Metrics (float32 pairs, one pass, float64 accumulation, BLAS on one thread)", "",
+              "| elements | data GB | tensor_metrics GB/s (goal >= 2) | numpy abs(b-a).max GB/s | metrics / numpy time (goal <= 2) | "
+              "tensor_metrics / numpy GB/s, CPU time | precision_budget GB/s (f64 truth + 2 f32) |",
+              "|---|---|---|---|---|---|---|",
               f"| {mt['numel']:,} | {_f(mt['pair_gb'])} | {_f(mt['metrics_gbps'], '.2f')} | {_f(mt['numpy_gbps'], '.2f')} | "
-              f"{_f(mt['metrics_over_numpy'], '.2f')} | {_f(mt['budget_gbps'], '.2f')} |"]
+              f"{_f(mt['metrics_over_numpy'], '.2f')} | {_f(mt['metrics_gbps_cpu'], '.2f')} / {_f(mt['numpy_gbps_cpu'], '.2f')} | "
+              f"{_f(mt['budget_gbps'], '.2f')} |"]
+    if results.get("policy"):
+        p = results["policy"]
+        lines += ["", f"## Thread policy vs the pools' default ({p['cores']} threads), median wall time", "",
+                  "| case | default s | policy (1 thread) s | default / policy |", "|---|---|---|---|",
+                  f"| tensor_metrics, 2M float32 pairs (BLAS dots) | {_f(p['metrics_cores_s'])} | {_f(p['metrics_one_s'])} | "
+                  f"{_f(p['metrics_cores_s'] / p['metrics_one_s'], '.2f')} |",
+                  f"| torch Linear(256, 1024) on 192 tokens | {_f(p['linear_cores_ms'] / 1e3)} | {_f(p['linear_one_ms'] / 1e3)} | "
+                  f"{_f(p['linear_cores_ms'] / p['linear_one_ms'], '.2f')} |"]
     if results.get("rss"):
         lines += ["", "## Peak RSS of a deep capture (subprocess each; per-channel affine + tanh stack, "
                       f"{_f(results['rss_tensor_mb'])} MB per captured tensor)", "",
@@ -482,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rss_child(mode, layers, tokens, width)))
         return 0
     if argv[:1] == ["--_full-child"]:
+        threads.configure()
         print(json.dumps(full_child(argv[1], argv[2], argv[3])))
         return 0
     if argv[:1] == ["--_attn-child"]:
@@ -490,9 +624,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--components", help="comma-separated components (default: every registered one)")
-    parser.add_argument("--quick", action="store_true", help="small data, one repetition (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small data, 3 repetitions")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeat", type=int, help="timed repetitions per measurement (median; default 5, quick 3)")
+    parser.add_argument("--threads", help="thread count (default: the harness's policy, or PARITY_THREADS)")
+    parser.add_argument("--contended", action="store_true",
+                        help="run every measurement next to a CPU-bound neighbour process")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--no-stack", action="store_true", help="skip the synthetic Linear-stack component")
     parser.add_argument("--full", action="store_true", help="also run the full-size configs (slow, GBs of memory)")
@@ -503,38 +640,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-only", action="store_true", help="only that measurement")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
+    configs = dict(FULL_CONFIGS)
+    for item in args.full_config:
+        name, _, path = item.partition("=")
+        if not path:
+            parser.error(f"--full-config expects COMPONENT=CONFIG, got {item!r}")
+        configs[name] = path
 
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    importlib.import_module("mlx.core")  # now (after torch, see parity.threads): the header names the BLAS it binds to
     from parity import registry
+    from parity.vocab import InputError
 
+    try:
+        threads.configure(args.threads)
+    except InputError as err:
+        parser.error(str(err))
+    if args.threads:  # the subprocesses (peak RSS, full size) follow the same count
+        os.environ[threads.ENV_THREADS] = args.threads
+    threads.advise_once()
     names = args.components.split(",") if args.components else registry.available()
     repeat = args.repeat or (3 if args.quick else 5)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "dtype": args.dtype, "repeat": repeat}
     print("benchmarking ...", file=sys.stderr)
-    if args.attention or args.attention_only:
-        results["attention"] = bench_attention(ATTENTION_TOKENS)
     if args.attention_only:
-        print("\n".join(render_attention(results["attention"])))
+        print("\n".join(render_attention(bench_attention(ATTENTION_TOKENS))))
         return 0
-    components = [registry.get(name) for name in names]
-    if not args.no_stack:  # a workload big enough for the per-run fixed costs not to dominate
-        components.append(stack_component(8, 1024, 512) if args.quick else stack_component(8, 2048, 1024))
-    results["components"] = bench_components(components, args.dtype, repeat)
-    results["metrics"] = bench_metrics(8_000_000 if args.quick else 64_000_000, repeat)
-    if not args.no_rss:
-        tokens, width = (16384, 128) if args.quick else (65536, 128)
-        results["rss_tensor_mb"] = tokens * width * 4 / 2**20
-        results["rss"] = bench_rss([10, 40], tokens, width)
-    if args.full:
-        configs = dict(FULL_CONFIGS)
-        for item in args.full_config:
-            name, _, path = item.partition("=")
-            if not path:
-                parser.error(f"--full-config expects COMPONENT=CONFIG, got {item!r}")
-            configs[name] = path
-        results["full"] = bench_full(configs, args.dtype)
+    with neighbour(args.contended) as pid:
+        results["neighbour"] = pid
+        if args.attention:
+            results["attention"] = bench_attention(ATTENTION_TOKENS)
+        components = [registry.get(name) for name in names]
+        if not args.no_stack:  # a workload big enough for the per-run fixed costs not to dominate
+            components.append(stack_component(8, 1024, 512) if args.quick else stack_component(8, 2048, 1024))
+        results["components"] = bench_components(components, args.dtype, repeat)
+        results["metrics"] = bench_metrics(8_000_000 if args.quick else 64_000_000, repeat)
+        results["policy"] = bench_policy(repeat)
+        if not args.no_rss:
+            tokens, width = (16384, 128) if args.quick else (65536, 128)
+            results["rss_tensor_mb"] = tokens * width * 4 / 2**20
+            results["rss"] = bench_rss([10, 40], tokens, width)
+        if args.full:
+            results["full"] = bench_full(configs, args.dtype)
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -8,6 +8,7 @@ never read as a finished one.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -92,27 +93,31 @@ def discard_if_empty(run_dir: Path) -> bool:
     return False
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+#: Temporary names are ``.<name>.<pid><token>-<n>.tmp``: unique to this process (a fork's too), no random draw per file.
+_TOKEN = secrets.token_hex(3)
+_COUNTER = itertools.count()
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temp file, then rename it into place."""
+    """Write ``path`` through ``write(fileobj)`` into a temporary name next to it, then rename it into place.
+
+    Four system calls (open, write, close, rename; the folder is made only when missing), new
+    files getting the usual permissions (the umask applies).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TOKEN}-{next(_COUNTER)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; reports are ordinary files
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -1,15 +1,20 @@
 """Error metrics between a reference tensor and a tensor under test, computed in float64.
 
 One implementation serves every component. Tensors are processed in one pass, in chunks of
-``CHUNK`` elements converted into reused float64 buffers, so no float64 copy of a whole tensor
-is made and memory use does not grow with tensor size. Non-finite values are counted per side
-and left out of the error sums (any NaN/Inf makes the layer fail, see ``parity.compare``).
+``CHUNK`` elements (small enough to stay in cache) converted into reused float64 buffers, so no
+float64 copy of a whole tensor is made and memory use does not grow with tensor size. The sums
+are BLAS dots on one thread (:func:`parity.threads.single_threaded_blas`: the pass is
+memory-bound, and a second BLAS thread loses badly to a busy neighbour core). Non-finite values
+are counted per side and left out of the error sums (any NaN/Inf makes the layer fail, see
+``parity.compare``).
 
-``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end. A
-cheap float32 estimate of the floor comes first (one BLAS dot over the reference); the main
-pass then keeps the few elements whose ``|ref|`` lies near the floor, so the exact value is
-settled at the end without a second pass (a second pass runs only if the estimate was off, or
-the tensor holds non-finite values).
+``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end (a
+tensor of one chunk is divided then, from the buffers). Otherwise a cheap float32 estimate of the floor comes first (one BLAS dot over the reference). The main pass
+divides only where it can matter: an element with ``|d| <= R * max(|ref|, lo)`` (``lo`` just
+under the estimate) contributes at most ``R``, the largest ratio found so far (seeded from a
+strided sample), whatever the floor turns out to be; the few others are divided exactly, and those whose ``|ref|`` lies near
+the floor are kept so the exact value is settled at the end without a second pass (a second
+pass runs only if the estimate was off, or the tensor holds non-finite values).
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-CHUNK = 1 << 17
+from parity.threads import single_threaded_blas
+
+#: Elements per chunk: 32K float64 buffers (256 KB each) stay in L2; bigger chunks spill, smaller ones pay per-call costs.
+CHUNK = 1 << 15
 #: max_rel divides by max(|ref|, REL_FLOOR * rms(ref)) so near-zero reference values do not explode.
 REL_FLOOR = 1e-3
 #: float32 unit roundoff: the smallest error a float32 reference can be expected to have.
@@ -27,6 +35,10 @@ FLOAT32_ROUNDOFF = 2.0**-24
 _BAND = 0.02
 #: At most this many band elements are kept; beyond that, max_rel takes a second pass.
 _BAND_CAP = 1 << 20
+#: Elements per dot of the floor estimate (a streaming read: no buffers to keep in cache; fewer calls).
+_ESTIMATE_CHUNK = 1 << 20
+#: Every this many elements of the first chunk seed the running max_rel the chunks are filtered against.
+_SAMPLE_STEP = 64
 _TINY = np.finfo(np.float64).tiny
 
 
@@ -55,10 +67,13 @@ def blocks(x: np.ndarray, n: int | None = None) -> Iterator[np.ndarray]:
 
 
 class _Buffers:
-    """Reused float64 work buffers of one chunk's size."""
+    """Reused float64 work buffers of one chunk's size, a ones vector (sums as BLAS dots) and a mask."""
 
     def __init__(self, count: int, size: int):
-        self.arrays = [np.empty(max(1, min(size, CHUNK)), np.float64) for _ in range(count)]
+        size = max(1, min(size, CHUNK))
+        self.arrays = [np.empty(size, np.float64) for _ in range(count)]
+        self.ones = np.ones(size, np.float64)
+        self.mask = np.empty(size, bool)
 
     def load(self, *chunks: np.ndarray) -> list[np.ndarray]:
         """Views of the first buffers holding ``chunks`` in float64, then the spare buffers (unset)."""
@@ -74,12 +89,13 @@ def _floor_estimate(ref: np.ndarray) -> float:
     if ref.size == 0 or ref.dtype not in (np.float32, np.float64):
         return math.nan
     total = 0.0
-    for chunk in blocks(ref):
+    for chunk in blocks(ref, _ESTIMATE_CHUNK):
         total += float(np.dot(chunk, chunk))
     estimate = REL_FLOOR * math.sqrt(total / ref.size)
     return estimate if math.isfinite(estimate) and estimate > 0 else math.nan
 
 
+@single_threaded_blas
 def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int | None]:
     """Cosine, max abs/rel, mean abs, RMSE, SNR (dB) and NaN/Inf counts of ``test`` against ``ref``.
 
@@ -89,13 +105,9 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     dot = ref_sq = test_sq = diff_sq = abs_sum = 0.0
     max_abs = ref_max = 0.0
     nan_ref = inf_ref = nan_test = inf_test = finite = 0
-    estimate = _floor_estimate(ref)
-    banded = not math.isnan(estimate)
-    lo, hi = estimate * (1 - _BAND), estimate * (1 + _BAND)
-    rel_big = below_lo = 0.0  # max |d|/|a| over |a| >= hi; max |d| over |a| < lo
-    band_a: list[np.ndarray] = []
-    band_d: list[np.ndarray] = []
-    band_size = 0
+    single = n <= CHUNK  # one chunk: max_rel straight from it at the end, once the floor is known
+    estimate = math.nan if single else _floor_estimate(ref)
+    rel = None if math.isnan(estimate) else _RelMax(estimate)
     buffers = _Buffers(3, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for ca, cb in zip(blocks(ref), blocks(test)):
@@ -115,41 +127,27 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
             finite += a.size
             if a.size == 0:
                 continue
-            dot += float(a @ b)
             ref_sq += rs
             test_sq += ts
             np.subtract(b, a, out=d)
-            diff_sq += float(d @ d)
+            dd = float(d @ d)
+            diff_sq += dd
+            dot += (rs + ts - dd) / 2  # a.b without a fourth dot, as accurate: b - a of float32s is exact in float64
             np.abs(d, out=d)
-            abs_sum += float(d.sum())
+            abs_sum += float(d @ buffers.ones[:d.size])
             max_abs = max(max_abs, float(d.max()))
             np.abs(a, out=a)
             ref_max = max(ref_max, float(a.max()))
-            if not banded:
-                continue
-            np.divide(d, a, out=b)
-            small = np.flatnonzero(a < hi)
-            if small.size:
-                b[small] = 0.0  # settled below, once the floor is known
-                small_a, small_d = a[small], d[small]
-                low = small_a < lo
-                if low.any():
-                    below_lo = max(below_lo, float(small_d[low].max()))
-                    small_a, small_d = small_a[~low], small_d[~low]
-                if small_a.size and band_size <= _BAND_CAP:
-                    band_a.append(small_a)
-                    band_d.append(small_d)
-                    band_size += small_a.size
-            rel_big = max(rel_big, float(b.max()))
+            if rel is not None:
+                rel.add(a, d, b, buffers.mask[:a.size])  # b is free: scratch
     ref_rms = math.sqrt(ref_sq / finite) if finite else 0.0
     floor = max(REL_FLOOR * ref_rms, _TINY)
-    if banded and lo <= floor <= hi and band_size <= _BAND_CAP:
-        # |a| >= hi >= floor: |d|/|a| exactly; |a| < lo <= floor: |d|/floor; the band in between, element-wise.
-        max_rel = max(rel_big, below_lo / floor)
-        if band_a:
-            max_rel = max(max_rel, float((np.concatenate(band_d) / np.maximum(np.concatenate(band_a), floor)).max()))
+    if single:  # a = |ref| and d = |test - ref| of the only chunk
+        max_rel = float(np.divide(d, np.maximum(a, floor, out=a), out=d).max()) if finite else 0.0
     else:
-        max_rel = _max_rel(ref, test, floor)
+        max_rel = rel.result(floor) if rel is not None else None
+        if max_rel is None:
+            max_rel = _max_rel(ref, test, floor)
     if ref_sq > 0 and test_sq > 0:
         cosine = dot / math.sqrt(ref_sq * test_sq)
     else:
@@ -175,6 +173,64 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
         "nan_mlx": nan_test,
         "inf_mlx": inf_test,
     }
+
+
+class _RelMax:
+    """max |d| / max(|a|, floor) over the chunks of one pass, the floor known only at the end.
+
+    ``estimate`` is the floor's estimate; the band ``[lo, hi)`` around it holds the elements
+    whose ratio depends on the exact floor. ``big``: the max ratio over ``|a| >= hi`` (exact
+    once the floor is <= hi); ``below``: the max ``|d|`` over ``|a| < lo`` (divided by the floor
+    at the end); band elements are kept, up to ``_BAND_CAP``.
+    """
+
+    def __init__(self, estimate: float):
+        self.lo, self.hi = estimate * (1 - _BAND), estimate * (1 + _BAND)
+        self.big = self.below = 0.0
+        self.band_a: list[np.ndarray] = []
+        self.band_d: list[np.ndarray] = []
+        self.band_size = 0
+
+    def add(self, a: np.ndarray, d: np.ndarray, scratch: np.ndarray, mask: np.ndarray) -> None:
+        """One chunk: ``a`` = |ref|, ``d`` = |test - ref| (float64, finite), ``scratch`` and ``mask`` its size.
+
+        An element contributes at most ``|d| / max(|a|, lo)`` whatever the floor (>= lo) turns out
+        to be, so those with ``|d| <= big * max(|a|, lo)`` cannot raise the result: only the rest are divided.
+        """
+        if not self.big:  # a first lower bound, from a strided sample
+            self._divide(a[::_SAMPLE_STEP], d[::_SAMPLE_STEP])
+        np.maximum(a, self.lo, out=scratch)
+        scratch *= self.big
+        if np.greater(d, scratch, out=mask).any():
+            beyond = np.flatnonzero(mask)
+            self._divide(a[beyond], d[beyond], keep_small=True)
+
+    def _divide(self, a: np.ndarray, d: np.ndarray, keep_small: bool = False) -> None:
+        big = a >= self.hi
+        if big.any():
+            self.big = max(self.big, float((d[big] / a[big]).max()))
+        if not keep_small or big.all():
+            return
+        small_a, small_d = a[~big], d[~big]
+        low = small_a < self.lo
+        if low.any():
+            self.below = max(self.below, float(small_d[low].max()))
+            small_a, small_d = small_a[~low], small_d[~low]
+        if small_a.size and self.band_size <= _BAND_CAP:
+            self.band_a.append(small_a)
+            self.band_d.append(small_d)
+            self.band_size += small_a.size
+
+    def result(self, floor: float) -> float | None:
+        """The exact max_rel for ``floor``, or None when it needs a second pass (floor outside the band, band too big)."""
+        if not (self.lo <= floor <= self.hi and self.band_size <= _BAND_CAP):
+            return None
+        # |a| >= hi >= floor: |d|/|a| exactly; |a| < lo <= floor: |d|/floor; the band in between, element-wise.
+        max_rel = max(self.big, self.below / floor)
+        if self.band_a:
+            band = np.concatenate(self.band_d) / np.maximum(np.concatenate(self.band_a), floor)
+            max_rel = max(max_rel, float(band.max()))
+        return max_rel
 
 
 def _max_rel(ref: np.ndarray, test: np.ndarray, floor: float) -> float:
@@ -217,6 +273,7 @@ ROUNDED = ("bfloat16", "float16")
 EXACT_ROUNDOFFS = 64
 
 
+@single_threaded_blas
 def precision_budget(truth: np.ndarray, ref: np.ndarray, test: np.ndarray, test_dtype: str | None = None
                      ) -> dict[str, float]:
     """Our error against a float64 truth relative to the reference's own error against it.
@@ -267,6 +324,7 @@ def precision_budget(truth: np.ndarray, ref: np.ndarray, test: np.ndarray, test_
     return out
 
 
+@single_threaded_blas
 def rmse_and_rms(truth: np.ndarray, test: np.ndarray) -> tuple[float, float]:
     """RMSE of ``test`` against ``truth`` and the RMS of ``truth`` (finite elements only)."""
     diff_sq = truth_sq = 0.0

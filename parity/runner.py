@@ -135,6 +135,9 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
         else:
             ref_model = comp.build_reference(config, seed)
             weights = comp.reference_weights(ref_model)
+    threads.apply(parameters=sum(int(getattr(v, "size", 0)) for v in weights.values()))
+    if mlx:
+        threads.advise_once()  # one line, once, when MLX's float32 GEMM is the slow reference BLAS
     converted = _converted(comp, weights) if mlx else None
     mlx_model = comp.build_mlx(config, converted, dtype) if mlx else None
     hooks, alignment = comp.run_hooks(weights)
@@ -187,7 +190,6 @@ def run_reference(setup: Setup, dtype: str, capture: Capture, inputs: Mapping[st
     """The reference in ``dtype`` (``float64``: the truth) into ``capture``, on ``inputs`` (default: the setup's)."""
     import torch
 
-    threads.apply_to_torch()
     comp = setup.component
 
     def run() -> None:
@@ -217,11 +219,12 @@ class Sides:
 
 def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path | None = None,
               stats_only: Sequence[str] | None = None, ref: Capture | None = None, truth: Capture | None = None,
-              keep_mlx: bool = True, progress: Progress = SILENT) -> Sides:
+              keep_mlx: bool = True, progress: Progress = SILENT, float64_truth: bool = True) -> Sides:
     """Run the sides a comparison needs; ``ref`` / ``truth`` given (a bundle): only the MLX side runs.
 
     ``streaming``: tensors go to ``spool/<side>/`` as captured and each MLX tensor is judged as it
-    arrives; ``keep_mlx`` False writes no MLX tensor (statistics only, when nothing reads them).
+    arrives; ``keep_mlx`` False writes no MLX tensor (statistics only, when nothing reads them);
+    ``float64_truth`` False skips the truth run of a reduced-precision run (no precision budget).
     """
     label = f"[{setup.name} {setup.dtype}]"
     keep = stats_predicate(stats_only)
@@ -233,7 +236,7 @@ def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path |
         return Capture(side)
 
     if ref is None:
-        if setup.dtype != "float32":
+        if setup.dtype != "float32" and float64_truth:
             truth = capture("truth")
             with progress.counter(f"{label} float64 reference") as count:
                 truth.observers.append(count)
@@ -390,6 +393,7 @@ def run_component(
     streaming: bool = False,
     stats_only: Sequence[str] | None = None,
     keep_tensors: str = "all",
+    analyses: bool = True,
     calibration_dir: str | Path | None = calibration.DEFAULT_DIR,
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
@@ -401,6 +405,9 @@ def run_component(
     statistics and a small sample of those layers. ``keep_tensors``: which tensors the report
     folder keeps (all, failing layers only, none). ``calibration_dir``: where ``parity calibrate``
     wrote per-layer limits (used when recorded for this config; None: global limits only).
+    ``analyses`` False leaves out what the verdict does not need (the float64 truth of a bf16 run,
+    the component's sections: views and extra runs such as drift): the capture-and-compare part
+    alone, as ``bench/run_bench.py`` times it.
     """
     progress = progress or SILENT
     if keep_tensors not in KEEP_TENSORS:
@@ -418,14 +425,14 @@ def run_component(
         spool, tmp = spool_dir(report_dir) if streaming else (None, None)
         sides = run_sides(setup, judge, streaming, spool, stats_only,
                           keep_mlx=report_dir is not None or comp.has_views() or comp.has_extra_runs(),
-                          progress=progress)
+                          progress=progress, float64_truth=analyses)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
                              sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
                              calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
                              sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp},
                              comparison=comparison)
-        comparison.sections = sections(setup, context, bool(sides.crashes))
+        comparison.sections = sections(setup, context, bool(sides.crashes)) if analyses else []
         skipped = second_call_skipped(setup, streaming, bool(sides.crashes))
         if skipped is None:
             sides.crashes += _merge_second_call(second_call(setup, judge, progress), comparison, context)

@@ -79,3 +79,53 @@ def test_precision_budget_floor_when_reference_is_exact():
     floor = 2.0**-24 * np.sqrt(np.mean(truth**2))
     assert budget["ref_err_vs_truth"] == 0.0
     assert budget["budget_ratio"] == pytest.approx(np.sqrt(np.mean(error**2)) / floor, rel=1e-9)
+
+
+def _direct(ref, test):
+    """The metrics straight from their definitions, on whole float64 copies."""
+    a, b = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    d = np.abs(b - a)
+    rms = math.sqrt(float(np.mean(a * a))) if a.size else 0.0
+    floor = max(metrics.REL_FLOOR * rms, np.finfo(np.float64).tiny)
+    return {"max_abs": float(d.max(initial=0.0)), "max_rel": float((d / np.maximum(np.abs(a), floor)).max(initial=0.0)),
+            "mean_abs": float(d.mean()), "rmse": math.sqrt(float(np.mean(d * d))), "ref_rms": rms,
+            "ref_max_abs": float(np.abs(a).max(initial=0.0)),
+            "cosine": float(a @ b / math.sqrt(float(a @ a) * float(b @ b)))}
+
+
+def _cases():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(100_003).astype(np.float32)
+    noise = rng.standard_normal(x.size).astype(np.float32)
+    relu = np.maximum(x, 0)
+    near_floor = x.copy()
+    near_floor[::97] = np.float32(1e-3) * np.sqrt(np.mean(x.astype(np.float64) ** 2)) * (1 + noise[::97] / 100)
+    heavy = (rng.standard_t(1.5, x.size)).astype(np.float32)
+    holes = x.copy()
+    holes[5], holes[77_777] = np.nan, np.inf
+    grid = rng.standard_normal((7, 130, 90)).astype(np.float32)
+    return {
+        "noise": (x, x + np.float32(1e-4) * noise),
+        "error grows along the tensor": (x, x * (1 + np.linspace(0, 1e-3, x.size, dtype=np.float32))),
+        "relu with errors at the zeros": (relu, relu + np.float32(1e-6) * np.abs(noise)),
+        "values near the floor": (near_floor, near_floor + np.float32(1e-5) * noise),
+        "heavy tails": (heavy, heavy * (1 + np.float32(1e-3) * noise)),
+        "non-finite values": (holes, x + np.float32(1e-4) * noise),
+        "non-contiguous": (grid.transpose(2, 0, 1), (grid + np.float32(1e-3)).transpose(2, 0, 1)),
+        "float64": (x.astype(np.float64), x.astype(np.float64) + 1e-9 * noise),
+        "float16": (x[:5000].astype(np.float16), (x[:5000] + np.float32(1e-2)).astype(np.float16)),
+        "one element": (x[:1], x[:1] * 2),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_one_pass_equals_the_definitions(case, monkeypatch):
+    ref, test = _cases()[case]
+    expected = _direct(ref, test)
+    for chunk in (metrics.CHUNK, 4096, 1 << 20):  # several chunks (a running max_rel filters later ones), or one
+        monkeypatch.setattr(metrics, "CHUNK", chunk)
+        got = tensor_metrics(ref, test)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15 if key == "cosine" else 0), (case, chunk, key)

@@ -47,8 +47,9 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--component-module", action="append", default=[], metavar="FILE", type=Path,
                         help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
-    common.add_argument("--threads", type=positive_int, metavar="N",
-                        help="threads for torch and BLAS (default: the cores this process may use; or PARITY_THREADS)")
+    common.add_argument("--threads", metavar="N",
+                        help="threads for torch and BLAS (default: PARITY_THREADS, else one for a small reference "
+                             "and the cores this process may use for a big one)")
     common.add_argument("--quiet", action="store_true", help="no progress output")
     return common
 
