@@ -294,7 +294,8 @@ def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT, ref: Ca
     if crash is not None and crash.after:
         crash.after = SECOND_CALL + crash.after
     judged = compare(setup.component.name, setup.dtype, ref, mlx, judge.thresholds, judge.alignment,
-                     crash=crash, lineage=judge.lineage, partial=True, calibrated=judge.calibrated)
+                     crash=crash, lineage=judge.lineage, partial=True, calibrated=judge.calibrated,
+                     key_groups=judge.key_groups)
     layers = [replace(l, name=SECOND_CALL + l.name, mlx_name=SECOND_CALL + l.mlx_name) for l in judged.layers]
     return SecondCall(layers, ref, mlx, crash)
 

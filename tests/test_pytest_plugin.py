@@ -58,7 +58,7 @@ def test_failing_run_names_first_diverging_layer(pytester):
         "E * first diverging layer: helios/q_rot",
         "E * max abs * > *; cosine * < 0.99999 (1 - cos = *)",
         "E * worst layer: helios/k_rot  cosine *",
-        "E * failing layers: helios/q_rot, helios/k_rot, wan/q_rot, wan/k_rot",
+        "E * failing layers: helios/q_rot, helios/k_rot, wan/q_rot, wan/k_rot, call2/helios/q_rot, *",
         "E * report: *rope-float32",
         "E * assert 'FAIL' == 'PASS'",  # pytest rewrote the plugin's assert
     ])

@@ -44,14 +44,16 @@ def test_streaming_gives_the_in_memory_rows(tmp_path, dtype):
     no_report = run_component("rope", dtype, out_dir=None, streaming=True)
     assert memory.verdict == streamed.verdict == no_report.verdict == "PASS"
     assert first_call(memory) == streamed.report["layers"] == no_report.report["layers"]
-    assert memory.report["summary"] == streamed.report["summary"]
+    calls = 2 if dtype == "float32" else 1  # the in-memory float32 run also counts its second call's layers
+    assert memory.report["summary"] == {**streamed.report["summary"], "layers": calls * streamed.report["summary"]["layers"]}
     # the dumps are the same files, described by the same manifest
     manifest = json.loads((streamed.report_dir / "manifest.json").read_text())
     old = json.loads((memory.report_dir / "manifest.json").read_text())
     for side in old["sides"]:
-        assert manifest["sides"][side]["files"] == old["sides"][side]["files"]
-        assert manifest["sides"][side]["layer_order"] == old["sides"][side]["layer_order"]
-        for layer, relative in old["sides"][side]["files"].items():
+        files = {k: v for k, v in old["sides"][side]["files"].items() if not k.startswith("call2/")}
+        assert manifest["sides"][side]["files"] == files
+        assert manifest["sides"][side]["layer_order"] == [k for k in old["sides"][side]["layer_order"] if k in files]
+        for layer, relative in files.items():
             assert np.array_equal(np.load(streamed.report_dir / relative), np.load(memory.report_dir / relative))
 
 
