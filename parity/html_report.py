@@ -24,15 +24,13 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, FileSystemLoader
 
-from parity.dumps import incomplete_reason, layer_file, manifest_files, write_text
+from parity.dumps import dump_path, incomplete_reason, load_dump, write_text
 from parity.report import load_report
-from parity.vocab import InputError, fmt, inside, load_json, load_npy, number
+from parity.vocab import InputError, fmt, load_json, number
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 INDEX_NAME = "index.html"
 HTML_NAME = "report.html"
-#: Dumps larger than this are memory-mapped instead of read.
-MMAP_BYTES = 256 << 20
 _RUN_TIME = re.compile(r"^(\d{8}-\d{6})")
 
 
@@ -222,15 +220,6 @@ def section_table(data: dict[str, Any], failing: str | None = None) -> dict[str,
 
 # --- tensor images -----------------------------------------------------------------------------
 
-def _load_dump(path: Path) -> np.ndarray:
-    return load_npy(path, mmap=path.is_file() and path.stat().st_size > MMAP_BYTES)
-
-
-def _dump_path(report_dir: Path, manifest: dict[str, Any], side: str, layer: str) -> Path:
-    relative = manifest_files(manifest, side, f"report {report_dir}").get(layer) or f"{side}/{layer_file(layer)}"
-    return inside(report_dir, relative, f"report {report_dir}: manifest entry of the {side} dump of {layer!r}")
-
-
 def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """Images of the first diverging layer and of the worst layer (one if they are the same)."""
     from parity import plots
@@ -256,8 +245,8 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
         view = {"heading": heading, "layer": layer, "note": "", "caption": "", "image": None, "truth_image": None}
         views.append(view)
         try:
-            ref = _load_dump(_dump_path(report_dir, manifest, "ref", layer))
-            ours = _load_dump(_dump_path(report_dir, manifest, "mlx", str(row.get("mlx_layer") or layer)))
+            ref = load_dump(dump_path(report_dir, manifest, "ref", layer))
+            ours = load_dump(dump_path(report_dir, manifest, "mlx", str(row.get("mlx_layer") or layer)))
         except InputError as err:
             view["note"] = f"No tensor image: {err}."
             continue
@@ -274,9 +263,9 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
             continue
         truth = None
         try:
-            truth_path = _dump_path(report_dir, manifest, "truth", layer)
+            truth_path = dump_path(report_dir, manifest, "truth", layer)
             if truth_path.is_file():
-                truth = _load_dump(truth_path)
+                truth = load_dump(truth_path)
         except InputError as err:
             view["note"] = f"Float64 truth not shown: {err}."
         try:
@@ -313,8 +302,8 @@ def attention_view(report_dir: Path, report: dict[str, Any]) -> dict[str, Any] |
         manifest = {}
 
     def load(side: str, layer: str) -> np.ndarray | None:
-        path = _dump_path(report_dir, manifest, side, layer)
-        return _load_dump(path) if path.is_file() else None
+        path = dump_path(report_dir, manifest, side, layer)
+        return load_dump(path) if path.is_file() else None
     return {"table": {"id": "attention-heads", "columns": table_columns, "rows": body},
             "curves": [image for image in map(plots.curves_plot, attention_report.depth_curves(rows)) if image],
             "grids": attention_report.grids(rows, load)}
