@@ -1,0 +1,95 @@
+"""Tensor hypotheses on values: ours is the reference zeroed somewhere, negated, clamped, scaled, offset or
+shifted again in time -- each a transform of the reference (and the truth) the judge compares with ours.
+
+Fitted parameters (a scale, an offset, clamp bounds, a time shift) are computed from the tensors,
+so those candidates carry a floor of a few roundings of the reference's dtype (:data:`ROUNDINGS`).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from parity.explain.evidence import Candidate, Evidence
+from parity.vocab import fmt
+
+#: A fitted candidate's abs limit is at least this many unit roundoffs of the reference's dtype times max|ref|.
+ROUNDINGS = 16
+_EPS = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-9, "float16": 2.0**-11}
+
+
+def _floor(evidence: Evidence) -> float:
+    return ROUNDINGS * _EPS.get(evidence.dtype_ref, 2.0**-24)
+
+
+def zeroed_region(evidence: Evidence) -> Iterator[Candidate]:
+    """Slices of an axis that are all zero in ours and not in the reference (a missing cache, dropped
+    history, zeros taken for a value): the reference with those slices zeroed."""
+    ours, ref = evidence.ours, np.asarray(evidence.ref)
+    if ours.shape != ref.shape or not ours.size:
+        return
+    if not ours.any():
+        yield evidence.mapped("all values zero", np.zeros_like)
+        return
+    for axis in range(ours.ndim):
+        other = tuple(a for a in range(ours.ndim) if a != axis)
+        zero = ~ours.any(axis=other) & ref.any(axis=other)
+        if zero.any() and not zero.all():
+            where = np.flatnonzero(zero)
+            span = f"{where[0]}..{where[-1]}" if len(where) == where[-1] - where[0] + 1 else f"{len(where)} slices"
+
+            def zeroed(x: np.ndarray, axis: int = axis, zero: np.ndarray = zero) -> np.ndarray:
+                return np.where(np.expand_dims(zero, other), 0.0, x)
+            yield evidence.mapped(f"slices {span} of axis {axis} zeroed", zeroed)
+
+
+def sign_flip(evidence: Evidence) -> Iterator[Candidate]:
+    yield evidence.mapped("the sign flipped", np.negative)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)))
+
+
+def scale(evidence: Evidence) -> Iterator[Candidate]:
+    """The least-squares factor ``ours ~ a * reference``."""
+    norm = _dot(evidence.ref, evidence.ref)
+    if norm > 0 and evidence.ours.shape == evidence.ref.shape:
+        a = _dot(evidence.ours, evidence.ref) / norm
+        if a != 1.0:
+            yield evidence.mapped(f"a factor {a:.7g}", lambda x: a * x, floor=_floor(evidence))
+
+
+def offset(evidence: Evidence) -> Iterator[Candidate]:
+    """The constant ``ours ~ reference + b`` (the mean difference)."""
+    if evidence.ours.shape == evidence.ref.shape and evidence.ref.size:
+        b = float(np.mean(np.asarray(evidence.ours, np.float64) - evidence.ref))
+        if b:
+            yield evidence.mapped(f"an offset {fmt(b)}", lambda x: x + b, floor=_floor(evidence))
+
+
+def clamp(evidence: Evidence) -> Iterator[Candidate]:
+    """Ours clamped to a range the reference exceeds, or the reference clamped where ours is not."""
+    ours, ref = evidence.ours, np.asarray(evidence.ref)
+    if ours.shape != ref.shape or not ref.size:
+        return
+    lo, hi, ref_lo, ref_hi = float(ours.min()), float(ours.max()), float(ref.min()), float(ref.max())
+    if lo > ref_lo or hi < ref_hi:
+        yield evidence.mapped(f"a clamp to [{fmt(lo)}, {fmt(hi)}]", lambda x: np.clip(x, lo, hi), floor=_floor(evidence))
+    if ref_lo > lo or ref_hi < hi:
+        yield evidence.moved(f"no clamp where the reference clamps to [{fmt(ref_lo)}, {fmt(ref_hi)}]",
+                             np.clip(ours, ref_lo, ref_hi), floor=_floor(evidence))
+
+
+def shift_again(evidence: Evidence) -> Iterator[Candidate]:
+    """A schedule in [0, 1] time-shifted once more: ``ours = c r / (1 + (c - 1) r)`` for a fitted c (the shift
+    applied twice: c = shift)."""
+    ours, ref = np.asarray(evidence.ours, np.float64).reshape(-1), np.asarray(evidence.ref, np.float64).reshape(-1)
+    if evidence.ours.shape != evidence.ref.shape or ref.size < 2 or ref.min() < 0 or ref.max() > 1:
+        return
+    inner = (ref > 1e-6) & (ref < 1 - 1e-6) & (ours > 1e-6) & (ours < 1 - 1e-6)
+    if not inner.any():
+        return
+    c = float(np.median(ours[inner] * (1 - ref[inner]) / (ref[inner] * (1 - ours[inner]))))
+    if abs(c - 1) > 1e-6:
+        yield evidence.mapped(f"the schedule time-shifted again by {c:.6g}", lambda x: c * x / (1 + (c - 1) * x), floor=_floor(evidence))
