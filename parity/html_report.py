@@ -309,6 +309,40 @@ def attention_view(report_dir: Path, report: dict[str, Any]) -> dict[str, Any] |
             "grids": attention_report.grids(rows, load)}
 
 
+# --- the explanation (parity explain) --------------------------------------------------------------
+
+def explanation_view(explanation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's ``explanation`` as the page shows it: per explained layer, its summary, a table of the
+    mistakes tested that explain it (or remove most of its error), and the notes."""
+    if not isinstance(explanation, dict):
+        return None
+    layers = []
+    columns = [column("mistake"), column("what exactly"), column("explains", title="brings the layer within its limits"),
+               column("share of the error removed", True), column("before"), column("after")]
+    for entry in explanation.get("layers") or []:
+        if not isinstance(entry, dict):
+            continue
+        rows = []
+        for h in entry.get("hypotheses") or []:
+            mistake = cell(h.get("name"), cls="mono", title=str(h.get("description") or ""))
+            mistake["meta"] = str(h.get("description") or "")
+            before, after = h.get("before") or {}, h.get("after") or {}
+            rows.append({"cls": "" if h.get("explained") else "muted", "id": "", "cells": [
+                mistake, cell(h.get("detail")), cell("yes" if h.get("explained") else "partly",
+                                                     badge="PASS" if h.get("explained") else "INFO"),
+                cell(f"{float(h.get('share') or 0):.0%}", sort_key(h.get("share")), "num"),
+                cell(f"max abs {fmt(before.get('max_abs'))}", sort_key(before.get("max_abs")), "num"),
+                cell(h.get("change"), sort_key(after.get("max_abs")), "num")]})
+        notes = [str(n) for n in entry.get("notes") or []]
+        notes += [f"{s.get('name')} raised and was skipped: {s.get('error')}" for s in entry.get("skipped") or []
+                  if isinstance(s, dict)]
+        layers.append({"layer": str(entry.get("layer")), "summary": str(entry.get("summary") or ""),
+                       "explained": bool(entry.get("explained")), "tested": entry.get("tested"),
+                       "table": {"id": "", "columns": columns, "rows": rows} if rows else None, "notes": notes})
+    return {"advice": str(explanation.get("advice") or ""), "layers": layers, "error": explanation.get("error"),
+            "notes": [str(n) for n in explanation.get("notes") or []]}
+
+
 # --- the run report ------------------------------------------------------------------------------
 
 def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
@@ -396,7 +430,8 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
     html = _env().get_template("report.html.j2").render(
         r={"component": report.get("component", "?"), "dtype": report.get("dtype", "?"),
            "verdict": report.get("verdict", "UNKNOWN")},
-        first=first_info, culprit=report.get("culprit"), passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
+        first=first_info, culprit=report.get("culprit"), explanation=explanation_view(report.get("explanation")),
+        passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
         crash=report.get("crash"),
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),
