@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,15 +28,20 @@ from parity.runner import run_component
 
 ROOT = Path(__file__).resolve().parent.parent
 GLUE = ROOT / "examples" / "external_port_parity.py"
-registry.use_files([GLUE])
+sys.path.insert(0, str(ROOT / "examples"))  # where the external port lives (the glue's folder)
 from external_port import dit_block, embedding, wan_vae  # noqa: E402
 from external_port import rope as port_rope  # noqa: E402
 from test_scheduler import brief_formula, inverse_shift, scheduler_config  # noqa: E402
 from test_vae import lose_cache  # noqa: E402
 
-pytest_plugins = ["pytester"]
 FAST_BLOCK = {"drift_steps": 1}
 SMALL_VAE = {"frames": 5, "height": 16, "width": 16}
+
+
+@pytest.fixture(autouse=True)
+def glue():
+    """The external port's components (the registry is reset after every test)."""
+    registry.use_files([GLUE])
 
 
 @pytest.fixture
