@@ -33,10 +33,11 @@ Use from other code (a two-expert Wan2.2 pipeline, a causal variant)::
     model = WanTransformer(WanDims.of(diffusers_config))
     strict_load(model, state_dict, convert=convert_key, dtype=mx.bfloat16, keep_float32=KEEP_FP32)
     velocity = model(latents, timestep, text)   # latents (b, T, H, W, in_channels), text (b, L, text_dim)
+    velocity = model(latents, timestep, context=model.embed_text(text))   # the text embedded once, reused
 
 ``model.embed_text`` / ``model.embed_time`` / ``model.run_blocks`` are the pieces of the forward,
-usable on their own (each expert its own text embedding: catalog bug 9). ``blocks`` is any
-sequence of blocks: :class:`StreamedBlocks` loads each block's weights when it is reached.
+usable on their own (each expert its own text embedding: catalog bug 9, :mod:`mlx_impl.wan_experts`).
+``blocks`` is any sequence of blocks: :class:`StreamedBlocks` loads each block's weights when it is reached.
 """
 from __future__ import annotations
 
@@ -292,14 +293,18 @@ class WanTransformer(_Transformer):
             temb, proj = self.condition_embedder.embed_time(timestep, dtype)
         return temb, proj.reshape(proj.shape[0], 6, -1)
 
-    def __call__(self, latents: mx.array, timestep: mx.array, text: mx.array) -> mx.array:
-        """``latents`` ``(b, T, H, W, in_channels)``, ``timestep`` ``(b,)``, ``text`` ``(b, L, text_dim)`` -> ``(b, T, H, W, out)``."""
+    def __call__(self, latents: mx.array, timestep: mx.array, text: mx.array | None = None,
+                 context: mx.array | None = None) -> mx.array:
+        """``latents`` ``(b, T, H, W, in_channels)``, ``timestep`` ``(b,)``, ``text`` ``(b, L, text_dim)`` -> ``(b, T, H, W, out)``.
+
+        ``context`` instead of ``text``: the text already embedded by this model (:meth:`embed_text`), e.g.
+        once per prompt for a whole denoising loop; its dtype stands for the text's (the model's dtype)."""
         grid = self.patch_grid(latents)
         rope = self.rope(grid)
         x = tap("patch_embedding", self.patch_embedding(latents))
         x = tap("tokens", x.reshape(x.shape[0], -1, x.shape[-1]))
-        temb, proj = self.embed_time(timestep, text.dtype)
-        context = self.embed_text(text)
+        temb, proj = self.embed_time(timestep, (text if context is None else context).dtype)
+        context = self.embed_text(text) if context is None else context
         x = self.run_blocks(x, context, proj, rope)
         return self.output(x, temb, grid, self.scale_shift_table)
 

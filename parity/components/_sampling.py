@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from parity import teacher_forcing
 from parity.alignment import Alignment, Exclusion, merged
 from parity.capture import Capture
 from parity.compare import EXCLUDED, FAIL, PASS, LayerResult, compare
@@ -154,3 +155,40 @@ def trajectory_section(run: RunContext, labels: Sequence[str], xlabel: str) -> S
 def port_inputs(schedule: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The port's schedule layers as reference inputs (``schedule/<layer>``): teacher forcing of the schedule."""
     return {f"schedule/{name}": np.asarray(value) for name, value in schedule.items()}
+
+
+def teacher_states(ref: Capture, latents: np.ndarray, steps: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per UniPC step, the reference's state entering it: (latents, last_sample), channels-last.
+
+    The latents entering step k are ``step{k-1}/sample``; ``last_sample`` is the corrected sample of
+    step k - 1 (its ``step{k-1}/corrector``, or the latents entering step k - 1 when none ran).
+    """
+    x = [np.ascontiguousarray(latents.transpose(0, 2, 3, 4, 1))] + [ref[f"step{k}/sample"] for k in range(steps - 1)]
+    last = [None] + [ref[f"step{k}/corrector"] if f"step{k}/corrector" in ref else x[k] for k in range(steps - 1)]
+    return list(zip(x, last))
+
+
+def teacher_forced_steps(run: RunContext, reference: Callable[[str, Capture], None], mlx: Callable[[Capture], None],
+                         judged: Callable[[str], bool]) -> list[Section]:
+    """Teacher forcing per step (:func:`parity.teacher_forcing.sections`): ``reference(dtype, capture)`` and
+    ``mlx(capture)`` run the loop again, each step from the reference's state entering it (in bf16 the
+    reference also in float64); their layers for which ``judged(name)`` holds are judged as layers are.
+    Per step ``step{k}``: the local result is its first failing layer (else its last), the inherited one
+    the free-running ``step{k}/sample``."""
+    sides = {"ref": Capture("ref"), "truth": Capture("truth") if run.truth is not None else None}
+    reference(run.dtype, sides["ref"])
+    if sides["truth"] is not None:
+        reference("float64", sides["truth"])
+    ours = Capture("mlx")
+    mlx(ours)
+    steps = [name for name in sides["ref"].order if judged(name)]
+    forced = judge_subset(run, sides["ref"], ours, steps, run.dtype, sides["truth"])
+    free = {layer.name: layer for layer in run.comparison.layers}
+    labels = list(dict.fromkeys(layer.name.split("/")[0] for layer in forced))
+    local, inherited, diverged = [], [], []
+    for label in labels:
+        own = [layer for layer in forced if layer.name.startswith(f"{label}/")]
+        local.append(next((layer for layer in own if layer.verdict == FAIL), own[-1]))
+        inherited.append(free.get(f"{label}/sample"))
+        diverged.append(any(free[l.name].verdict == FAIL if l.name in free else True for l in own))
+    return teacher_forcing.sections(labels, local, inherited, diverged, run.dtype, "step")

@@ -30,13 +30,11 @@ from pydantic import model_validator
 from fixtures.inputs import normal
 from mlx_impl import unipc as U
 from mlx_impl.stand_in import StandInDenoiser
-from parity import teacher_forcing
 from parity.capture import Capture
 from parity.component import Component, RunContext, Section
 from parity.components._diffusers import UniPCSchedulerConfig
-from parity.components._sampling import (Sampler, judge_subset, port_inputs, schedule_section, solver_section,
-                                         trajectory_section)
-from parity.compare import FAIL
+from parity.components._sampling import (Sampler, port_inputs, schedule_section, solver_section, teacher_forced_steps,
+                                         teacher_states, trajectory_section)
 from parity.config import Bool, ComponentConfig, PositiveInt
 from parity.weights import strict_load
 
@@ -151,38 +149,17 @@ class UniPCSchedulerComponent(Component):
         from reference_runners import unipc as runner
 
         states = teacher_states(run.ref, run.inputs["latents"], len(run.inputs["schedule/timesteps"]))
-        sides = {}
-        for side, dtype in (("ref", run.dtype), ("truth", "float64" if run.truth is not None else None)):
-            if dtype is not None:
-                sides[side] = Capture(side)
-                with torch.no_grad():
-                    runner.run(self.cast_reference(run.reference, dtype), run.inputs, getattr(torch, dtype),
-                               sides[side], forced=states)
-        mlx = Capture("mlx")
-        with self.mlx_capture(run.mlx_model, mlx):
-            self.run_mlx(run.mlx_model, run.inputs, run.dtype, forced=states)
-        steps = [n for n in sides["ref"].order if n not in SCHEDULE]
-        forced = judge_subset(run, sides["ref"], mlx, steps, run.dtype, sides.get("truth"))
-        free = {layer.name: layer for layer in run.comparison.layers}
-        labels = list(dict.fromkeys(layer.name.split("/")[0] for layer in forced))
-        local, inherited, diverged = [], [], []
-        for label in labels:
-            own = [layer for layer in forced if layer.name.startswith(f"{label}/")]
-            local.append(next((layer for layer in own if layer.verdict == FAIL), own[-1]))
-            inherited.append(free.get(f"{label}/sample"))
-            diverged.append(any(free[l.name].verdict == FAIL if l.name in free else True for l in own))
-        return teacher_forcing.sections(labels, local, inherited, diverged, run.dtype, "step")
 
+        def reference(dtype: str, capture: Capture) -> None:
+            with torch.no_grad():
+                runner.run(self.cast_reference(run.reference, dtype), run.inputs, getattr(torch, dtype), capture,
+                           forced=states)
 
-def teacher_states(ref: Capture, latents: np.ndarray, steps: int) -> U.Forced:
-    """Per step, the reference's state entering it: (latents, last_sample), channels-last.
+        def mlx(capture: Capture) -> None:
+            with self.mlx_capture(run.mlx_model, capture):
+                self.run_mlx(run.mlx_model, run.inputs, run.dtype, forced=states)
 
-    The latents entering step k are ``step{k-1}/sample``; ``last_sample`` is the corrected sample of
-    step k - 1 (its ``step{k-1}/corrector``, or the latents entering step k - 1 when none ran).
-    """
-    x = [np.ascontiguousarray(latents.transpose(0, 2, 3, 4, 1))] + [ref[f"step{k}/sample"] for k in range(steps - 1)]
-    last = [None] + [ref[f"step{k}/corrector"] if f"step{k}/corrector" in ref else x[k] for k in range(steps - 1)]
-    return list(zip(x, last))
+        return teacher_forced_steps(run, reference, mlx, lambda name: name not in SCHEDULE)
 
 
 COMPONENT = UniPCSchedulerComponent()
