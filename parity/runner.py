@@ -38,7 +38,7 @@ from parity.dumps import (discard_if_empty, mark_complete, mark_incomplete, new_
 from parity.progress import SILENT, Progress
 from parity.report import build_report, terminal_summary, write_reports
 from parity.streaming import StreamCapture, StreamJudge, spool_dir, stats_predicate
-from parity.vocab import DTYPES, TRUTH_DTYPE, InputError
+from parity.vocab import DTYPES, SECOND_CALL, TRUTH_DTYPE, InputError
 from parity.weights import WeightLoadError, read_checkpoint, select_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -249,10 +249,6 @@ def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path |
         mlx.observers.append(count)
         crashes += filter(None, [run_mlx(setup, mlx)])
     return Sides(ref, mlx, truth, judged, crashes)
-
-
-#: Prefix of the second call's layers.
-SECOND_CALL = "call2/"
 
 
 @dataclass

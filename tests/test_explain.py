@@ -3,7 +3,8 @@ each other entry, gets its mistake ranked first; faults outside the catalog get 
 clean run gets no explanation; the command, the HTML page, the JSON report and the pytest message show it; nothing
 it does changes a verdict or a stored tensor.
 
-One run per fault, with sections and the second call switched off (the explanation reads the layers only).
+One run per fault, with sections and the second call switched off (the explanation reads the layers only) unless
+the fault is the second call's.
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def port_t0_zeros(mp):  # twin: test_external_port.py::test_fault_t0_embedding_t
 def port_gelu_exact(mp):  # twin: test_external_port.py::test_fault_exact_gelu_where_the_reference_uses_tanh
     exact = nn.GELU
     mp.setattr(dit_block.nn, "GELU", lambda approx="none": exact())
-    return "port_block", "float32", FAST_BLOCK
+    return "port_block", "float32", {**FAST_BLOCK, "attention_maps": False}  # the port taps no maps
 
 
 def port_k_v_swapped(mp):  # twin: test_external_port.py::test_fault_converter_swaps_k_and_v_in_the_fused_projection
@@ -218,7 +219,23 @@ def unpatchify_permuted(mp):  # twin: test_transformer.py::test_fault_unpatchify
     return "wan_transformer", "float32", {"teacher_forcing": False}
 
 
+def embedding_memoised(mp):  # twin: test_second_call.py::test_an_embedding_memoised_at_the_first_call_fails_at_the_second
+    forward, memo = time_embedding.TimestepEmbedding.__call__, {}
+    mp.setattr(time_embedding.TimestepEmbedding, "__call__", lambda self, x: memo.setdefault((id(self), x.shape),
+                                                                                          forward(self, x)))
+    mp.setattr(Component, "second_call", True)  # the first call passes: the divergence is the second call's
+    return "time_embedding", "float32", {}
+
+
 # Injected for the other entries (no twin in the repository):
+
+def attention_map_transposed(mp):
+    """The port's attention map stored (keys, queries): the first divergence is the map, judged per head."""
+    correct = block.attention_probs
+    mp.setattr(block, "attention_probs", lambda q, k, scale, mask=None: np.ascontiguousarray(
+        np.swapaxes(correct(q, k, scale, mask), -1, -2)))
+    return "block", "float32", FAST_BLOCK
+
 
 def _last_downsample(mp, mistake):
     """The mistake in the second (last) of the pyramid's two downsamplings, 8 x 8 -> (1, 2, 4, 4, 4)."""
@@ -345,6 +362,8 @@ EXPLAINED = [
     (port_cache_dropped, "chunk1/conv_in", "missing_cache"),
     (unpatchify_permuted, "unpatchify", "axis_order"),
     (downsample_w_c_swapped, "stage0/downsample", "transpose_last_two"),
+    (attention_map_transposed, "attn1/probs", "transpose_last_two"),
+    (embedding_memoised, "call2/main/time_embedder", "stale_state"),
     (downsample_h_w_swapped, "stage0/downsample", "axis_order"),
     (downsample_negated, "stage0/downsample", "sign_flip"),
     (downsample_clipped, "stage0/downsample", "clamp"),
@@ -421,9 +440,17 @@ def rope_applied_to_v(mp):  # twin: test_block.py::test_fault_rope_applied_to_v
     return "block", "float32", FAST_BLOCK
 
 
+def feature_cache_kept(mp):  # twin: test_second_call.py::test_a_feature_cache_kept_on_the_model_fails_at_the_second_encode
+    """The second encode starts with the first one's past frames (not a value kept: a stale input)."""
+    shared = vae.FeatureCache()
+    mp.setattr(vae, "FeatureCache", lambda: shared)
+    mp.setattr(Component, "second_call", True)
+    return "vae", "float32", {"height": 16, "width": 16}
+
+
 OUTSIDE = [(rope_sin_cos_swapped, "helios/q_rot"), (frequency_shift, "main/timesteps_proj"),
            (gamma_correction_skipped, "construction/start_sigmas"), (sigma_index_off_by_one, "stage0/step0"),
-           (rope_applied_to_v, "attn1/attention")]
+           (rope_applied_to_v, "attn1/attention"), (feature_cache_kept, "call2/chunk0/conv_in")]
 
 
 @pytest.mark.parametrize("fault,first", OUTSIDE, ids=[f[0].__name__ for f in OUTSIDE])
@@ -448,6 +475,30 @@ def test_explaining_changes_no_verdict(quick, monkeypatch):
     explained = run_component("block", "float32", out_dir=None, overrides=FAST_BLOCK)
     assert plain.report["explanation"] is None and explained.report["explanation"]["layers"][0]["top"] == "norm_eps"
     assert [l.row() for l in plain.layers] == [l.row() for l in explained.layers]
+
+
+def test_the_explanation_is_of_the_first_divergence_with_maps_and_the_second_call(monkeypatch):
+    """A full run (attention maps, the second call, sections): later maps and call2/ layers fail too; the
+    explanation is of the first divergence only."""
+    gelu_exact(monkeypatch)
+    result = run_component("block", "float32", out_dir=None, overrides=FAST_BLOCK)
+    failing = [l.name for l in result.layers if l.verdict == "FAIL"]
+    assert result.first_divergence == "ffn/hidden" and "call2/ffn/hidden" in failing
+    assert any(layer.name.endswith("/probs") for layer in result.layers)
+    (entry,) = result.report["explanation"]["layers"]
+    assert entry["layer"] == "ffn/hidden" and entry["top"] == "gelu_approximation"
+
+
+def test_the_command_explains_a_second_call_divergence(tmp_path, monkeypatch, capsys):
+    """From the report folder: the first call's reference tensor from its dump, the reference rebuilt and re-run on
+    the second call's inputs."""
+    embedding_memoised(monkeypatch)
+    assert main(["run", "time_embedding", "--dtype", "float32", "--out", str(tmp_path), "--quiet"]) == 1
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "call2/main/time_embedder: matches the reference with the first call's value of this layer [stale_state]" in out
+    assert "0 <- call2/main/timesteps_proj" in out  # the sublayer fed the port's second-call tensor
 
 
 # --- where it shows: report.json, terminal, HTML, the command, pytest ---------------------------------

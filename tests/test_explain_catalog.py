@@ -22,11 +22,13 @@ def normal(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def evidence(ref, ours, layer="x", limits=FLOAT32, dtype_ref="float32", dtype_mlx="float32", truth=None, dtype="float32"):
+def evidence(ref, ours, layer="x", limits=FLOAT32, dtype_ref="float32", dtype_mlx="float32", truth=None, dtype="float32",
+             first_call=None, key_groups=None):
     """The evidence a run would hand over: the row judged by the one verdict, its recorded limits."""
     exact = FLOAT32 if dtype != "float32" else None
-    row = judge_tensors(layer, layer, ref, ours, truth, limits, exact, dtype_ref, dtype_mlx).row()
-    return Evidence.of(layer, row, ref, ours, truth, limits=tolerance_of(row), exact=exact, rounding=BF16, dtype=dtype)
+    row = judge_tensors(layer, layer, ref, ours, truth, limits, exact, dtype_ref, dtype_mlx, key_groups=key_groups).row()
+    return Evidence.of(layer, row, ref, ours, truth, limits=tolerance_of(row), exact=exact, rounding=BF16, dtype=dtype,
+                       first_call=first_call)
 
 
 def top(ev, hypotheses=CATALOG):
@@ -164,6 +166,31 @@ def test_explaining_writes_no_array():
     entry = explain_layer(evidence(ref, ours), CATALOG)
     assert entry["skipped"] == [] and entry["top"] == "transpose_last_two"
     np.testing.assert_array_equal(ref, REF)
+
+
+def test_a_second_call_holding_the_first_calls_value():
+    first, second = normal(1, 10, 12, seed=4), normal(1, 10, 12, seed=5)
+    entry = top(evidence(second, first.copy(), "call2/x", first_call=first))
+    assert entry["top"] == "stale_state" and "the first call's value" in entry["summary"], entry["summary"]
+    assert top(evidence(second, first.copy(), "x", first_call=first))["top"] is None  # a first call's layer: no such mistake
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_an_attention_map_is_judged_per_head_for_every_candidate():
+    """A map stored (keys, queries) under elementwise limits loose enough to let fitted values through: the map's
+    per-head limits (read back from its row, with its key groups) still refuse them; only the layouts explain it."""
+    ref = softmax(normal(1, 4, 6, 6, seed=6))
+    loose = Tolerance(atol=0.9, rtol=0.0, attn_js_mean=1e-6, attn_mass_diff=1e-4)
+    ev = evidence(ref, np.swapaxes(ref, -1, -2).copy(), "attn1/probs", loose, key_groups={"history": (0, 2)})
+    assert ev.row["verdict"] == "FAIL" and {f["kind"] for f in ev.row["failures"]} == {"attention"}
+    assert ev.limits.attn_js_mean == 1e-6 and ev.key_groups == {"first": (0, 1), "history": (0, 2)}
+    entry = top(ev)
+    assert entry["top"] == "transpose_last_two", entry["summary"]
+    assert [h["name"] for h in entry["hypotheses"] if h["explained"]] == ["transpose_last_two", "axis_order"]
 
 
 def test_tolerance_of_a_row_reads_back_the_limits_applied_calibrated_ones_too():

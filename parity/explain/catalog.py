@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 from parity.explain import layout, precision, reference, schedule, values
 from parity.explain.evidence import Candidate, Evidence
-from parity.vocab import InputError
+from parity.vocab import SECOND_CALL, InputError
 
 TENSOR, REFERENCE, SCHEDULE = "tensor", "reference", "schedule"
 FAMILIES = (TENSOR, REFERENCE, SCHEDULE)
@@ -72,6 +72,8 @@ CATALOG: tuple[Hypothesis, ...] = (
     H("zeroed_region", "zeros where the reference has values (a missing cache, dropped history, zeros for t = 0)",
       values.zeroed_region),
     H("sign_flip", "the sign flipped", values.sign_flip),
+    H("stale_state", "a value kept from the first call (a memo, a cache on the model not reset between calls)",
+      values.first_call_value, layers=(SECOND_CALL + "*",)),
     # mechanisms: the reference sublayer on the port's inputs, with one change
     H("gelu_approximation", "GELU exact (erf) where the reference uses tanh, or the reverse",
       reference.gelu_approximation, REFERENCE),

@@ -2,7 +2,8 @@
 
 The evidence of one layer: its report row (metrics, the limits that were applied, dtypes), the
 reference's tensor, ours brought into the reference's layout (the row's adapter applied), the
-float64 truth in reduced-precision runs, and -- lazily, when a hypothesis asks -- the reference
+float64 truth in reduced-precision runs, for a layer of the second call (``call2/...``) the
+reference's tensor of the same layer at the first call, and -- lazily, when a hypothesis asks -- the reference
 sublayer that produced the layer, ready to run again on the port's own inputs
 (:mod:`parity.explain.sublayer`), or a re-run of the component's reference with a patch
 (schedules). Nothing here changes an array it is given: hypotheses build new ones.
@@ -19,6 +20,7 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 
+from parity.compare import ATTENTION_RULES
 from parity.thresholds import Tolerance
 
 #: Tensors above this many elements are tested on a window of it (whole slices along one axis).
@@ -48,11 +50,12 @@ class Candidate:
 
 
 def tolerance_of(row: Mapping[str, Any]) -> Tolerance:
-    """The limits a report row records as applied to its layer, as a :class:`Tolerance` (calibrated ones included)."""
+    """The limits a report row records as applied to its layer, as a :class:`Tolerance` (calibrated ones and an
+    attention map's per-head ones included)."""
     limits = row.get("limits") or {}
     calibrated = limits.get("calibrated") or []
-    kept = {k: limits[k] for k in ("atol", "rtol", "cosine_min", "max_rel", "budget_ratio", "rounding_excess")
-            if isinstance(limits.get(k), (int, float))}
+    keys = ("atol", "rtol", "cosine_min", "max_rel", "budget_ratio", "rounding_excess", *(r[0] for r in ATTENTION_RULES))
+    kept = {k: limits[k] for k in keys if isinstance(limits.get(k), (int, float))}
     extra: dict[str, float] = {}
     if "budget_ratio" in calibrated and "budget_ratio" in kept:
         extra["calibrated_budget"] = kept["budget_ratio"]
@@ -88,6 +91,7 @@ class Evidence:
     exact: Tolerance | None
     rounding: Tolerance
     dtype: str
+    first_call: np.ndarray | None = None
     find_sublayer: Callable[[], Any] | None = None
     rerun: Callable[[Callable[[], ContextManager]], tuple[np.ndarray, np.ndarray | None]] | None = None
     cut: tuple[int, int] | None = None
@@ -103,6 +107,8 @@ class Evidence:
             axis, length = evidence.cut
             evidence.ref, evidence.ours = evidence.window(ref), evidence.window(ours)
             evidence.truth = evidence.window(truth) if truth is not None else None
+            if evidence.first_call is not None and evidence.first_call.shape == ref.shape:
+                evidence.first_call = evidence.window(evidence.first_call)
             evidence.notes.append(f"tensor hypotheses tested on slices 0..{length - 1} of axis {axis} "
                                   f"({evidence.ref.size} of {ref.size} elements)")
         return evidence
@@ -121,6 +127,11 @@ class Evidence:
     @property
     def dtype_mlx(self) -> str:
         return str(self.row.get("dtype_mlx") or self.dtype)
+
+    @property
+    def key_groups(self) -> dict[str, tuple[int, int]]:
+        """An attention map's named key ranges, as its row records them (judged per head with the map)."""
+        return {group: (int(span[0]), int(span[1])) for group, span in (self.row.get("attn_groups") or {}).items()}
 
     @property
     def reduced(self) -> bool:

@@ -1,11 +1,11 @@
 """Judge a hypothesis' candidates with the one verdict, and rank the hypotheses by what they explain.
 
 A candidate is judged as its layer was (:func:`parity.compare.judge_tensors`): against the limits
-recorded for the layer, in reduced-precision runs with the float64 prediction as the truth. A
-mistake of precision (``Candidate.precision``) is judged by the rules of that precision instead
-(the layer's bfloat16 limits): its error against the truth must be what a computation in that
-dtype costs, within the budget ratio either way (more precise than that is no such mistake), and
-for ``once`` no more than one rounding (``rounding_excess``).
+recorded for the layer (an attention map's per-head ones too), in reduced-precision runs with the
+float64 prediction as the truth. A mistake of precision (``Candidate.precision``) is judged by the
+rules of that precision instead (the layer's bfloat16 limits): its error against the truth must be
+what a computation in that dtype costs, within the budget ratio either way (more precise than that
+is no such mistake), and for ``once`` no more than one rounding (``rounding_excess``).
 
 A hypothesis **explains** the divergence when one of its candidates passes. Ranking: explaining
 hypotheses first, in catalog order (the catalog goes from specific mistakes to generic fits);
@@ -70,7 +70,7 @@ def _judge(evidence: Evidence, candidate: Candidate) -> tuple[LayerResult, bool,
         return LayerResult(evidence.layer, evidence.layer, "FAIL", [], {}), False, "no float64 prediction"
     limits = _floored(evidence.limits, candidate.floor, float(np.max(np.abs(ref))) if ref.size else 0.0)
     result = judge_tensors(evidence.layer, evidence.layer, ref, ours, candidate.truth if evidence.reduced else None,
-                           limits, evidence.exact, evidence.dtype_ref, evidence.dtype_mlx)
+                           limits, evidence.exact, evidence.dtype_ref, evidence.dtype_mlx, key_groups=evidence.key_groups)
     return result, result.verdict == PASS, "; ".join(result.reasons)
 
 

@@ -29,14 +29,13 @@ from parity.explain import sublayer as sublayer_mod
 from parity.explain.catalog import REFERENCE, SCHEDULE, Hypothesis, hypotheses
 from parity.explain.evidence import Evidence, tolerance_of
 from parity.explain.judge import Outcome, change, judge, line, rank, share
-from parity.vocab import InputError
+from parity.vocab import SECOND_CALL, InputError
 
 ADVICE = ("advice only: the verdict and the stored tensors are unchanged; each line names a known porting mistake "
           "that would make the reference match the port, with the error before and after")
 NONE_EXPLAINS = "no known mistake explains this"
 #: Hypotheses listed per layer besides those that explain it: the best partial ones, removing at least half the error.
 PARTIAL, PARTIAL_SHARE = 3, 0.5
-SECOND_CALL = "call2/"
 
 
 @dataclass
@@ -130,10 +129,11 @@ def evidence_for(source: Source, layer: str) -> tuple[Evidence | None, list[str]
     exact = source.thresholds.for_layer(lineage, "float32", name) if source.dtype != "float32" else None
     # a layer that failed on its shape has no limits recorded: those of the thresholds for it
     limits = tolerance_of(row) if row.get("limits") else source.thresholds.for_layer(lineage, source.dtype, name)
+    first_call = source.tensor("ref", name) if layer.startswith(SECOND_CALL) else None
     evidence = Evidence.of(layer, row, np.ascontiguousarray(ref), np.ascontiguousarray(ours),
                            np.ascontiguousarray(truth) if truth is not None else None, limits=limits,
                            exact=exact, rounding=source.thresholds.for_layer(lineage, "bfloat16", name),
-                           dtype=source.dtype, notes=notes)
+                           dtype=source.dtype, first_call=first_call, notes=notes)
     evidence.find_sublayer = _finder(source, layer, evidence.notes)
     evidence.rerun = _rerun(source, layer) if _reference_run(source, layer, source.dtype) is not None else None
     return evidence, []
@@ -159,7 +159,8 @@ def _control(evidence: Evidence) -> str | None:
     sub = evidence.sublayer
     if sub is None:
         return None
-    inputs = ", ".join(f"{slot} <- {name}" for slot, name in sub.inputs.items()) or "none"
+    prefix = SECOND_CALL if evidence.layer.startswith(SECOND_CALL) else ""
+    inputs = ", ".join(f"{slot} <- {prefix}{name}" for slot, name in sub.inputs.items()) or "none"
     note = f"reference sublayer: {sub.name} (the port's own tensors as its inputs: {inputs})"
     try:
         passed = judge(evidence, candidate(evidence, sub, "unchanged"))[1]

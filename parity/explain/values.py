@@ -1,5 +1,6 @@
 """Tensor hypotheses on values: ours is the reference zeroed somewhere, negated, clamped, scaled, offset or
-shifted again in time -- each a transform of the reference (and the truth) the judge compares with ours.
+shifted again in time -- each a transform of the reference (and the truth) the judge compares with ours --
+or, in the second call, the first call's value kept.
 
 Fitted parameters (a scale, an offset, clamp bounds, a time shift) are computed from the tensors,
 so those candidates carry a floor of a few roundings of the reference's dtype (:data:`ROUNDINGS`).
@@ -45,6 +46,14 @@ def zeroed_region(evidence: Evidence) -> Iterator[Candidate]:
 
 def sign_flip(evidence: Evidence) -> Iterator[Candidate]:
     yield evidence.mapped("the sign flipped", np.negative)
+
+
+def first_call_value(evidence: Evidence) -> Iterator[Candidate]:
+    """A second call's layer holding the first call's value: state kept between calls (a result memoised on the
+    module, a cache on the model). The second call is made in float32 runs only: no float64 truth is needed."""
+    first = evidence.first_call
+    if first is not None and first.shape == evidence.ours.shape:
+        yield Candidate("the first call's value of this layer", np.asarray(first, np.float64))
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
