@@ -82,6 +82,11 @@ def attention_scale(mp):  # twin: test_block.py::test_fault_attention_scale_from
     return "block", "float32", FAST_BLOCK
 
 
+def attention_scale_bf16(mp):  # twin: test_attention.py::test_fault_wrong_softmax_scale[bfloat16]
+    attention_scale(mp)
+    return "block", "bfloat16", FAST_BLOCK
+
+
 def qk_norm_missing(mp):  # twin: test_block.py::test_fault_qk_norm_missing
     def qkv_without_norm(self, x, context):
         context = x if context is None else context
@@ -342,6 +347,7 @@ EXPLAINED = [
     (gelu_exact, "ffn/hidden", "gelu_approximation"),
     (norm_eps, "attn2/q_norm", "norm_eps"),
     (attention_scale, "attn1/attention", "attention_scale"),
+    (attention_scale_bf16, "attn1/attention", "attention_scale"),
     (qk_norm_missing, "attn1/q_norm", "missing_norm"),
     (modulation_bf16, "modulation/shift_msa", "bf16_arithmetic"),
     (residual_bf16, "residual1", "residual_bf16"),
@@ -448,9 +454,32 @@ def feature_cache_kept(mp):  # twin: test_second_call.py::test_a_feature_cache_k
     return "vae", "float32", {"height": 16, "width": 16}
 
 
+def one_head_scaled(mp):  # twin: test_attention.py::test_fault_one_head_scale_localised_to_that_head[float32...]
+    from test_attention import _head_scale
+
+    _head_scale(mp, 1.1)
+    return "block", "float32", FAST_BLOCK
+
+
+def key_mask_off_by_one(mp):  # twin: test_attention.py::test_fault_key_mask_off_by_one[float32]
+    mp.setattr(block.Attention, "key_mask",
+               lambda self, h, tokens: block.history_mask(h + 1, tokens) if self.restrict_history and h else None)
+    return "block", "float32", {**FAST_BLOCK, "history_attention": "restricted"}
+
+
+def expert_switch_late(mp):  # twin: test_wan_two_experts.py::test_fault_expert_switch_one_step_late
+    from mlx_impl import wan_experts as W
+
+    correct = W.expert_schedule
+    mp.setattr(W, "expert_schedule", lambda timesteps, boundary: [W.HIGH] + correct(timesteps, boundary)[:-1])
+    return "wan_two_experts", "float32", {}
+
+
 OUTSIDE = [(rope_sin_cos_swapped, "helios/q_rot"), (frequency_shift, "main/timesteps_proj"),
            (gamma_correction_skipped, "construction/start_sigmas"), (sigma_index_off_by_one, "stage0/step0"),
-           (rope_applied_to_v, "attn1/attention"), (feature_cache_kept, "call2/chunk0/conv_in")]
+           (rope_applied_to_v, "attn1/attention"), (feature_cache_kept, "call2/chunk0/conv_in"),
+           (one_head_scaled, "attn1/attention"), (key_mask_off_by_one, "attn1/attention"),
+           (expert_switch_late, "step3/expert")]
 
 
 @pytest.mark.parametrize("fault,first", OUTSIDE, ids=[f[0].__name__ for f in OUTSIDE])

@@ -138,6 +138,15 @@ def test_a_mistake_outside_the_catalog_is_not_a_wrong_guess(ours):
     assert all(not h["explained"] for h in entry["hypotheses"])
 
 
+def test_no_constant_is_fitted_on_a_scalar():
+    """A one-value layer (an expert index 0 where the reference has 1): any offset, factor or clamp would fit it."""
+    entry = top(evidence(np.array([1.0], np.float32), np.array([0.0], np.float32), "step3/expert"))
+    assert entry["top"] in (None, "zeroed_region") and not any(
+        h["explained"] for h in entry["hypotheses"] if h["name"] in ("scale", "offset", "clamp"))
+    entry = top(evidence(np.array([0.0], np.float32), np.array([1.0], np.float32), "step3/expert"))
+    assert entry["top"] is None, entry["summary"]
+
+
 def test_a_more_precise_value_is_no_bf16_mistake():
     """Within a quarter of a bf16 rounding of the reference, but not bf16 numbers: no precision mistake claimed."""
     ours = TOKENS + np.float32(1e-4)

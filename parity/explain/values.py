@@ -3,7 +3,8 @@ shifted again in time -- each a transform of the reference (and the truth) the j
 or, in the second call, the first call's value kept.
 
 Fitted parameters (a scale, an offset, clamp bounds, a time shift) are computed from the tensors,
-so those candidates carry a floor of a few roundings of the reference's dtype (:data:`ROUNDINGS`).
+so those candidates carry a floor of a few roundings of the reference's dtype (:data:`ROUNDINGS`),
+and need a few values to be fitted on (:data:`MIN_FIT`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from parity.vocab import fmt
 
 #: A fitted candidate's abs limit is at least this many unit roundoffs of the reference's dtype times max|ref|.
 ROUNDINGS = 16
+#: Fewest values a constant is fitted on: on fewer (a scalar, say) a fitted constant matches anything.
+MIN_FIT = 4
 _EPS = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-9, "float16": 2.0**-11}
 
 
@@ -56,6 +59,10 @@ def first_call_value(evidence: Evidence) -> Iterator[Candidate]:
         yield Candidate("the first call's value of this layer", np.asarray(first, np.float64))
 
 
+def _fits(evidence: Evidence) -> bool:
+    return evidence.ours.shape == evidence.ref.shape and evidence.ref.size >= MIN_FIT
+
+
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)))
 
@@ -63,7 +70,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 def scale(evidence: Evidence) -> Iterator[Candidate]:
     """The least-squares factor ``ours ~ a * reference``."""
     norm = _dot(evidence.ref, evidence.ref)
-    if norm > 0 and evidence.ours.shape == evidence.ref.shape:
+    if norm > 0 and _fits(evidence):
         a = _dot(evidence.ours, evidence.ref) / norm
         if a != 1.0:
             yield evidence.mapped(f"a factor {a:.7g}", lambda x: a * x, floor=_floor(evidence))
@@ -71,7 +78,7 @@ def scale(evidence: Evidence) -> Iterator[Candidate]:
 
 def offset(evidence: Evidence) -> Iterator[Candidate]:
     """The constant ``ours ~ reference + b`` (the mean difference)."""
-    if evidence.ours.shape == evidence.ref.shape and evidence.ref.size:
+    if _fits(evidence):
         b = float(np.mean(np.asarray(evidence.ours, np.float64) - evidence.ref))
         if b:
             yield evidence.mapped(f"an offset {fmt(b)}", lambda x: x + b, floor=_floor(evidence))
@@ -80,12 +87,12 @@ def offset(evidence: Evidence) -> Iterator[Candidate]:
 def clamp(evidence: Evidence) -> Iterator[Candidate]:
     """Ours clamped to a range the reference exceeds, or the reference clamped where ours is not."""
     ours, ref = evidence.ours, np.asarray(evidence.ref)
-    if ours.shape != ref.shape or not ref.size:
+    if not _fits(evidence):
         return
     lo, hi, ref_lo, ref_hi = float(ours.min()), float(ours.max()), float(ref.min()), float(ref.max())
-    if lo > ref_lo or hi < ref_hi:
+    if lo < hi and (lo > ref_lo or hi < ref_hi):
         yield evidence.mapped(f"a clamp to [{fmt(lo)}, {fmt(hi)}]", lambda x: np.clip(x, lo, hi), floor=_floor(evidence))
-    if ref_lo > lo or ref_hi < hi:
+    if ref_lo < ref_hi and (ref_lo > lo or ref_hi < hi):
         yield evidence.moved(f"no clamp where the reference clamps to [{fmt(ref_lo)}, {fmt(ref_hi)}]",
                              np.clip(ours, ref_lo, ref_hi), floor=_floor(evidence))
 
@@ -94,7 +101,7 @@ def shift_again(evidence: Evidence) -> Iterator[Candidate]:
     """A schedule in [0, 1] time-shifted once more: ``ours = c r / (1 + (c - 1) r)`` for a fitted c (the shift
     applied twice: c = shift)."""
     ours, ref = np.asarray(evidence.ours, np.float64).reshape(-1), np.asarray(evidence.ref, np.float64).reshape(-1)
-    if evidence.ours.shape != evidence.ref.shape or ref.size < 2 or ref.min() < 0 or ref.max() > 1:
+    if not _fits(evidence) or ref.min() < 0 or ref.max() > 1:
         return
     inner = (ref > 1e-6) & (ref < 1 - 1e-6) & (ours > 1e-6) & (ours < 1 - 1e-6)
     if not inner.any():
