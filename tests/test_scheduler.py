@@ -36,7 +36,7 @@ def schedule_layers(result):
 def test_float32_parity(seed):
     result = run_component("scheduler", "float32", seed=seed, out_dir=None)
     assert result.verdict == "PASS", result.first_divergence
-    assert [l.name for l in result.layers] == [
+    first = [
         "construction/sigmas", "construction/ori_start_sigmas", "construction/start_sigmas",
         "construction/end_sigmas", "construction/timestep_ratios", "construction/timesteps_per_stage",
         "construction/sigmas_per_stage", "time_shift/linear", "time_shift/exponential",
@@ -44,6 +44,7 @@ def test_float32_parity(seed):
         "stage1/timesteps", "stage1/sigmas", "stage1/transition", "stage1/step0", "stage1/step1",
         "stage2/timesteps", "stage2/sigmas", "stage2/transition", "stage2/step0", "stage2/step1",
     ]
+    assert [l.name for l in result.layers] == first + [f"call2/{name}" for name in first]  # and the second call
     assert all(l.metrics["max_abs"] == 0.0 for l in schedule_layers(result))
 
 
