@@ -147,6 +147,14 @@ def test_no_constant_is_fitted_on_a_scalar():
     assert entry["top"] is None, entry["summary"]
 
 
+def test_a_clamp_needs_values_at_its_bound():
+    """Frequencies 1e-4 too large (the largest, 1, goes over the reference's range): a factor, not a clamp left out."""
+    ref = (1e-3 ** (np.arange(4) / 3)).astype(np.float32)  # helios/freqs_t of test_browser.py's failing page
+    entry = top(evidence(ref, ref * np.float32(1.0001), limits=Tolerance(atol=1e-5, rtol=1e-5)))
+    assert entry["top"] == "scale", entry["summary"]
+    assert "clamp" not in [h["name"] for h in entry["hypotheses"]]
+
+
 def test_a_more_precise_value_is_no_bf16_mistake():
     """Within a quarter of a bf16 rounding of the reference, but not bf16 numbers: no precision mistake claimed."""
     ours = TOKENS + np.float32(1e-4)

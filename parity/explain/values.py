@@ -84,17 +84,28 @@ def offset(evidence: Evidence) -> Iterator[Candidate]:
             yield evidence.mapped(f"an offset {fmt(b)}", lambda x: x + b, floor=_floor(evidence))
 
 
+def _clamped(x: np.ndarray, other: np.ndarray) -> tuple[float, float] | None:
+    """The bounds ``x`` is clamped to where ``other`` goes beyond: a side counts when ``x`` saturates there (two
+    values or more at its extreme; one is any tensor's maximum); the other side is open (inf)."""
+    lo, hi = float(x.min()), float(x.max())
+    low = lo > float(other.min()) and np.count_nonzero(x == lo) >= 2
+    high = hi < float(other.max()) and np.count_nonzero(x == hi) >= 2
+    return (lo if low else -np.inf, hi if high else np.inf) if (low or high) and lo < hi else None
+
+
 def clamp(evidence: Evidence) -> Iterator[Candidate]:
     """Ours clamped to a range the reference exceeds, or the reference clamped where ours is not."""
     ours, ref = evidence.ours, np.asarray(evidence.ref)
     if not _fits(evidence):
         return
-    lo, hi, ref_lo, ref_hi = float(ours.min()), float(ours.max()), float(ref.min()), float(ref.max())
-    if lo < hi and (lo > ref_lo or hi < ref_hi):
+    bounds = _clamped(ours, ref)
+    if bounds is not None:
+        lo, hi = bounds
         yield evidence.mapped(f"a clamp to [{fmt(lo)}, {fmt(hi)}]", lambda x: np.clip(x, lo, hi), floor=_floor(evidence))
-    if ref_lo < ref_hi and (ref_lo > lo or ref_hi < hi):
-        yield evidence.moved(f"no clamp where the reference clamps to [{fmt(ref_lo)}, {fmt(ref_hi)}]",
-                             np.clip(ours, ref_lo, ref_hi), floor=_floor(evidence))
+    bounds = _clamped(ref, ours)
+    if bounds is not None:
+        yield evidence.moved(f"no clamp where the reference clamps to [{fmt(bounds[0])}, {fmt(bounds[1])}]",
+                             np.clip(ours, *bounds), floor=_floor(evidence))
 
 
 def shift_again(evidence: Evidence) -> Iterator[Candidate]:
