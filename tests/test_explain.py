@@ -198,7 +198,7 @@ def port_t0_zeros(mp):  # twin: test_external_port.py::test_fault_t0_embedding_t
 def port_gelu_exact(mp):  # twin: test_external_port.py::test_fault_exact_gelu_where_the_reference_uses_tanh
     exact = nn.GELU
     mp.setattr(dit_block.nn, "GELU", lambda approx="none": exact())
-    return "port_block", "float32", {**FAST_BLOCK, "attention_maps": False}  # the port taps no maps
+    return "port_block", "float32", FAST_BLOCK
 
 
 def port_k_v_swapped(mp):  # twin: test_external_port.py::test_fault_converter_swaps_k_and_v_in_the_fused_projection
