@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parity.report import describe_layer
+from parity.report import describe_layer, likely_mistake
 
 
 def explain(result: Any) -> str:
@@ -29,6 +29,9 @@ def explain(result: Any) -> str:
             metrics = describe_layer(row)
             if metrics != row.get("reasons"):  # a row without metrics (missing, shape) is its reasons
                 lines.append(f"    {metrics}  shape {row.get('shape_ref')} {row.get('dtype_mlx')}")
+    likely = likely_mistake(report)
+    if likely:
+        lines.append(f"  {likely}")
     if report.get("culprit"):
         lines.append(f"  culprit: {report['culprit']} (the first block whose own, teacher-forced error breaks its limit; "
                      "later blocks may only inherit its error)")

@@ -21,10 +21,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from parity.vocab import InputError, json_default, strict_json
+from parity.vocab import InputError, inside, json_default, load_npy, strict_json
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 INCOMPLETE = "INCOMPLETE"
+#: Dumps larger than this are memory-mapped instead of read.
+MMAP_BYTES = 256 << 20
 
 
 def writable_folder(path: str | Path, option: str) -> Path:
@@ -178,3 +180,15 @@ def manifest_files(manifest: Mapping[str, Any], side: str, where: str) -> dict[s
         raise InputError(f"{where}: manifest 'sides.{side}.files' must be an object of layer -> file, "
                          f"got {type(files).__name__}")
     return dict(files)
+
+
+def dump_path(report_dir: Path, manifest: Mapping[str, Any], side: str, layer: str) -> Path:
+    """Where a report folder keeps the ``side`` dump of ``layer`` (its manifest's entry, else the default name),
+    refused when it points outside the folder."""
+    relative = manifest_files(manifest, side, f"report {report_dir}").get(layer) or f"{side}/{layer_file(layer)}"
+    return inside(report_dir, relative, f"report {report_dir}: manifest entry of the {side} dump of {layer!r}")
+
+
+def load_dump(path: Path) -> np.ndarray:
+    """A dumped tensor, memory-mapped when large (read-only either way for the caller's purposes)."""
+    return load_npy(path, mmap=path.is_file() and path.stat().st_size > MMAP_BYTES)

@@ -24,15 +24,13 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, FileSystemLoader
 
-from parity.dumps import incomplete_reason, layer_file, manifest_files, write_text
+from parity.dumps import dump_path, incomplete_reason, load_dump, write_text
 from parity.report import load_report
-from parity.vocab import InputError, fmt, inside, load_json, load_npy, number
+from parity.vocab import InputError, fmt, load_json, number
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 INDEX_NAME = "index.html"
 HTML_NAME = "report.html"
-#: Dumps larger than this are memory-mapped instead of read.
-MMAP_BYTES = 256 << 20
 _RUN_TIME = re.compile(r"^(\d{8}-\d{6})")
 
 
@@ -222,15 +220,6 @@ def section_table(data: dict[str, Any], failing: str | None = None) -> dict[str,
 
 # --- tensor images -----------------------------------------------------------------------------
 
-def _load_dump(path: Path) -> np.ndarray:
-    return load_npy(path, mmap=path.is_file() and path.stat().st_size > MMAP_BYTES)
-
-
-def _dump_path(report_dir: Path, manifest: dict[str, Any], side: str, layer: str) -> Path:
-    relative = manifest_files(manifest, side, f"report {report_dir}").get(layer) or f"{side}/{layer_file(layer)}"
-    return inside(report_dir, relative, f"report {report_dir}: manifest entry of the {side} dump of {layer!r}")
-
-
 def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
     """Images of the first diverging layer and of the worst layer (one if they are the same)."""
     from parity import plots
@@ -256,8 +245,8 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
         view = {"heading": heading, "layer": layer, "note": "", "caption": "", "image": None, "truth_image": None}
         views.append(view)
         try:
-            ref = _load_dump(_dump_path(report_dir, manifest, "ref", layer))
-            ours = _load_dump(_dump_path(report_dir, manifest, "mlx", str(row.get("mlx_layer") or layer)))
+            ref = load_dump(dump_path(report_dir, manifest, "ref", layer))
+            ours = load_dump(dump_path(report_dir, manifest, "mlx", str(row.get("mlx_layer") or layer)))
         except InputError as err:
             view["note"] = f"No tensor image: {err}."
             continue
@@ -274,9 +263,9 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
             continue
         truth = None
         try:
-            truth_path = _dump_path(report_dir, manifest, "truth", layer)
+            truth_path = dump_path(report_dir, manifest, "truth", layer)
             if truth_path.is_file():
-                truth = _load_dump(truth_path)
+                truth = load_dump(truth_path)
         except InputError as err:
             view["note"] = f"Float64 truth not shown: {err}."
         try:
@@ -313,11 +302,45 @@ def attention_view(report_dir: Path, report: dict[str, Any]) -> dict[str, Any] |
         manifest = {}
 
     def load(side: str, layer: str) -> np.ndarray | None:
-        path = _dump_path(report_dir, manifest, side, layer)
-        return _load_dump(path) if path.is_file() else None
+        path = dump_path(report_dir, manifest, side, layer)
+        return load_dump(path) if path.is_file() else None
     return {"table": {"id": "attention-heads", "columns": table_columns, "rows": body},
             "curves": [image for image in map(plots.curves_plot, attention_report.depth_curves(rows)) if image],
             "grids": attention_report.grids(rows, load)}
+
+
+# --- the explanation (parity explain) --------------------------------------------------------------
+
+def explanation_view(explanation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's ``explanation`` as the page shows it: per explained layer, its summary, a table of the
+    mistakes tested that explain it (or remove most of its error), and the notes."""
+    if not isinstance(explanation, dict):
+        return None
+    layers = []
+    columns = [column("mistake"), column("what exactly"), column("explains", title="brings the layer within its limits"),
+               column("share of the error removed", True), column("before"), column("after")]
+    for entry in explanation.get("layers") or []:
+        if not isinstance(entry, dict):
+            continue
+        rows = []
+        for h in entry.get("hypotheses") or []:
+            mistake = cell(h.get("name"), cls="mono", title=str(h.get("description") or ""))
+            mistake["meta"] = str(h.get("description") or "")
+            before, after = h.get("before") or {}, h.get("after") or {}
+            rows.append({"cls": "" if h.get("explained") else "muted", "id": "", "cells": [
+                mistake, cell(h.get("detail")), cell("yes" if h.get("explained") else "partly",
+                                                     badge="PASS" if h.get("explained") else "INFO"),
+                cell(f"{float(h.get('share') or 0):.0%}", sort_key(h.get("share")), "num"),
+                cell(f"max abs {fmt(before.get('max_abs'))}", sort_key(before.get("max_abs")), "num"),
+                cell(h.get("change"), sort_key(after.get("max_abs")), "num")]})
+        notes = [str(n) for n in entry.get("notes") or []]
+        notes += [f"{s.get('name')} raised and was skipped: {s.get('error')}" for s in entry.get("skipped") or []
+                  if isinstance(s, dict)]
+        layers.append({"layer": str(entry.get("layer")), "summary": str(entry.get("summary") or ""),
+                       "explained": bool(entry.get("explained")), "tested": entry.get("tested"),
+                       "table": {"id": "", "columns": columns, "rows": rows} if rows else None, "notes": notes})
+    return {"advice": str(explanation.get("advice") or ""), "layers": layers, "error": explanation.get("error"),
+            "notes": [str(n) for n in explanation.get("notes") or []]}
 
 
 # --- the run report ------------------------------------------------------------------------------
@@ -407,7 +430,8 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
     html = _env().get_template("report.html.j2").render(
         r={"component": report.get("component", "?"), "dtype": report.get("dtype", "?"),
            "verdict": report.get("verdict", "UNKNOWN")},
-        first=first_info, culprit=report.get("culprit"), passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
+        first=first_info, culprit=report.get("culprit"), explanation=explanation_view(report.get("explanation")),
+        passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
         crash=report.get("crash"),
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),

@@ -27,11 +27,14 @@ Fixtures
     ``parity_report_dir``: ``--parity-report-dir``, default a temporary folder of the session.
     ``parity_thresholds``: the harness's parity/thresholds.toml, the project's own (``parity.toml`` or
         ``[tool.parity]`` in ``pyproject.toml`` from the rootdir up), then ``--parity-thresholds``.
-    ``assert_parity``: :func:`parity.assertions.assert_parity`.
+    ``assert_parity``: :func:`parity.assertions.assert_parity`; its failure message names the first
+        diverging layer, the worst metrics and, in one line, the known porting mistake that explains the
+        divergence (``parity explain``, advice) or that none does.
 
 Options ``--parity-components=rope,vae`` (only marked tests naming one of those run; unmarked
 tests always do), ``--parity-component-module FILE`` (your own components, repeatable; also the
-ini option ``parity_component_modules``).
+ini option ``parity_component_modules``), ``--parity-hypotheses-module FILE`` (your own entries of the
+catalog of porting mistakes; ini ``parity_hypotheses_modules``).
 """
 from __future__ import annotations
 
@@ -64,7 +67,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="thresholds layered over the harness's parity/thresholds.toml and your project's")
     group.addoption("--parity-component-module", action="append", default=[], metavar="FILE",
                     help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
+    group.addoption("--parity-hypotheses-module", action="append", default=[], metavar="FILE",
+                    help="a Python file defining HYPOTHESIS/HYPOTHESES: your own known porting mistakes for the "
+                         "failure message's explanation (repeatable)")
     parser.addini("parity_component_modules", "component files (paths relative to the rootdir)", type="paths",
+                  default=[])
+    parser.addini("parity_hypotheses_modules", "hypotheses files (paths relative to the rootdir)", type="paths",
                   default=[])
 
 
@@ -75,9 +83,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUN_DIR] = []
     from parity import registry
 
+    from parity.explain import catalog
+
     files = [*config.getini("parity_component_modules"), *config.getoption("parity_component_module")]
+    hypotheses = [*config.getini("parity_hypotheses_modules"), *config.getoption("parity_hypotheses_module")]
     try:
         registry.use_files(files)
+        catalog.use_files(hypotheses)
     except InputError as err:
         raise pytest.UsageError(f"parity: {err}") from None
 

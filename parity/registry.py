@@ -61,14 +61,14 @@ def _add(registry: dict[str, Component], component: Component, source: str) -> N
     _sources[component.name] = source
 
 
-def load_file(path: str | Path) -> list[Component]:
-    """Import a component file (``--component-module``) and return what it defines."""
+def import_file(path: str | Path, option: str = "--component-module") -> ModuleType:
+    """Import a user's Python file as a module (its folder goes on ``sys.path``); errors name ``option`` and the file."""
     path = Path(path).resolve()
     if not path.is_file() or path.suffix != ".py":
-        raise InputError(f"--component-module {path}: expected an existing .py file")
-    name = f"parity_user_components.{path.stem}_{abs(hash(str(path))) % 10**8}"
+        raise InputError(f"{option} {path}: expected an existing .py file")
+    name = f"parity_user_modules.{path.stem}_{abs(hash(str(path))) % 10**8}"
     if name in sys.modules:
-        return _found_in(sys.modules[name])
+        return sys.modules[name]
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
@@ -80,8 +80,14 @@ def load_file(path: str | Path) -> list[Component]:
         raise
     except Exception as err:  # noqa: BLE001 - the user's file: name it
         sys.modules.pop(name, None)
-        raise InputError(f"--component-module {path}: importing it failed: {type(err).__name__}: {err}") from err
-    found = _found_in(module)
+        raise InputError(f"{option} {path}: importing it failed: {type(err).__name__}: {err}") from err
+    return module
+
+
+def load_file(path: str | Path) -> list[Component]:
+    """Import a component file (``--component-module``) and return what it defines."""
+    path = Path(path).resolve()
+    found = _found_in(import_file(path))
     if not found:
         raise InputError(f"--component-module {path}: defines no COMPONENT (a parity.component.Component instance) "
                          "or COMPONENTS list")

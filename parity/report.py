@@ -3,7 +3,8 @@
 ``report.json`` (schema 2) holds the run's metadata (variant, config, seed, weights, versions,
 threads, git commit, the thresholds files applied, crashes), ``verdict``, ``first_divergence``,
 ``worst``, ``culprit`` (teacher forcing: the first block whose own error breaks its limit, or
-null), ``summary``, one row per layer in execution order and the ``sections``. Each row
+null), ``explanation`` (advice, :mod:`parity.explain`: the known porting mistakes that would explain
+the first divergence, or null), ``summary``, one row per layer in execution order and the ``sections``. Each row
 carries its metrics, ``failures`` (kind, metric, value, limit, message: the verdict's reasons as
 data) and the ``limits`` that were applied; ``reasons`` joins the failure messages. It is strict
 JSON: a non-finite number is written as null and listed under ``nonfinite`` (``{"layers[3].snr_db":
@@ -128,6 +129,13 @@ def describe_layer(row: dict[str, Any]) -> str:
     return "  ".join(parts) or "no metrics"
 
 
+def likely_mistake(report: dict[str, Any]) -> str | None:
+    """One line for a person: the top known mistake explaining the first divergence (``parity explain``), or that
+    none does; None without an explanation."""
+    entries = (report.get("explanation") or {}).get("layers") or []
+    return f"parity explain (advice): {entries[0]['summary']}" if entries and entries[0].get("summary") else None
+
+
 def terminal_summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: verdict, first divergence, worst layer, what was not checked, where the files are."""
     s = report["summary"]
@@ -139,6 +147,8 @@ def terminal_summary(report: dict[str, Any]) -> str:
         row = next((r for r in report["layers"] if r["layer"] == first), None)
         why = f" ({row['reasons']})" if row and row.get("reasons") else ""
         lines.append(f"  first divergence: {first}{why}")
+        if likely_mistake(report):
+            lines.append(f"  {likely_mistake(report)}")
     if report.get("culprit"):
         lines.append(f"  culprit (first block whose own, teacher-forced error breaks its limit): {report['culprit']}")
     worst = report.get("worst")

@@ -38,7 +38,7 @@ from parity.dumps import (discard_if_empty, mark_complete, mark_incomplete, new_
 from parity.progress import SILENT, Progress
 from parity.report import build_report, terminal_summary, write_reports
 from parity.streaming import StreamCapture, StreamJudge, spool_dir, stats_predicate
-from parity.vocab import DTYPES, TRUTH_DTYPE, InputError
+from parity.vocab import DTYPES, SECOND_CALL, TRUTH_DTYPE, InputError
 from parity.weights import WeightLoadError, read_checkpoint, select_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,10 +258,6 @@ def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path |
     return Sides(ref, mlx, truth, judged, crashes)
 
 
-#: Prefix of the second call's layers.
-SECOND_CALL = "call2/"
-
-
 @dataclass
 class SecondCall:
     """The second call's judged layers (named ``call2/...``), its captures and its crash, if any."""
@@ -396,6 +392,7 @@ def run_component(
     keep_tensors: str = "all",
     analyses: bool = True,
     calibration_dir: str | Path | None = calibration.DEFAULT_DIR,
+    explain: bool = True,
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
 
@@ -408,7 +405,9 @@ def run_component(
     wrote per-layer limits (used when recorded for this config; None: global limits only).
     ``analyses`` False leaves out what the verdict does not need (the float64 truth of a bf16 run,
     the component's sections: views and extra runs such as drift): the capture-and-compare part
-    alone, as ``bench/run_bench.py`` times it.
+    alone, as ``bench/run_bench.py`` times it. ``explain``: test
+    the catalog of known porting mistakes on the first divergence of a failing run (``explanation`` in the
+    report, :mod:`parity.explain`; advice, it changes no verdict).
     """
     progress = progress or SILENT
     if keep_tensors not in KEEP_TENSORS:
@@ -439,6 +438,7 @@ def run_component(
             sides.crashes += _merge_second_call(second_call(setup, judge, progress), comparison, context)
         meta = run_meta(setup, thresholds, sides.crashes, calibrated)
         meta["second_call"] = skipped or f"made: layers {SECOND_CALL}<layer>"
+        meta["explanation"] = explanation(setup, judge, comparison, context, progress) if explain else None
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
     except BaseException:
@@ -450,6 +450,38 @@ def run_component(
     if created:
         mark_complete(run_dir)
     return result
+
+
+def explanation(setup: Setup, judge: Judge, comparison: Comparison, context: RunContext,
+                progress: Progress = SILENT) -> dict[str, Any] | None:
+    """The report's ``explanation`` of the first divergence (None: nothing diverged); advice, so an error in
+    it is reported in it, never raised."""
+    from parity.explain.run import ADVICE, explain_run
+
+    if comparison.first_divergence is None:
+        return None
+    progress.step(f"[{setup.name} {setup.dtype}] explaining {comparison.first_divergence}")
+    try:
+        return explain_run(setup, judge, comparison, context, run_reference)
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - advice must not take the run down
+        return {"advice": ADVICE, "layers": [], "error": f"{type(err).__name__}: {err}"}
+
+
+def rebuild(report: Mapping[str, Any]) -> Setup:
+    """The reference side of a finished run built again from its report (component, config, seed, weights), to
+    re-run it (``parity explain``); an :class:`InputError` when it cannot be (a run against a reference bundle,
+    a component not registered, a checkpoint gone)."""
+    from parity.config import validate
+
+    weights = str(report.get("weights") or "")
+    if weights == "reference bundle":
+        raise InputError("the run compared against a reference bundle")
+    component = registry.get(str(report.get("component")))
+    config = validate(component.config_model, report.get("config") or {}, {"report.json": report.get("config")})
+    return prepare(component, str(report.get("dtype")), check_seed(report.get("seed", 0)), config=config, mlx=False,
+                   weights_path=None if weights.startswith("random init") else weights)
 
 
 def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = (),

@@ -18,6 +18,8 @@ import numpy as np
 #: The precisions a comparison runs in; bf16 runs also run the reference in float64 (the truth).
 DTYPES = ("float32", "bfloat16")
 TRUTH_DTYPE = "float64"
+#: Prefix of the layers of a component's second call (:func:`parity.runner.second_call`).
+SECOND_CALL = "call2/"
 DTYPE_CHOICES = (*DTYPES, "all")
 
 #: Exit codes of every command (README, ``--help``).

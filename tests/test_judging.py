@@ -257,9 +257,9 @@ def test_manifest_paths_that_escape_their_folder_are_refused(tmp_path, where):
 
             _bundle_inputs(tmp_path, {"inputs": {"x": {"file": "../x.npy", "shape": [1]}}, "inputs_sha256": ""})
         else:
-            from parity.html_report import _dump_path
+            from parity.dumps import dump_path
 
-            _dump_path(tmp_path, {"sides": {"ref": entry}}, "ref", "a")
+            dump_path(tmp_path, {"sides": {"ref": entry}}, "ref", "a")
 
 
 def test_a_bundle_whose_config_no_longer_matches_its_fingerprint_is_refused(tmp_path):

@@ -1,7 +1,7 @@
 """The ``parity`` command line: one small module per command, each adding itself with ``register(subparsers)``.
 
 Every command takes ``--component-module FILE`` (components defined outside this package),
-``--threads N`` and ``--quiet``. The library never imports this package.
+``--hypotheses-module FILE`` (entries of the catalog ``parity explain`` tests), ``--threads N`` and ``--quiet``. The library never imports this package.
 
 Exit codes: 0 pass, 1 parity failure, 2 usage or input error (one line naming the file, key or
 layer), 3 internal error (a bug: the traceback is printed), 130 interrupted.
@@ -21,8 +21,8 @@ from parity.progress import Progress
 from parity.vocab import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, InputError
 
 #: Modules of this package that add subcommands, in ``--help`` order.
-COMMANDS = ("list", "run", "report", "attention", "gate", "baseline", "calibrate", "bisect", "bundle", "mutate",
-            "video", "clean")
+COMMANDS = ("list", "run", "report", "explain", "attention", "gate", "baseline", "calibrate", "bisect", "bundle",
+            "mutate", "video", "clean")
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +47,10 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--component-module", action="append", default=[], metavar="FILE", type=Path,
                         help="a Python file defining COMPONENT(S): your own port's components (repeatable)")
-    common.add_argument("--threads", metavar="N",
+    common.add_argument("--hypotheses-module", action="append", default=[], metavar="FILE", type=Path,
+                        help="a Python file defining HYPOTHESIS/HYPOTHESES: your own entries of the catalog of "
+                             "porting mistakes parity explain tests (repeatable)")
+    common.add_argument("--threads", type=positive_int, metavar="N",
                         help="threads for torch and BLAS (default: PARITY_THREADS, else one for a small reference "
                              "and the cores this process may use for a big one)")
     common.add_argument("--quiet", action="store_true", help="no progress output")
@@ -104,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not getattr(args, "worktree_component_modules", False):
             registry.use_files(args.component_module)
+        if args.hypotheses_module:
+            from parity.explain import catalog
+
+            catalog.use_files(args.hypotheses_module)
         threads.configure(args.threads)
         return args.func(args)
     except InputError as err:

@@ -8,7 +8,7 @@ from typing import Any
 from parity import registry
 from parity.commands import add, html_option, load_thresholds, non_negative_int, progress, thresholds_option, write_html
 from parity.dumps import writable_folder
-from parity.report import unchecked
+from parity.report import likely_mistake, unchecked
 from parity.runner import KEEP_TENSORS, run_many
 from parity.vocab import DTYPE_CHOICES, EXIT_FAIL, EXIT_PASS, UsageError, dtypes
 
@@ -31,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
                        weights_path=args.weights, streaming=args.streaming, stats_only=args.stats_only,
                        thresholds=limits, keep_tensors=args.keep_tensors, progress=progress(args),
                        overrides=overrides, coverage=args.coverage)
-    failed = [f"{r.report.get('variant') or r.comparison.component} {r.comparison.dtype} "
-              f"(first divergence: {r.first_divergence})" for r in results if r.verdict != "PASS"]
+    failed = [r for r in results if r.verdict != "PASS"]
     print(f"\n{len(results) - len(failed)}/{len(results)} component runs pass" + (":" if failed else ""))
-    for line in failed:
-        print(f"  FAIL {line}")
+    for r in failed:
+        print(f"  FAIL {r.report.get('variant') or r.comparison.component} {r.comparison.dtype} "
+              f"(first divergence: {r.first_divergence})")
+        if likely_mistake(r.report):
+            print(f"    {likely_mistake(r.report)}")
     for note in unchecked(set(chosen)):
         print(f"note: {note} (--dtype all runs both)")
     write_html(args, Path(results[0].report_dir).parent if results and results[0].report_dir else None)
