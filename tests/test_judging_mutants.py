@@ -1,0 +1,781 @@
+"""Rules of the judging core that the mutation check (scripts/mutation_check.sh) found untested.
+
+Each test pins one rule of a judging module exactly: a changed comparison, constant, message or
+branch of that rule fails it. Fast unit tests on synthetic data (no component run), as in
+tests/test_judging.py; docs/mutation.md lists the mutants no test can kill and why.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from parity import dumps
+from parity.capture import Capture
+from parity.metrics import rmse_and_rms
+from parity.streaming import StreamCapture, stats_predicate
+from parity.vocab import InputError
+from parity.weights import (WeightLoadError, check_state, keeps_float32, load_torch_strict, read_checkpoint,
+                            read_config, select_prefix, strict_load)
+
+
+# --- weights: the strict loader ---------------------------------------------------------------------
+
+def test_strict_load_message_names_each_missing_and_unused_key_by_its_checkpoint_name():
+    with pytest.raises(WeightLoadError) as err:
+        check_state("M", {"a": (1,), "b": (2,)}, {"b": (2,), "c": (3,), "d": (1,)}, {"c": "orig.c", "d": "d"})
+    assert str(err.value) == "strict load failed for M: missing keys ['a']; unused keys ['d', 'orig.c (as c)']"
+    with pytest.raises(WeightLoadError) as err:
+        check_state("M", {"a": (1,)}, {"a": (1,), "x": (1,)})
+    assert str(err.value) == "strict load failed for M: missing keys none; unused keys ['x']"
+    with pytest.raises(WeightLoadError) as err:
+        check_state("M", {"a": (1,), "b": (1,)}, {})
+    assert str(err.value) == "strict load failed for M: missing keys ['a', 'b']; unused keys none"
+
+
+def test_strict_load_names_the_first_wrong_shape_by_its_checkpoint_name_and_counts_the_rest():
+    expected = {"a": (2, 3), "b": (4,), "c": (1,)}
+    with pytest.raises(WeightLoadError) as err:
+        check_state("M", expected, {"a": (3, 2), "b": (5,), "c": (1,)}, {"a": "src.a"})
+    assert str(err.value) == "strict load failed for M: weight 'src.a' (as 'a'): expected shape (2, 3), got (3, 2) (and 1 more)"
+    with pytest.raises(WeightLoadError) as err:
+        check_state("M", expected, {"a": (2, 3), "b": (4,), "c": (2,)})
+    assert str(err.value) == "strict load failed for M: weight 'c': expected shape (1,), got (2,)"
+    check_state("M", expected, {"a": [2, 3], "b": [4], "c": [1]})  # a list shape is the same shape
+
+
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.norm = nn.LayerNorm(2)
+        self.norm2 = nn.LayerNorm(2)
+
+
+def _normed_state():
+    return {"linear.weight": np.ones((2, 3)), "linear.bias": np.zeros(2), "norm.weight": np.ones(2),
+            "norm.bias": np.zeros(2), "norm2.weight": np.ones(2), "norm2.bias": np.zeros(2)}
+
+
+def test_strict_load_keeps_the_modules_diffusers_keeps_in_float32():
+    model = strict_load(_Normed(), _normed_state(), dtype=mx.bfloat16, keep_float32=("norm",))
+    assert (model.norm.weight.dtype, model.norm.bias.dtype) == (mx.float32, mx.float32)
+    assert (model.norm2.weight.dtype, model.linear.weight.dtype) == (mx.bfloat16, mx.bfloat16)
+    assert keeps_float32("blocks.0.norm.weight", ["norm"]) and not keeps_float32("blocks.0.norm2.weight", ["norm"])
+    assert not keeps_float32("blocks.0.norm.weight", [])
+    plain = strict_load(_Normed(), _normed_state())
+    assert plain.linear.weight.dtype == mx.float32 and plain.linear.weight.sum().item() == 6
+
+
+def test_strict_load_refuses_two_keys_converted_to_one_parameter():
+    state = {"a": np.ones((2, 3)), "b": np.ones((2, 3))}
+    with pytest.raises(WeightLoadError) as err:
+        strict_load(_Normed(), state, convert=lambda key, array: ("linear.weight", array))
+    assert str(err.value) == "strict load failed for _Normed: 'a' and 'b' both convert to 'linear.weight'"
+
+
+def test_strict_load_reports_converted_keys_by_their_checkpoint_names():
+    state = {f"model.{k}": v for k, v in _normed_state().items()}
+    state["model.extra"] = np.ones(1)
+    with pytest.raises(WeightLoadError, match=r"unused keys \['model.extra \(as extra\)'\]"):
+        strict_load(_Normed(), state, convert=lambda key, array: (key.removeprefix("model."), array))
+
+
+def test_a_reference_module_is_loaded_strictly_too():
+    import torch
+
+    linear = torch.nn.Linear(3, 2)
+    load_torch_strict(linear, {"weight": np.full((2, 3), 2.0, np.float32), "bias": np.ones(2, np.float32)})
+    assert linear.weight.sum().item() == 12 and linear.bias.sum().item() == 2
+    with pytest.raises(WeightLoadError) as err:
+        load_torch_strict(linear, {"weight": np.zeros((2, 3), np.float32)})
+    assert str(err.value) == "strict load failed for reference Linear: missing keys ['bias']; unused keys none"
+
+
+def test_select_prefix_strips_it_and_refuses_a_prefix_that_selects_nothing():
+    state = {"a.x": np.ones(1), "a.y": np.zeros(1), "b.z": np.ones(2), "ab.w": np.ones(3)}
+    assert sorted(select_prefix(state, "a.")) == ["x", "y"] and select_prefix(state, "a.")["y"] is state["a.y"]
+    whole = select_prefix(state, "")
+    assert whole == state and whole is not state
+    with pytest.raises(WeightLoadError) as err:
+        select_prefix(state, "c.")
+    assert str(err.value) == "checkpoint has no keys under prefix 'c.'"
+
+
+def test_read_config_from_a_file_or_the_folder_holding_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"dim": 8}))
+    assert read_config(tmp_path) == read_config(tmp_path / "config.json") == {"dim": 8}
+
+
+# --- weights: reading checkpoints -------------------------------------------------------------------
+
+def test_checkpoints_are_widened_to_float32_never_narrowed(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"h": np.ones(2, np.float16), "d": np.ones(2, np.float64), "i": np.arange(2, dtype=np.int32),
+               "f": np.ones(2, np.float32)}, str(tmp_path / "a.safetensors"))
+    state = read_checkpoint(tmp_path / "a.safetensors")
+    assert {k: v.dtype.name for k, v in state.items()} == {"h": "float32", "d": "float64", "i": "int32", "f": "float32"}
+
+
+def test_a_bfloat16_safetensors_file_is_read_through_mlx(tmp_path):
+    mx.save_safetensors(str(tmp_path / "b.safetensors"), {"w": mx.array([1.5, -2.0], dtype=mx.bfloat16),
+                                                           "i": mx.array([3], dtype=mx.int32)})
+    state = read_checkpoint(tmp_path / "b.safetensors")
+    assert state["w"].dtype == np.float32 and state["w"].tolist() == [1.5, -2.0]
+    assert state["i"].dtype == np.int32 and state["i"].tolist() == [3]
+
+
+def test_a_sharded_model_folder_is_one_state_dict(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.ones(1, np.float32)}, str(tmp_path / "m-00001.safetensors"))
+    save_file({"b": np.zeros(2, np.float32)}, str(tmp_path / "m-00002.safetensors"))
+    (tmp_path / "notes.bin").write_bytes(b"ignored: a folder is read for its safetensors files")
+    assert sorted(read_checkpoint(tmp_path)) == ["a", "b"]
+
+
+def test_pytorch_checkpoints_are_read_without_unpickling_and_widened(tmp_path):
+    import torch
+
+    torch.save({"w": torch.ones(2, dtype=torch.bfloat16), "d": torch.ones(1, dtype=torch.float64),
+                "i": torch.arange(3)}, tmp_path / "m.pt")
+    state = read_checkpoint(tmp_path / "m.pt")
+    assert {k: v.dtype.name for k, v in state.items()} == {"w": "float32", "d": "float64", "i": "int64"}
+    torch.save([torch.ones(1)], tmp_path / "list.bin")
+    with pytest.raises(WeightLoadError) as err:
+        read_checkpoint(tmp_path / "list.bin")
+    assert str(err.value) == f"checkpoint {tmp_path / 'list.bin'}: expected a state dict, got list"
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightLoadError, match=r"bad.pth could not be read: "):
+        read_checkpoint(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing.safetensors", "checkpoint {path} does not exist"),
+    ("model.ckpt", "checkpoint {path}: expected .safetensors, .bin, .pt or a diffusers model folder"),
+    ("empty", "checkpoint {path}: folder holds no *.safetensors file"),
+])
+def test_unreadable_checkpoints_are_named(tmp_path, name, message):
+    path = tmp_path / name
+    if name == "empty":
+        path.mkdir()
+    elif name.endswith(".ckpt"):
+        path.write_bytes(b"x")
+    with pytest.raises(WeightLoadError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == message.format(path=path)
+
+
+# --- dumps: run folders and files -------------------------------------------------------------------
+
+def test_a_run_folder_without_any_report_is_discarded_and_one_with_a_report_kept(tmp_path):
+    empty = dumps.new_run_dir(tmp_path, "empty")
+    kept = dumps.new_run_dir(tmp_path, "kept")
+    (kept / "rope-float32").mkdir()
+    (kept / "rope-float32" / "report.json").write_text("{}")
+    assert dumps.discard_if_empty(empty) is True and not empty.exists()
+    assert dumps.discard_if_empty(kept) is False and kept.is_dir()
+    assert dumps.discard_if_empty(tmp_path / "never-made") is False
+
+
+def test_a_run_is_incomplete_until_marked_complete_and_says_why(tmp_path):
+    run = dumps.new_run_dir(tmp_path, "r")
+    assert dumps.incomplete_reason(run).startswith("running (")
+    dumps.mark_incomplete(run, "interrupted")
+    assert dumps.incomplete_reason(run).startswith("interrupted (20")
+    (run / dumps.INCOMPLETE).write_text("  \n")
+    assert dumps.incomplete_reason(run) == "incomplete"
+    dumps.mark_complete(run)
+    assert dumps.incomplete_reason(run) is None and list(run.iterdir()) == []
+    generated = dumps.new_run_dir(tmp_path)
+    assert generated.parent == tmp_path and len(generated.name) == len("20260101-000000-abcdef")
+
+
+def test_output_folders_and_files_are_probed_before_anything_runs(tmp_path):
+    made = dumps.writable_folder(tmp_path / "a" / "b", "--out")
+    assert made.is_dir() and list(made.iterdir()) == []  # the probe file is removed
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError) as err:
+        dumps.writable_folder(tmp_path / "f", "--out")
+    assert str(err.value) == f"--out {tmp_path / 'f'}: is a file, expected a folder"
+    with pytest.raises(InputError) as err:
+        dumps.writable_file(tmp_path / "a", "--junit")
+    assert str(err.value) == f"--junit {tmp_path / 'a'}: is a folder, expected a file"
+    assert dumps.writable_file(tmp_path / "new" / "j.xml", "--junit") == tmp_path / "new" / "j.xml"
+    assert (tmp_path / "new").is_dir()
+
+
+def test_files_are_written_with_the_permissions_of_ordinary_files(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        assert dumps._current_umask() == 0o022 and dumps._current_umask() == 0o022  # read, and left as it was
+        dumps.write_text(tmp_path / "r.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.txt").stat().st_mode & 0o777 == 0o666 & ~dumps._UMASK
+
+
+def test_layer_files_replace_unsafe_characters_and_keep_nesting():
+    assert dumps.layer_file("blocks.0/attn:q k") == "blocks.0/attn_q_k.npy"
+    assert dumps.layer_file("a//b/./c") == "a/_/b/_/c.npy"
+
+
+def test_manifest_files_must_map_layers_to_files():
+    manifest = {"sides": {"ref": {"files": {"a": "ref/a.npy"}}, "mlx": {"files": ["a.npy"]}}}
+    assert dumps.manifest_files(manifest, "ref", "report r") == {"a": "ref/a.npy"}
+    assert dumps.manifest_files(manifest, "truth", "report r") == {}
+    with pytest.raises(InputError) as err:
+        dumps.manifest_files(manifest, "mlx", "report r")
+    assert str(err.value) == "report r: manifest 'sides.mlx.files' must be an object of layer -> file, got list"
+
+
+def test_write_json_records_which_values_were_not_finite(tmp_path):
+    dumps.write_json(tmp_path / "a.json", {"x": [1.0, math.nan], "nonfinite": {"old": "inf"}})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1.0, None], "nonfinite": {"old": "inf", "x[1]": "nan"}}
+    dumps.write_json(tmp_path / "b.json", [math.inf])  # not an object: nowhere to record it
+    assert json.loads((tmp_path / "b.json").read_text()) == [None]
+
+
+def test_dumps_write_only_the_kept_tensors_but_describe_every_layer(tmp_path):
+    ref = Capture("ref")
+    ref.add("a", np.ones(2, np.float32))
+    ref.add("b/c", np.zeros((1, 3), np.float32))
+    dumps.write_dumps(tmp_path, {"component": "x"}, {"ref": ref, "truth": None},
+                      keep=lambda side, layer: layer != "a")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest == {"component": "x", "sides": {"ref": {
+        "layer_order": ["a", "b/c"], "files": {"b/c": "ref/b/c.npy"}, "shapes": {"a": [2], "b/c": [1, 3]},
+        "dtypes": {"a": "float32", "b/c": "float32"}}}}
+    assert np.load(tmp_path / "ref" / "b" / "c.npy").shape == (1, 3) and not (tmp_path / "ref" / "a.npy").exists()
+
+
+# --- streaming: the spooled capture -----------------------------------------------------------------
+
+def test_a_streamed_capture_lists_its_tensors_not_its_statistics(tmp_path):
+    capture = StreamCapture("ref", tmp_path, stats_predicate(["s*"]))
+    capture.add("a", np.ones(3, np.float32))
+    capture.add("s1", np.arange(4, dtype=np.float32))
+    capture.add("b", np.zeros(2, np.float32))
+    assert list(capture.tensors) == ["a", "b"] and len(capture.tensors) == 2
+    assert "a" in capture.tensors and "s1" not in capture.tensors and "z" not in capture.tensors
+    assert capture.tensors["a"].tolist() == [1, 1, 1] and capture.stats_of("a") is None
+    assert capture.stats_of("s1")["numel"] == 4 and (tmp_path / "s1.stats.json").is_file()
+    with pytest.raises(KeyError, match="ref: layer 's1' was captured as statistics only"):
+        capture.tensors["s1"]
+    with pytest.raises(KeyError):
+        capture.tensors["z"]
+    plain = StreamCapture("mlx", tmp_path / "plain")
+    plain.add("s1", np.ones(1, np.float32))  # no stats-only predicate: every layer is a tensor
+    assert plain.files == {"s1": "s1.npy"} and plain.stats == {}
+
+
+def test_a_streamed_tensor_is_in_memory_only_while_its_sink_judges_it():
+    seen = []
+
+    def sink(name, array, dtype):
+        seen.append((name in capture.tensors, capture.tensors[name] is array, dtype, len(capture.tensors)))
+
+    capture = StreamCapture("mlx", None, sink=sink)
+    capture.add("a", np.ones(2, np.float32))
+    assert seen == [(True, True, "float32", 1)]
+    assert "a" not in capture.tensors and capture.files == {} and capture.shapes == {"a": (2,)}
+
+
+def test_a_spooled_tensor_whose_file_changed_shape_is_refused(tmp_path):
+    capture = StreamCapture("ref", tmp_path)
+    capture.add("a", np.ones((2, 3), np.float32))
+    np.save(tmp_path / "a.npy", np.ones(6, np.float32))
+    with pytest.raises(InputError) as err:
+        capture.tensors["a"]
+    assert str(err.value) == f"{tmp_path / 'a.npy'}: holds shape (6,), its manifest says (2, 3) for ref layer 'a'"
+
+
+def test_rmse_and_rms_over_the_finite_elements():
+    truth = np.array([3.0, 4.0, np.nan, 1.0])
+    test = np.array([3.0, 2.0, 1.0, np.inf])
+    rmse, rms = rmse_and_rms(truth, test)
+    assert rmse == pytest.approx(math.sqrt(2.0), rel=1e-15) and rms == pytest.approx(math.sqrt(12.5), rel=1e-15)
+    assert all(math.isnan(v) for v in rmse_and_rms(np.array([np.nan]), np.array([1.0])))
+
+
+# --- gate: what a recorded verdict and a baseline make of a report -----------------------------------
+
+GATE_LIMITS = "[defaults.float32]\natol = 1e-5\nbaseline_factor = 2.0\n"
+
+
+def _rules(tmp_path, text=GATE_LIMITS):
+    from parity import thresholds
+
+    path = tmp_path / "gate.toml"
+    path.write_text(text)
+    return thresholds.load(path, base=False)
+
+
+def _row(layer, verdict="PASS", failures=(), **metrics):
+    return {"layer": layer, "verdict": verdict, "failures": list(failures), "dtype_ref": "float32",
+            "dtype_mlx": "float32", "ref_max_abs": 1.0, "ref_rms": 1.0, **metrics}
+
+
+def _report(*rows, verdict="PASS", **extra):
+    return {"component": "c", "dtype": "float32", "verdict": verdict, "seed": 0, "config": {}, "layers": list(rows),
+            **extra}
+
+
+def test_a_recorded_failure_reads_its_limit_with_the_comparison_it_broke():
+    from parity.gate import _threshold
+
+    at_least = {m: _threshold({"metric": m, "limit": 0.5}) for m in ("cosine", "sample_cosine", "numel")}
+    equal = {m: _threshold({"metric": m, "limit": 4}) for m in ("presence", "shape", "truth", "sample")}
+    assert set(at_least.values()) == {">= 0.5"} and set(equal.values()) == {"== 4"}
+    assert _threshold({"metric": "max_abs", "limit": 2e-5}) == "<= 2e-05"
+    assert _threshold({"metric": "rounding_excess", "limit": 0.25}) == "<= 0.25"
+    assert _threshold({}) == "<= -"
+
+
+def test_the_gate_takes_the_run_s_failures_as_they_were_recorded():
+    from parity.gate import recorded
+    from parity.outcome import Finding
+
+    failure = {"kind": "absolute", "metric": "max_abs", "value": 1e-3, "limit": 2e-5, "message": "max abs 0.001 > 2e-05"}
+    assert recorded("c", "float32", _row("l", "FAIL", [failure]), {"max_abs": 1e-6}) == [
+        Finding("c", "float32", "l", "max_abs", 1e-3, "<= 2e-05", 1e-6, "absolute", "max abs 0.001 > 2e-05")]
+    assert recorded("c", "float32", _row("l", "FAIL", [{}]), None) == [
+        Finding("c", "float32", "l", "verdict", None, "<= -", None, "absolute", "")]
+    # a FAIL without failure records (an older report): the verdict itself is the finding
+    assert recorded("c", "float32", {**_row("l", "FAIL"), "reasons": "why"}, None) == [
+        Finding("c", "float32", "l", "verdict", "FAIL", "== PASS", None, "absolute", "why")]
+    assert recorded("c", "float32", _row("l", "FAIL"), None)[0].message == "the run judged this layer FAIL"
+    assert recorded("c", "float32", {"layer": "l", "verdict": "PASS", "failures": None}, None) == []
+
+
+def test_a_crash_and_an_empty_run_fail_the_gate_with_what_happened(tmp_path):
+    from parity import gate
+    from parity.outcome import Finding
+
+    crash = {"side": "mlx", "after": None, "error": "ValueError: bad"}
+    outcome = gate.evaluate(_report(verdict="FAIL", crash=crash), _rules(tmp_path), no_baseline="b.json does not exist")
+    assert outcome.failures == [
+        Finding("c", "float32", "(run)", "crash", "ValueError: bad", "completes", None, "error",
+                "the mlx forward raised after no layer: ValueError: bad"),
+        Finding("c", "float32", "(none)", "layers", 0, ">= 1", None, "structure",
+                "nothing compared: the component captured no layers")]
+    assert outcome.notes == ["no baseline (b.json does not exist): gated on absolute thresholds only"]
+    after = gate.evaluate(_report(_row("a"), verdict="FAIL", crash={**crash, "after": "a"}), _rules(tmp_path))
+    assert after.failures[0].message == "the mlx forward raised after a: ValueError: bad"
+    assert after.notes == ["no baseline (none given): gated on absolute thresholds only"]
+    crashed = gate.crashed("vae", "bfloat16", RuntimeError("boom"))
+    assert crashed.error == "RuntimeError: boom" and not crashed.passed and crashed.layers == []
+    assert crashed.failures == [Finding("vae", "bfloat16", "(run)", "run", "crashed", "completes", None, "error",
+                                        "RuntimeError: boom")]
+
+
+def test_excluded_layers_are_not_gated_and_a_run_verdict_without_findings_still_fails(tmp_path):
+    from parity import gate
+    from parity.outcome import Finding
+
+    rows = [_row("a"), {"layer": "x", "verdict": "EXCLUDED"}]
+    outcome = gate.evaluate(_report(*rows, verdict="FAIL", first_divergence="a"), _rules(tmp_path))
+    assert outcome.layers == ["a"]
+    assert outcome.failures == [Finding("c", "float32", "a", "verdict", "FAIL", "PASS", None, "absolute",
+                                        "the run's verdict is not PASS")]
+    unnamed = gate.evaluate(_report(_row("a"), verdict="FAIL"), _rules(tmp_path))
+    assert unnamed.failures[0].layer == "(run)"
+    assert gate.evaluate(_report(_row("a")), _rules(tmp_path)).passed
+
+
+def test_a_failed_section_fails_the_gate_at_its_failing_step(tmp_path):
+    from parity import gate
+    from parity.outcome import Finding
+
+    sections = [{"name": "drift", "title": "Drift", "passed": False, "failing": None, "note": "grew 3x"},
+                {"name": "hf", "passed": False, "failing": "step/2"},
+                {"name": "ok", "passed": True}, {"name": "info", "passed": None}]
+    outcome = gate.evaluate(_report(_row("a"), verdict="FAIL", sections=sections), _rules(tmp_path))
+    assert outcome.failures == [
+        Finding("c", "float32", "section:drift", "section", "drift", "passed", None, "absolute", "Drift failed grew 3x"),
+        Finding("c", "float32", "step/2", "section", "hf", "passed", None, "absolute", "hf failed")]
+
+
+def _baseline(tmp_path, *rows, seed=0):
+    from parity import baseline
+
+    return baseline.load(baseline.save(_report(*rows, seed=seed), tmp_path / "baselines", device="cpu"))
+
+
+def test_a_regression_and_an_improvement_against_the_baseline_are_spelled_out(tmp_path):
+    from parity import gate
+    from parity.outcome import Finding
+
+    known = _baseline(tmp_path, _row("a", max_abs=1e-6, rmse=1e-6))
+    outcome = gate.evaluate(_report(_row("a", max_abs=3e-6, rmse=1e-7)), _rules(tmp_path), known, device="cpu")
+    assert outcome.failures == [Finding("c", "float32", "a", "max_abs", 3e-6, "<= 2e-06 (2x baseline)", 1e-6,
+                                        "baseline", "max_abs 3e-06 regressed past 2x baseline 2e-06 "
+                                                    "(baseline 1e-06), within absolute thresholds")]
+    assert outcome.improvements == [Finding("c", "float32", "a", "rmse", 1e-7, "< 5e-07", 1e-6, "baseline",
+                                            "rmse improved 1e-06 -> 1e-07")]
+    assert outcome.baseline_path == str(known.path) and outcome.notes == []
+
+
+def test_layers_new_to_the_baseline_are_noted_and_only_with_a_baseline_factor(tmp_path):
+    from parity import gate
+
+    known = _baseline(tmp_path, _row("a"))
+    rows = [_row("a")] + [_row(f"n{i}") for i in range(7)]
+    outcome = gate.evaluate(_report(*rows), _rules(tmp_path), known, device="cpu")
+    assert outcome.passed and outcome.notes == [
+        "7 layer(s) not in the baseline (absolute thresholds only): n0, n1, n2, n3, n4 ..."]
+    five = gate.evaluate(_report(*rows[:6]), _rules(tmp_path), known, device="cpu")
+    assert five.notes == ["5 layer(s) not in the baseline (absolute thresholds only): n0, n1, n2, n3, n4"]
+    unfactored = gate.evaluate(_report(_row("a", max_abs=9e-6), *rows[1:]), _rules(tmp_path, "[defaults.float32]\natol = 1e-5\n"),
+                               known, device="cpu")
+    assert unfactored.passed and unfactored.notes == []  # no baseline_factor: absolute thresholds only
+
+
+def test_a_baseline_of_another_run_is_named_in_the_note_and_not_used(tmp_path):
+    from parity import baseline, gate
+
+    known = _baseline(tmp_path, _row("a", max_abs=1e-7), seed=3)
+    outcome = gate.evaluate(_report(_row("a", max_abs=9e-6)), _rules(tmp_path), known, device="cpu")
+    assert outcome.passed and outcome.baseline_path is None
+    assert outcome.notes == [f"no baseline ({baseline.shown(known.path)} recorded with seed 3, this run used seed 0): "
+                             "gated on absolute thresholds only"]
+
+
+def test_the_gate_summary_reads_as_documented(tmp_path):
+    from parity import gate
+    from parity.outcome import Finding, GateResult, Outcome
+
+    failing = Outcome("c", "float32", ["a", "b"], report_dir="reports/r1/c-float32", failures=[
+        Finding("c", "float32", "a", "max_abs", 1e-3, "<= 2e-05", None, "absolute", "max abs 0.001 > 2e-05"),
+        Finding("c", "float32", "b", "cosine", 0.5, ">= 0.99", 0.9, "absolute", "cosine low")],
+        improvements=[Finding("c", "float32", "b", "rmse", 1e-7, "< 5e-07", 1e-6, "baseline", "improved")],
+        notes=["no baseline (none given): gated on absolute thresholds only"])
+    passing = Outcome("d", "bfloat16", ["x"], baseline_path="baselines/d-bfloat16.json")
+    text = gate.summary(GateResult([failing, passing], None, 1.25), max_rows=1)
+    assert text.splitlines() == [
+        "", "FAILED CHECKS",
+        "component  dtype    layer  metric   value  threshold  baseline",
+        "c          float32  a      max_abs  0.001  <= 2e-05   -",
+        "  ... 1 more failed checks in c float32 (see reports/r1/c-float32)",
+        "", "improvements (information only; `parity baseline save` to lock them in)",
+        "component  dtype    layer  metric  value  baseline",
+        "c          float32  b      rmse    1e-07  1e-06",
+        "", "notes", "  c float32: no baseline (none given): gated on absolute thresholds only",
+        "", "gate FAIL: 1/2 component runs fail", "  FAIL c float32: first divergence a (max abs 0.001 > 2e-05)",
+        "gate wall time 1.2s"]
+    passed = gate.summary(GateResult([passing], tmp_path, 2.0))
+    assert passed.splitlines() == ["", "gate PASS: 1/1 component runs pass (1 layers; baselines for 1/1)",
+                                   f"gate wall time 2.0s; reports in {tmp_path}"]
+    assert gate.summary(GateResult([], None, 0.0)).splitlines() == ["", "gate FAIL: nothing was compared",
+                                                                   "gate wall time 0.0s"]
+    assert gate.failure_table([passing]) == []
+    table = gate.failure_table([Outcome("c", "float32", failures=failing.failures * 2)], max_rows=3)
+    assert table[-1] == "  ... 1 more failed checks in c float32 (see gate.json)"
+
+
+def test_gate_json_records_each_outcome_and_the_verdict():
+    from parity import gate
+    from parity.outcome import GateResult, Outcome
+
+    data = gate.to_json(GateResult([Outcome("c", "float32", ["a"])], None, 1.23456))
+    assert data["verdict"] == "PASS" and data["seconds"] == 1.235
+    assert data["outcomes"][0]["passed"] is True and data["outcomes"][0]["first_divergence"] is None
+    assert data["outcomes"][0]["layers"] == ["a"] and data["outcomes"][0]["component"] == "c"
+    assert gate.to_json(GateResult([], None, 0.0))["verdict"] == "FAIL"
+
+
+# --- baseline: what is recorded, what is read, how a change is judged --------------------------------
+
+def test_a_baseline_records_the_gated_metrics_their_scales_and_the_coarser_dtype():
+    from parity import baseline
+
+    rows = [{"layer": "a", "max_abs": 1e-6, "rmse": 2, "cosine": 0.99, "budget_ratio": 1.5, "err_vs_truth": math.nan,
+             "ref_max_abs": 4.0, "ref_rms": 1, "dtype_ref": "float32", "dtype_mlx": "bfloat16", "snr_db": 40.0},
+            {"layer": "b", "budget_ratio": 9.0, "budget_excused": True, "max_abs": math.inf, "ref_rms": None,
+             "dtype_ref": "int32"}]
+    report = {"component": "c", "dtype": "bfloat16", "verdict": "PASS", "seed": 5, "config": {"n": 1},
+              "git_commit": "abc", "versions": {"mlx": "1", "torch": "2", "pandas": "3"}, "layers": rows}
+    data = baseline.from_report(report, "gpu")
+    assert data["layers"] == {
+        "a": {"max_abs": 1e-6, "rmse": 2.0, "budget_ratio": 1.5, "cosine": 0.99, "ref_max_abs": 4.0, "ref_rms": 1.0,
+              "dtype": "bfloat16"},
+        "b": {"dtype": "bfloat16"}}  # excused ratio, inf and null scale left out; the run's dtype when none is known
+    assert isinstance(data["layers"]["a"]["rmse"], float)
+    assert {k: data[k] for k in ("schema", "component", "dtype", "seed", "device", "config", "git_commit", "versions")} == {
+        "schema": 1, "component": "c", "dtype": "bfloat16", "seed": 5, "device": "gpu", "config": {"n": 1},
+        "git_commit": "abc", "versions": {"mlx": "1", "torch": "2"}}
+    assert data["created"].endswith("+00:00")
+    bare = baseline.from_report({"component": "c", "dtype": "float32", "verdict": "PASS", "layers": []}, "cpu")
+    assert (bare["seed"], bare["config"], bare["git_commit"], bare["versions"]) == (0, {}, None, {})
+
+
+def test_only_a_passing_run_is_a_baseline_and_the_refusal_names_it():
+    from parity import baseline
+
+    with pytest.raises(baseline.BaselineError) as err:
+        baseline.from_report({"component": "c", "dtype": "float32", "verdict": "FAIL", "first_divergence": "x"}, "cpu")
+    assert str(err.value) == "c float32: only a passing run can be a baseline (first divergence: x)"
+
+
+def _baseline_file(tmp_path, name="c-float32.json", **changes):
+    data = {"schema": 1, "component": "c", "dtype": "float32", "seed": 0, "device": "cpu", "config": {},
+            "layers": {"a": {"max_abs": 0.0, "dtype": "float32"}}, **changes}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"schema": "1"}, "key 'schema' missing or not a int"),
+    ({"seed": True}, "key 'seed' missing or not a int"),
+    ({"component": None}, "key 'component' missing or not a str"),
+    ({"dtype": 32}, "key 'dtype' missing or not a str"),
+    ({"device": []}, "key 'device' missing or not a str"),
+    ({"config": []}, "key 'config' missing or not a dict"),
+    ({"layers": []}, "key 'layers' missing or not a dict"),
+    ({"schema": 2}, "schema 2, this harness reads schema 1"),
+    ({"component": "d"}, "holds d float32; expected file name d-float32.json"),
+    ({"layers": {"a": [1]}}, "layers['a'] is not an object"),
+    ({"layers": {"a": {"max_abs": -1}}}, "layers['a'].max_abs = -1; expected a finite non-negative number"),
+    ({"layers": {"a": {"rmse": "0"}}}, "layers['a'].rmse = '0'; expected a finite non-negative number"),
+    ({"layers": {"a": {"rmse": False}}}, "layers['a'].rmse = False; expected a finite non-negative number"),
+    ({"layers": {"a": {"rmse": 1e999}}}, "layers['a'].rmse = inf; expected a finite non-negative number"),
+])
+def test_a_malformed_baseline_names_its_file_and_key(tmp_path, changes, message):
+    from parity import baseline
+
+    path = _baseline_file(tmp_path, **changes)
+    with pytest.raises(baseline.BaselineError) as err:
+        baseline.load(path)
+    assert str(err.value) == f"baseline {path}: {message}"
+
+
+def test_a_baseline_file_that_is_not_an_object_or_not_json_is_refused(tmp_path):
+    from parity import baseline
+
+    path = tmp_path / "c-float32.json"
+    path.write_text("[1]")
+    with pytest.raises(baseline.BaselineError) as err:
+        baseline.load(path)
+    assert str(err.value) == f"baseline {path}: expected a JSON object"
+    path.write_text("{")
+    with pytest.raises(baseline.BaselineError, match=r"^baseline .*c-float32.json is not valid JSON"):
+        baseline.load(path)
+
+
+def test_a_baseline_is_found_by_component_and_dtype(tmp_path):
+    from parity import baseline
+
+    path = _baseline_file(tmp_path, seed=4, git_commit="abc")
+    found = baseline.find(tmp_path, "c", "float32")
+    assert (found.component, found.dtype, found.seed, found.device, found.path) == ("c", "float32", 4, "cpu", path)
+    assert found.layers == {"a": {"max_abs": 0.0, "dtype": "float32"}} and found.meta["git_commit"] == "abc"
+    assert "layers" not in found.meta and "config" not in found.meta
+    assert baseline.find(tmp_path, "c", "bfloat16") is None
+    assert baseline.path_for("dir", "c", "bfloat16") == baseline.Path("dir") / "c-bfloat16.json"
+
+
+def test_a_baseline_describes_only_its_own_config_seed_and_device():
+    from parity.baseline import Baseline
+
+    known = Baseline("c", "float32", 2, {"n": 1, "m": [1, 2]}, "cpu", {})
+    assert known.mismatch({"m": [1, 2], "n": 1}, 2, "cpu") is None and known.mismatch({"n": 1, "m": [1, 2]}, 2, None) is None
+    assert known.mismatch({"n": 1}, 2, "cpu") == "recorded for a different config (re-save it with `parity baseline save`)"
+    assert known.mismatch({"n": 1, "m": [1, 2]}, 0, "cpu") == "recorded with seed 2, this run used seed 0"
+    assert known.mismatch({"n": 1, "m": [1, 2]}, 2, "gpu") == "recorded on the MLX cpu device, this run is on gpu"
+
+
+def test_paths_in_messages_are_shown_relative_to_the_current_folder(tmp_path, monkeypatch):
+    from parity.baseline import shown
+
+    monkeypatch.chdir(tmp_path)
+    assert shown(tmp_path / "baselines" / "c.json") == os.path.join("baselines", "c.json")
+    assert shown("/elsewhere/c.json") == "/elsewhere/c.json" and shown(None) == "-"
+
+
+def test_the_regression_floor_uses_the_run_s_scale_or_else_the_baseline_s():
+    from parity import baseline
+
+    row = {"dtype_ref": "float32", "dtype_mlx": "float32", "ref_max_abs": math.nan, "ref_rms": "?"}
+    base = {"ref_max_abs": 8.0, "ref_rms": 2.0, "dtype": "float16"}
+    assert baseline.floor("max_abs", row, base) == 4 * 2.0**-10 * 8.0  # coarser of the run's and the baseline's dtype
+    assert baseline.floor("rmse", row, base) == 4 * 2.0**-10 * 2.0
+    assert baseline.floor("max_abs", {**row, "ref_max_abs": 0.5}, base) == 4 * 2.0**-10 * 0.5
+    assert baseline.floor("max_abs", row) == 0.0  # no scale anywhere: no floor
+    assert baseline.floor("max_abs", {"dtype_ref": "int8", "ref_max_abs": 1.0}) == 4 * 2.0**-23
+    assert baseline._coarser("float64", "bfloat16", None) == "bfloat16" and baseline._coarser(None, "x") == "float32"
+
+
+def test_a_baseline_change_is_judged_against_the_larger_of_baseline_and_floor():
+    from parity.baseline import Change, check_layer
+
+    row = {"dtype_ref": "float32", "dtype_mlx": "float32", "ref_max_abs": 1.0, "ref_rms": 1.0,
+           "max_abs": 5e-6, "rmse": math.nan, "budget_ratio": 0.5, "err_vs_truth": "n/a", "cosine": 0.5}
+    base = {"max_abs": 2e-6, "rmse": 1e-7, "budget_ratio": 0.2}
+    floor = 4 * 2.0**-23
+    changes = check_layer(row, base, 2.0)
+    assert [c.metric for c in changes] == ["max_abs", "rmse", "budget_ratio"]  # err_vs_truth is no number: skipped
+    assert changes[0] == Change("max_abs", 5e-6, 2e-6, 4e-6, True, False, False)
+    rmse = changes[1]
+    assert (rmse.baseline, rmse.limit, rmse.regressed, rmse.improved, rmse.floored) == (1e-7, 2 * floor, True, False, True)
+    assert math.isnan(rmse.value)  # NaN regresses
+    assert changes[2] == Change("budget_ratio", 0.5, 0.2, 2.0, False, False, True)
+    at_limit = check_layer({**row, "max_abs": 4e-6}, {"max_abs": 2e-6}, 2.0)
+    assert at_limit == [Change("max_abs", 4e-6, 2e-6, 4e-6, False, False, False)]  # exactly the limit passes
+    better = check_layer({**row, "max_abs": 0.9e-6}, {"max_abs": 2e-6}, 2.0)
+    assert better[0].improved and not check_layer({**row, "max_abs": 1e-6}, {"max_abs": 2e-6}, 2.0)[0].improved
+    below_floor = check_layer({**row, "max_abs": 0.0}, {"max_abs": floor / 2}, 2.0)
+    assert not below_floor[0].improved and below_floor[0].floored  # a baseline under the floor cannot improve
+    assert check_layer({**row, "budget_excused": True}, {"budget_ratio": 0.1}, 2.0) == []
+
+
+# --- thresholds: reading, layering, validation -------------------------------------------------------
+
+def _toml(tmp_path, text, name="parity.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_tolerance_merges_key_by_key_and_reports_only_what_is_set():
+    from parity.thresholds import Tolerance
+
+    base = Tolerance(atol=1.0, rtol=2.0)
+    merged = base.merged(Tolerance(rtol=0.0, cosine_min=0.5))
+    assert merged == Tolerance(atol=1.0, rtol=0.0, cosine_min=0.5)  # an explicit 0 overrides too
+    assert merged.applied() == {"atol": 1.0, "rtol": 0.0, "cosine_min": 0.5}
+    assert Tolerance(atol=1e-5, rtol=1e-3).abs_limit(10.0) == pytest.approx(1e-5 + 1e-2, rel=1e-15)
+    assert Tolerance(rtol=0.5).abs_limit(4.0) == 2.0 and Tolerance(atol=0.25).abs_limit(4.0) == 0.25
+    assert Tolerance(cosine_min=0.9).abs_limit(4.0) is None and Tolerance().applied() == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[defaults.float32]\natol = true\n", "{path}: [defaults.float32].atol: expected a non-negative number, got True"),
+    ("[defaults.float32]\natol = -1\n", "{path}: [defaults.float32].atol: expected a non-negative number, got -1"),
+    ("[defaults.float32]\natol = nan\n", "{path}: [defaults.float32].atol: expected a non-negative number, got nan"),
+    ("[defaults.float32]\natol = '1'\n", "{path}: [defaults.float32].atol: expected a non-negative number, got '1'"),
+    ("[defaults.float32]\nbaseline_factor = 0.5\n", "{path}: [defaults.float32].baseline_factor: must be at least 1, got 0.5"),
+    ("[defaults.float32]\nbogus = 1\n", "{path}: [defaults.float32]: unknown key 'bogus'; expected one of "
+     "['atol', 'baseline_factor', 'budget_ratio', 'cosine_min', 'drift_ratio', 'max_rel', 'rounding_excess', 'rtol']"),
+    ("[defaults]\nfloat32 = 1\n", "{path}: [defaults.float32]: expected a table, got 1"),
+    ("defaults = 1\n", "{path}: [defaults]: expected a table, got 1"),
+    ("[defaults.float16]\natol = 1\n", "{path}: [defaults.float16]: unknown dtype 'float16'; expected one of ('float32', 'bfloat16')"),
+    ("[components.c.int8]\natol = 1\n", "{path}: [components.c.int8]: unknown dtype 'int8'; expected one of ('float32', 'bfloat16')"),
+    ("[components]\nc = 1\n", "{path}: [components.c]: expected a table, got 1"),
+    ("[components.c.float32]\nlayers = 1\n", "{path}: [components.c.float32].layers: expected a table of glob = {...}"),
+    ("[components.c.float32.layers]\n'a*' = {atol = -2}\n",
+     "{path}: [components.c.float32].layers.'a*'.atol: expected a non-negative number, got -2"),
+    ("[other]\nx = 1\n", "{path}: unknown top-level table [other]; expected defaults or components"),
+])
+def test_a_malformed_thresholds_file_names_the_file_table_and_key(tmp_path, text, message):
+    from parity import thresholds
+
+    path = _toml(tmp_path, text)
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        thresholds.load(path, base=False)
+    assert str(err.value) == message.replace("{path}", str(path.resolve()))
+
+
+def test_an_unreadable_thresholds_file_is_named(tmp_path):
+    from parity import thresholds
+
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        thresholds.load(tmp_path / "none.toml", base=False)
+    assert str(err.value) == f"thresholds file {(tmp_path / 'none.toml').resolve()} does not exist"
+    with pytest.raises(thresholds.ThresholdsError, match=r"^thresholds file .* cannot be read: "):
+        thresholds.load(tmp_path, base=False)
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    with pytest.raises(thresholds.ThresholdsError, match=r"^/.*bad.toml: not valid TOML: "):
+        thresholds.load(tmp_path / "bad.toml", base=False)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(thresholds.ThresholdsError, match=r"^thresholds file .*bin.toml cannot be read: "):
+        thresholds.load(tmp_path / "bin.toml", base=False)
+
+
+def test_thresholds_from_a_pyproject_are_its_tool_parity_table(tmp_path):
+    from parity import thresholds
+
+    path = _toml(tmp_path, "[project]\nname = 'x'\n[tool.parity.defaults.float32]\natol = 0.5\n", "pyproject.toml")
+    assert thresholds.load(str(path), base=False).for_component("c", "float32").atol == 0.5
+    (tmp_path / "sub").mkdir()
+    empty = _toml(tmp_path / "sub", "[tool.other]\nx = 1\n", "pyproject.toml")
+    assert thresholds.load(empty, base=False).defaults == {}
+
+
+def test_files_are_layered_in_order_and_read_once(tmp_path):
+    from parity import thresholds
+
+    first = _toml(tmp_path, "[defaults.float32]\natol = 1\nrtol = 1\n", "a.toml")
+    second = _toml(tmp_path, "[defaults.float32]\natol = 2\n", "b.toml")
+    rules = thresholds.load([first, second, str(first)], base=False)
+    assert rules.paths == [first.resolve(), second.resolve()] and rules.path == second.resolve()
+    assert rules.for_component("c", "float32") == thresholds.Tolerance(atol=2.0, rtol=1.0)
+    assert thresholds.load(None).paths == [thresholds.DEFAULT_PATH] and thresholds.load([], base=False).paths == []
+    assert thresholds.load(first).paths == [thresholds.DEFAULT_PATH, first.resolve()]
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        rules.for_component("c", "bfloat16")
+    assert str(err.value) == f"{second.resolve()}: no [defaults.bfloat16] table"
+
+
+def test_component_tables_apply_parents_first_globs_before_names_later_files_over_earlier(tmp_path):
+    from parity import thresholds
+
+    base = _toml(tmp_path, '[defaults.float32]\natol = 1\n[components."c*".float32]\natol = 2\nrtol = 2\n'
+                           '[components.child.float32]\natol = 3\ncosine_min = 0.3\n', "a.toml")
+    user = _toml(tmp_path, '[components.child.float32]\ncosine_min = 0.4\n[components.parent.float32]\n'
+                           'rtol = 5\nmax_rel = 5\n[components."ch*".float32]\nmax_rel = 6\n', "b.toml")
+    rules = thresholds.load([base, user], base=False)
+    tol = rules.for_component(["child", "parent"], "float32")
+    # parent (rtol 5, max_rel 5), then the child's globs (c*: atol 2, rtol 2; ch*: max_rel 6), then its name (a then b)
+    assert (tol.atol, tol.rtol, tol.cosine_min, tol.max_rel) == (3.0, 2.0, 0.4, 6.0)
+    assert rules.for_component("parent", "float32") == thresholds.Tolerance(atol=1.0, rtol=5.0, max_rel=5.0)
+    assert rules.for_component("other", "float32") == thresholds.Tolerance(atol=1.0)
+
+
+def test_layer_globs_of_the_child_and_of_later_files_are_tried_first(tmp_path):
+    from parity import thresholds
+
+    base = _toml(tmp_path, '[defaults.float32]\natol = 1\n[components.parent.float32.layers."x*"]\natol = 2\n'
+                           '[components.child.float32.layers."x*"]\natol = 3\n', "a.toml")
+    user = _toml(tmp_path, '[components.child.float32.layers."xy*"]\natol = 4\n', "b.toml")
+    rules = thresholds.load([base, user], base=False)
+    assert rules.for_layer(["child", "parent"], "float32", "xyz").atol == 4
+    assert rules.for_layer(["child", "parent"], "float32", "xa").atol == 3
+    assert rules.for_layer("parent", "float32", "xyz").atol == 2
+    assert rules.for_layer("parent", "float32", "y").atol == 1
+    assert rules.unmatched_globs(["child", "parent"], "float32", ["xa"]) == [f"{user.resolve()}: [components.child.float32].layers.'xy*'"]
+    assert rules.unmatched_globs("parent", "float32", ["y"]) == [f"{base.resolve()}: [components.parent.float32].layers.'x*'"]
+
+
+def test_a_component_table_must_name_a_registered_component(tmp_path):
+    from parity import thresholds
+
+    path = _toml(tmp_path, '[defaults.float32]\natol = 1\n[components."wan*".float32]\natol = 2\n')
+    assert thresholds.load(path, known_components=["wan_block"], base=False).components
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        thresholds.load(path, known_components=["rope", "block"], base=False)
+    assert str(err.value) == f"{path.resolve()}: [components.wan*] names an unknown component; registered: ['block', 'rope']"
+
+
+def test_the_project_thresholds_file_is_the_nearest_one_up_the_folders(tmp_path):
+    from parity.thresholds import project_file
+
+    def found_here(start):
+        found = project_file(start)
+        return found if found is not None and tmp_path in found.parents else None  # not one above tmp_path
+
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    assert found_here(nested) is None
+    (tmp_path / "a" / "pyproject.toml").write_text("[project]\nname = 'x'\n")  # no [tool.parity]: not ours
+    assert found_here(nested) is None
+    (tmp_path / "pyproject.toml").write_text("[tool.parity.defaults.float32]\natol = 1\n")
+    assert project_file(nested) == tmp_path / "pyproject.toml"
+    (tmp_path / "a" / "parity.toml").write_text("")
+    assert project_file(nested) == tmp_path / "a" / "parity.toml" and project_file(str(tmp_path)) == tmp_path / "pyproject.toml"
