@@ -779,3 +779,330 @@ def test_the_project_thresholds_file_is_the_nearest_one_up_the_folders(tmp_path)
     assert project_file(nested) == tmp_path / "pyproject.toml"
     (tmp_path / "a" / "parity.toml").write_text("")
     assert project_file(nested) == tmp_path / "a" / "parity.toml" and project_file(str(tmp_path)) == tmp_path / "pyproject.toml"
+
+
+# --- compare: every rule of one layer, and of a run ---------------------------------------------------
+
+def _layer(metrics, shape=(4,), dtype_mlx="float32", adapter=None):
+    from parity.compare import PASS, LayerResult
+
+    base = {"numel": 4, "cosine": 1.0, "max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "rmse": 0.0, "snr_db": math.inf,
+            "ref_max_abs": 2.0, "ref_rms": 1.0, "nan_ref": 0, "inf_ref": 0, "nan_mlx": 0, "inf_mlx": 0}
+    return LayerResult("x", "x", PASS, [], {**base, **metrics}, shape, shape, "float32", dtype_mlx, adapter=adapter)
+
+
+def _failures(result):
+    return [(f.kind, f.metric, f.value, f.limit, f.message) for f in result.failures]
+
+
+def test_float32_limits_fail_with_their_values_limits_and_messages():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    tol = Tolerance(atol=1e-5, rtol=1e-5, cosine_min=0.999, max_rel=0.01, baseline_factor=2.0)
+    result = apply_rules(_layer({"max_abs": 1e-3, "cosine": 0.99, "max_rel": 0.5}), tol)
+    limit = 1e-5 + 1e-5 * 2.0
+    assert result.verdict == "FAIL" and _failures(result) == [
+        ("absolute", "max_abs", 1e-3, limit, "max abs 0.001 > 3e-05 (atol + rtol * max|ref|)"),
+        ("absolute", "cosine", 0.99, 0.999, "cosine 0.9900000 < 0.999 (1 - cos = 0.01)"),
+        ("absolute", "max_rel", 0.5, 0.01, "max rel 0.5 > 0.01")]
+    assert result.limits == {"atol": 1e-5, "rtol": 1e-5, "cosine_min": 0.999, "max_rel": 0.01, "abs_limit": limit}
+    at_limits = apply_rules(_layer({"max_abs": limit, "cosine": 0.999, "max_rel": 0.01}), tol)
+    assert at_limits.verdict == "PASS" and at_limits.failures == []  # a value at its limit passes
+    unlimited = apply_rules(_layer({"max_abs": 1.0, "cosine": -1.0, "max_rel": 9.0}), Tolerance())
+    assert unlimited.verdict == "PASS" and unlimited.limits == {}
+
+
+def test_a_nonfinite_tensor_fails_once_and_its_error_metrics_become_unavailable():
+    from parity.compare import FINITE_ONLY, apply_rules
+    from parity.thresholds import Tolerance
+
+    counts = {"nan_ref": 1, "inf_ref": 0, "nan_mlx": 0, "inf_mlx": 2, "budget_ratio": 3.0, "err_vs_truth": 1.0}
+    result = apply_rules(_layer({**counts, "max_abs": 5.0}), Tolerance(atol=1e-5, budget_ratio=2.0))
+    assert _failures(result) == [("absolute", "nan/inf", 3, 0, "reference has 1 NaN / 0 Inf; MLX has 0 NaN / 2 Inf")]
+    assert all(result.metrics[k] is None for k in FINITE_ONLY if k in result.metrics)
+    assert result.metrics["ref_max_abs"] == 2.0 and result.metrics["numel"] == 4 and "abs_limit" not in result.limits
+    one_side = apply_rules(_layer({"inf_ref": 1}), Tolerance(atol=1e-5))
+    assert _failures(one_side) == [("absolute", "nan/inf", 1, 0, "reference has 0 NaN / 1 Inf")]
+
+
+def test_a_nan_metric_fails_even_where_no_limit_reads_it():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    result = apply_rules(_layer({"cosine": math.nan, "max_abs": math.nan}), Tolerance())
+    assert [(k, m, str(v), lim, msg) for k, m, v, lim, msg in _failures(result)] == [
+        ("absolute", "max_abs", "nan", "finite", "max_abs is NaN"), ("absolute", "cosine", "nan", "finite", "cosine is NaN")]
+
+
+def test_the_precision_budget_fails_with_both_errors_and_the_rounding_floor():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    m = {"budget_ratio": 3.0, "err_vs_truth": 0.03, "ref_err_vs_truth": 0.01, "rounding_err": 0.004, "max_abs": 1.0}
+    result = apply_rules(_layer(m, dtype_mlx="bfloat16"), Tolerance(budget_ratio=2.0), Tolerance(atol=1e-5))
+    assert _failures(result) == [("absolute", "budget_ratio", 3.0, 2.0,
+                                  "precision budget 3 > 2 (ours bfloat16, reference float32): our error vs float64 "
+                                  "0.03, the reference's 0.01, floored at one bfloat16 rounding 0.004")]
+    assert result.limits["budget_ratio"] == 2.0 and "budget_excused" not in result.metrics
+    same = apply_rules(_layer({**m, "rounding_err": None}), Tolerance(budget_ratio=2.0))
+    assert _failures(same)[0][4] == "precision budget 3 > 2: our error vs float64 0.03, the reference's 0.01"
+    assert apply_rules(_layer({**m, "budget_ratio": 2.0}), Tolerance(budget_ratio=2.0)).verdict == "PASS"
+    assert apply_rules(_layer(m), Tolerance()).verdict == "PASS"  # no budget set: not judged
+
+
+def test_an_error_within_the_float32_limits_excuses_the_budget():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    m = {"budget_ratio": 50.0, "err_vs_truth": 1e-6, "ref_err_vs_truth": 0.0, "max_abs": 4e-5}
+    exact = Tolerance(atol=0.0, rtol=2e-5)  # limit 2e-5 * max|ref| (2) = 4e-5
+    excused = apply_rules(_layer(m), Tolerance(budget_ratio=2.0), exact)
+    assert excused.verdict == "PASS" and excused.metrics["budget_excused"] is True
+    over = apply_rules(_layer({**m, "max_abs": 4.1e-5}), Tolerance(budget_ratio=2.0), exact)
+    assert [f.metric for f in over.failures] == ["budget_ratio"] and "budget_excused" not in over.metrics
+    assert apply_rules(_layer(m), Tolerance(budget_ratio=2.0)).verdict == "FAIL"  # no float32 tolerance: no excuse
+    assert apply_rules(_layer(m), Tolerance(budget_ratio=2.0), Tolerance(cosine_min=0.5)).verdict == "FAIL"
+
+
+def test_more_than_one_rounding_of_an_exact_reference_tap_fails():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    m = {"budget_ratio": 1.0, "rounding_excess": 0.5}
+    result = apply_rules(_layer(m, dtype_mlx="bfloat16"), Tolerance(budget_ratio=2.0, rounding_excess=0.25))
+    assert _failures(result) == [("absolute", "rounding_excess", 0.5, 0.25,
+                                  "more than one bfloat16 rounding of a value the reference computes exactly "
+                                  "(ours bfloat16, reference float32): rmse(ours - round(reference)) is 0.5 x one "
+                                  "rounding > 0.25 (computed in bfloat16, or rounded twice?)")]
+    assert result.limits == {"budget_ratio": 2.0, "rounding_excess": 0.25}
+    assert apply_rules(_layer({**m, "rounding_excess": 0.25}), Tolerance(rounding_excess=0.25)).verdict == "PASS"
+    assert apply_rules(_layer(m), Tolerance(budget_ratio=2.0)).verdict == "PASS"  # no limit set: not judged
+
+
+def test_structure_is_judged_first_and_names_the_adapter():
+    from parity.compare import LayerResult, apply_rules
+    from parity.thresholds import Tolerance
+
+    result = LayerResult("x", "y", "PASS", [], {"max_abs": 9.0}, (2, 3), (3, 2), adapter="swap_halves")
+    apply_rules(result, Tolerance(atol=0.0))
+    assert _failures(result) == [("structure", "shape", [3, 2], [2, 3],
+                                  "shape mismatch: reference (2, 3) vs MLX (3, 2) after adapter 'swap_halves'")]
+    assert result.limits == {}  # nothing else is judged on a structural failure
+    empty = apply_rules(LayerResult("x", "x", "PASS", [], {}, (0, 3), (0, 3)), Tolerance(atol=0.0))
+    assert _failures(empty) == [("structure", "numel", 0, 1, "empty tensor: nothing compared")]
+    plain = LayerResult("x", "x", "PASS", [], {}, (2,), (3,))
+    apply_rules(plain, Tolerance())
+    assert plain.failures[0].message == "shape mismatch: reference (2,) vs MLX (3,)"
+
+
+def test_a_layer_row_carries_its_failures_limits_and_only_the_notes_it_has():
+    from parity.compare import LayerResult
+
+    result = _layer({"cosine": 0.5}, adapter="swap_halves")
+    result.fail("absolute", "cosine", 0.5, 0.9, "low")
+    result.fail("absolute", "max_rel", 1.0, 0.1, "high")
+    row = result.row()
+    assert row["verdict"] == "FAIL" and row["reasons"] == "low; high" and row["adapter"] == "swap_halves"
+    assert row["failures"][1] == {"kind": "absolute", "metric": "max_rel", "value": 1.0, "limit": 0.1, "message": "high"}
+    assert (row["layer"], row["mlx_layer"], row["shape_ref"], row["dtype_mlx"], row["cosine"]) == ("x", "x", [4], "float32", 0.5)
+    assert "excluded" not in row
+    bare = LayerResult("r", "m", "EXCLUDED", [], {}, None, None, excluded="fused").row()
+    assert (bare["shape_ref"], bare["shape_mlx"], bare["excluded"], bare["reasons"]) == (None, None, "fused", "")
+    assert "adapter" not in bare
+
+
+def test_the_first_divergence_is_a_layer_then_a_section_then_a_crash():
+    from parity.compare import EXCLUDED, FAIL, PASS, Comparison, Crash, LayerResult
+    from parity.component import Section
+
+    ok = LayerResult("a", "a", PASS, [], {"cosine": 1.0})
+    bad = LayerResult("b", "b", FAIL, [], {"cosine": 0.5})
+    drift = Section("drift", "Drift", "table", {}, False, None, "")
+    step = Section("hf", "HF", "table", {}, False, "step/3", "")
+    assert Comparison("c", "float32", [ok, bad], [drift]).first_divergence == "b"
+    assert Comparison("c", "float32", [ok], [Section("i", "I", "table", {}, None, None, ""), drift]).first_divergence == "section:drift"
+    assert Comparison("c", "float32", [ok], [step]).first_divergence == "step/3"
+    crash = Crash("mlx", "ValueError: x", "tb", "a")
+    assert Comparison("c", "float32", [ok], crash=crash).first_divergence == "mlx crashed after a"
+    assert Crash("ref", "e", "tb", None).label == "ref crashed after no layer"
+    assert Comparison("c", "float32", [ok]).verdict == PASS and Comparison("c", "float32", [ok], crash=crash).verdict == FAIL
+    only_excluded = Comparison("c", "float32", [LayerResult("e", "e", EXCLUDED, [], {}, excluded="why")])
+    assert only_excluded.verdict == FAIL and only_excluded.worst is None
+
+
+def test_the_worst_layer_is_a_failing_one_with_the_lowest_cosine():
+    from parity.compare import EXCLUDED, FAIL, PASS, Comparison, LayerResult
+
+    layers = [LayerResult("p", "p", PASS, [], {"cosine": 0.1}), LayerResult("f9", "f9", FAIL, [], {"cosine": 0.9}),
+              LayerResult("f5", "f5", FAIL, [], {"cosine": 0.5}), LayerResult("m", "m", FAIL, [], {}),
+              LayerResult("n", "n", FAIL, [], {"cosine": math.nan}), LayerResult("e", "e", EXCLUDED, [], {"cosine": -1.0})]
+    assert Comparison("c", "float32", layers).worst.name == "f5"
+    assert Comparison("c", "float32", [layers[0], layers[3], layers[4]]).worst.name == "m"  # failing, without metrics
+    assert Comparison("c", "float32", [layers[0], LayerResult("q", "q", PASS, [], {"cosine": 0.05})]).worst.name == "q"
+
+
+def test_a_stats_only_layer_judges_its_statistics_and_its_sample():
+    from parity.compare import judge_stats
+    from parity.stats import tensor_stats
+    from parity.thresholds import Tolerance
+
+    ref = np.linspace(-1.0, 3.0, 64).astype(np.float32)
+    ours = ref + np.float32(1e-3)
+    result = judge_stats("x", "y", tensor_stats(ref), tensor_stats(ours), None, Tolerance(atol=5e-4, cosine_min=0.9),
+                         None, "float32", "float32")
+    m = result.metrics
+    assert m["stats_only"] is True and m["numel"] == 64 and m["ref_max_abs"] == 3.0 and m["sample_size"] == 64
+    assert m["ref_rms"] == pytest.approx(np.sqrt(np.mean(ref.astype(np.float64) ** 2)), rel=1e-12)
+    assert m["diff_mean"] == pytest.approx(1e-3, rel=1e-3) and m["diff_std"] < 1e-6
+    assert (m["ref_min"], m["mlx_min"], m["ref_norm"] > 0) == (-1.0, pytest.approx(-0.999, rel=1e-6), True)
+    failed = {f.metric: f.message for f in result.failures}
+    assert set(failed) == {"min", "max", "mean", "rms", "sample_max_abs"}  # std agrees; cosine passes
+    assert failed["mean"].startswith("mean differs by 0.001 > 0.0005")
+    assert failed["sample_max_abs"].startswith("sample max abs 0.001 > 0.0005 (atol")
+    cosine = judge_stats("x", "y", tensor_stats(ref), tensor_stats(-ref), None, Tolerance(cosine_min=0.9), None,
+                         "float32", "float32")
+    assert [f.message for f in cosine.failures] == ["sample cosine -1.0000000 < 0.9 (1 - cos = 2)"]
+
+
+def test_stats_only_samples_of_different_methods_are_not_compared():
+    from parity.compare import judge_stats
+    from parity.stats import tensor_stats
+    from parity.thresholds import Tolerance
+
+    ref = tensor_stats(np.ones(8, np.float32))
+    other = {**ref, "sample_method": "other"}
+    result = judge_stats("x", "x", ref, other, None, Tolerance(atol=1.0), None, "float32", "float32")
+    assert _failures(result) == [("structure", "sample", sorted([ref["sample_method"], "other"]), "one method",
+                                  f"samples not comparable (methods {sorted([ref['sample_method'], 'other'])})")]
+    short = judge_stats("x", "x", ref, {**ref, "sample": ref["sample"][:3]}, None, Tolerance(), None, "float32", "float32")
+    assert [f.metric for f in short.failures] == ["sample"]
+    shaped = judge_stats("x", "x", ref, {**ref, "shape": [2, 4]}, None, Tolerance(), None, "float32", "float32")
+    assert [f.metric for f in shaped.failures] == ["shape"]
+
+
+def test_a_stats_only_layer_of_nothing_finite_has_no_extent_and_no_rms():
+    from parity.compare import judge_stats
+    from parity.stats import tensor_stats
+    from parity.thresholds import Tolerance
+
+    stats = tensor_stats(np.full(4, np.nan, np.float32))
+    result = judge_stats("x", "x", stats, stats, None, Tolerance(atol=1.0), None, "float32", "float32")
+    assert result.metrics["ref_max_abs"] == 0.0 and result.metrics["ref_rms"] == 0.0
+    assert not any(k.startswith("diff_") for k in result.metrics)
+    assert [f.metric for f in result.failures] == ["nan/inf"]
+
+
+def test_a_stats_only_layer_in_bfloat16_checks_the_budget_on_its_sample():
+    from parity.compare import judge_stats
+    from parity.metrics import round_to
+    from parity.stats import tensor_stats
+    from parity.thresholds import Tolerance
+
+    truth = np.random.default_rng(0).standard_normal(512)
+    ref = round_to(truth, "bfloat16")
+    noisy = (truth + 3 * (ref - truth)).astype(np.float32)
+    args = (tensor_stats(ref), tensor_stats(noisy), tensor_stats(truth))
+    result = judge_stats("x", "x", *args, Tolerance(budget_ratio=2.0), Tolerance(atol=1e-9), "bfloat16", "bfloat16")
+    assert result.metrics["sample_budget_ratio"] == pytest.approx(3.0, rel=1e-6)
+    assert _failures(result)[0][:4] == ("absolute", "sample_budget_ratio", result.metrics["sample_budget_ratio"], 2.0)
+    assert _failures(result)[0][4].startswith("precision budget on the sample 3 > 2: our error vs float64 ")
+    missing = judge_stats("x", "x", *args[:2], None, Tolerance(), None, "bfloat16", "bfloat16", truth_missing=True)
+    assert _failures(missing) == [("structure", "truth", "missing", "present", "missing in the float64 truth run")]
+
+
+def test_a_full_layer_in_bfloat16_checks_the_budget_unless_a_side_is_not_finite():
+    from parity.compare import judge_tensors
+    from parity.thresholds import Tolerance
+
+    truth = np.linspace(-1, 1, 32)
+    ref = truth.astype(np.float32)
+    ours = ref.copy()
+    ours[0] = np.nan
+    result = judge_tensors("x", "x", ref, ours, truth, Tolerance(budget_ratio=2.0), None, "float32", "bfloat16")
+    assert "budget_ratio" not in result.metrics and [f.metric for f in result.failures] == ["nan/inf"]
+    missing = judge_tensors("x", "x", ref, ref, None, Tolerance(), None, "float32", "float32", truth_missing=True)
+    assert _failures(missing) == [("structure", "truth", "missing", "present", "missing in the float64 truth run")]
+    shaped = judge_tensors("x", "x", ref, ref[:4], truth, Tolerance(), None, "float32", "float32", adapter="take(0)")
+    assert shaped.metrics == {} and shaped.adapter == "take(0)" and [f.metric for f in shaped.failures] == ["shape"]
+
+
+def test_a_reduced_precision_run_knows_each_layer_s_float32_tolerance(tmp_path):
+    from parity.compare import Judge
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1\n[defaults.bfloat16]\nbudget_ratio = 2\n"
+                             '[components.c.float32.layers."a*"]\natol = 3\n')
+    tol, exact = Judge(["c"], "bfloat16", rules).tolerances("ab")
+    assert tol.budget_ratio == 2.0 and exact.atol == 3.0
+    tol, exact = Judge(["c"], "float32", rules).tolerances("ab")
+    assert tol.atol == 3.0 and exact is None
+
+
+def test_a_stats_only_reference_layer_is_judged_against_the_statistics_of_a_full_mlx_tensor(tmp_path):
+    from parity.compare import Judge
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1e-3\n")
+    ref = StreamCapture("ref", tmp_path / "ref", stats_predicate(["*"]))
+    ref.add("a", np.arange(6, dtype=np.float32))
+    ours = Capture("mlx")
+    ours.add("b", np.arange(6, dtype=np.float32) + np.float32(0.01))
+    result = Judge(["c"], "float32", rules).layer("a", "b", ref, ours, None)
+    assert result.metrics["stats_only"] is True and result.metrics["mlx_mean"] == pytest.approx(2.51, rel=1e-6)
+    assert {f.metric for f in result.failures} == {"min", "max", "mean", "rms", "sample_max_abs"}
+    truth = Capture("truth")
+    assert [f.metric for f in Judge(["c"], "bfloat16", _rules(tmp_path, "[defaults.bfloat16]\n[defaults.float32]\n")
+                                    ).layer("a", "b", ref, ours, truth).failures] == ["truth"]
+
+
+def test_layers_on_one_side_and_exclusions_are_listed_with_what_happened(tmp_path):
+    from parity.alignment import Alignment
+    from parity.compare import Crash, compare
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1\n")
+    ref, ours = Capture("ref"), Capture("mlx")
+    for name in ("a", "gone", "skip"):
+        ref.add(name, np.ones(2, np.float32))
+    for name in ("a", "extra", "fused"):
+        ours.add(name, np.ones(3 if name == "fused" else 2, np.float32))
+    alignment = Alignment.of(exclude={"skip": "not materialised", "mlx:fused": "fused op"})
+    crash = Crash("mlx", "ValueError: x", "tb", "a")
+    result = compare("c", "float32", ref, ours, rules, alignment, crash=crash)
+    rows = {l.name: l for l in result.layers}
+    assert [l.name for l in result.layers] == ["a", "gone", "skip", "extra", "fused"]
+    assert rows["gone"].reasons == ["missing on the MLX side (mlx crashed after a)"] and rows["gone"].shape_ref == (2,)
+    assert rows["extra"].reasons == ["missing on the reference side"] and rows["extra"].shape_mlx == (2,)
+    assert (rows["skip"].verdict, rows["skip"].excluded, rows["skip"].shape_ref, rows["skip"].dtype_ref) == (
+        "EXCLUDED", "not materialised", (2,), "float32")
+    assert (rows["fused"].verdict, rows["fused"].excluded, rows["fused"].shape_mlx, rows["fused"].dtype_mlx) == (
+        "EXCLUDED", "fused op", (3,), "float32")
+    ref_crash = compare("c", "float32", ref, ours, rules, alignment, crash=Crash("ref", "e", "tb", None))
+    assert {l.name: l.reasons for l in ref_crash.layers}["extra"] == ["missing on the reference side (ref crashed after no layer)"]
+    assert {l.name: l.reasons for l in ref_crash.layers}["gone"] == ["missing on the MLX side (ref crashed after no layer)"]
+
+
+def test_layers_judged_while_streaming_are_taken_as_they_are(tmp_path):
+    from parity.compare import FAIL, LayerResult, compare
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1\n")
+    ref, ours = Capture("ref"), Capture("mlx")
+    ref.add("a", np.ones(2, np.float32))
+    ours.add("a", np.ones(2, np.float32))
+    judged = LayerResult("a", "a", FAIL, [], {})
+    assert compare("c", "float32", ref, ours, rules, judged={"a": judged}).layers == [judged]
+    assert compare("c", "float32", ref, ours, rules, lineage=["c", "parent"]).verdict == "PASS"
+
+
+def test_a_layer_glob_matching_no_layer_names_the_layers_there_are(tmp_path):
+    from parity.compare import Crash, compare
+    from parity.thresholds import ThresholdsError
+
+    rules = _rules(tmp_path, '[defaults.float32]\natol = 1\n[components.c.float32.layers."zz*"]\natol = 2\n')
+    ref, ours = Capture("ref"), Capture("mlx")
+    for i in range(9):
+        ref.add(f"l{i}", np.ones(1, np.float32))
+        ours.add(f"l{i}", np.ones(1, np.float32))
+    with pytest.raises(ThresholdsError) as err:
+        compare("c", "float32", ref, ours, rules)
+    assert str(err.value) == (f"layer glob(s) matching no layer of c float32: {(tmp_path / 'gate.toml').resolve()}: "
+                              "[components.c.float32].layers.'zz*' (layers: l0, l1, l2, l3, l4, l5, l6, l7 ...)")
+    assert compare("c", "float32", ref, ours, rules, crash=Crash("mlx", "e", "tb", "l8")).verdict == "FAIL"
