@@ -1106,3 +1106,168 @@ def test_a_layer_glob_matching_no_layer_names_the_layers_there_are(tmp_path):
     assert str(err.value) == (f"layer glob(s) matching no layer of c float32: {(tmp_path / 'gate.toml').resolve()}: "
                               "[components.c.float32].layers.'zz*' (layers: l0, l1, l2, l3, l4, l5, l6, l7 ...)")
     assert compare("c", "float32", ref, ours, rules, crash=Crash("mlx", "e", "tb", "l8")).verdict == "FAIL"
+
+
+# --- bundles: fingerprints and the refusals before anything runs ------------------------------------
+
+def test_fingerprints_cover_keys_dtypes_shapes_and_bytes_in_any_layout():
+    from parity.bundle import arrays_fingerprint, config_fingerprint
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    base = arrays_fingerprint({"a": x, "b": np.zeros(0)})
+    assert len(base) == 64 and base == arrays_fingerprint({"b": np.zeros(0), "a": np.asfortranarray(x)})
+    changed = [{"a": x, "c": np.zeros(0)}, {"a": x.reshape(3, 2), "b": np.zeros(0)},
+               {"a": x.astype(np.float64), "b": np.zeros(0)}, {"a": x + 1, "b": np.zeros(0)},
+               {"a": x, "b": np.zeros((0, 2))}, {"a": x}]
+    assert len({arrays_fingerprint(c) for c in changed} | {base}) == len(changed) + 1
+    assert arrays_fingerprint({"ab": np.zeros(1, np.uint8)}) != arrays_fingerprint({"a": np.frombuffer(b"b\0", np.uint8)})
+    assert config_fingerprint({"a": 1, "b": [1, 2]}) == config_fingerprint({"b": [1, 2], "a": 1}) != config_fingerprint({"a": 1})
+
+
+def test_input_file_names_keep_only_safe_characters():
+    from parity.bundle import _safe_input
+
+    assert _safe_input("a/b c.d-e_f:1") == "a_b_c.d-e_f_1"
+
+
+def test_config_differences_are_listed_by_dotted_key():
+    from parity.bundle import _config_difference
+
+    ours = {"a": 1, "n": {"x": 1, "y": 2}, "o": 3, "same": [1, 2]}
+    theirs = {"a": 1, "n": {"x": 2}, "p": [1], "same": [1, 2]}
+    assert _config_difference(ours, theirs) == [
+        "n.x: ours 1, bundle 2", "n.y: ours 2, bundle '<absent>'", "o: ours 3, bundle '<absent>'",
+        "p: ours '<absent>', bundle [1]"]
+    assert _config_difference({"a": 1}, {"a": 1.0}) == ["a: ours 1, bundle 1.0"]  # not the same JSON
+
+
+def _bundle(tmp_path, dtype="float32", **changes):
+    from parity import registry
+    from parity.bundle import FORMAT, FORMAT_VERSION, arrays_fingerprint, config_fingerprint
+
+    config = registry.get("rope").load_config().to_dict()
+    inputs = {"x": np.arange(3, dtype=np.float32)}
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    np.save(tmp_path / "inputs" / "x.npy", inputs["x"])
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": "rope", "dtype": dtype, "seed": 0,
+                "config": config, "config_sha256": config_fingerprint(config),
+                "weights": {"source": "random init", "sha256": arrays_fingerprint({}), "file": None, "count": 0},
+                "inputs": {"x": {"file": "inputs/x.npy", "dtype": "float32", "shape": [3]}},
+                "inputs_sha256": arrays_fingerprint(inputs), "sides": {}, **changes}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def _refusal(tmp_path, **kwargs):
+    from parity.bundle import BundleMismatch, compare_bundle
+
+    with pytest.raises(BundleMismatch) as err:
+        compare_bundle("rope", tmp_path, out_dir=None, **kwargs)
+    return str(err.value)
+
+
+def test_a_bundle_without_the_tensors_a_comparison_needs_is_refused(tmp_path):
+    assert _refusal(_bundle(tmp_path)) == f"bundle {tmp_path} holds no reference tensors"
+    entry = {"layer_order": [], "shapes": {}, "dtypes": {}, "files": {}}
+    assert _refusal(_bundle(tmp_path, "bfloat16", sides={"ref": entry})) == f"bundle {tmp_path} is bfloat16 but lacks the float64 truth"
+    assert _refusal(_bundle(tmp_path, component="time_embedding")) == (
+        f"bundle {tmp_path} holds the reference of component 'time_embedding', not 'rope'")
+
+
+def test_a_bundle_of_another_config_names_the_differences(tmp_path):
+    from parity import registry
+    from parity.bundle import config_fingerprint
+
+    config = {**registry.get("rope").load_config().to_dict(), "theta": 500.0}
+    bundle = _bundle(tmp_path, config=config, config_sha256=config_fingerprint(config))
+    assert _refusal(bundle) == (f"bundle {bundle} was made with another rope config (theta: ours 10000.0, bundle 500.0); "
+                                "pass the matching --config, --use-bundle-config, or make a new bundle with `parity dump-ref`")
+    many = {**config, **{f"k{i}": i for i in range(7)}}
+    bundle = _bundle(tmp_path, config=many, config_sha256=config_fingerprint(many))
+    message = _refusal(bundle)
+    assert message.count("ours '<absent>'") == 6 and "k5: ours '<absent>', bundle 5; ...); pass" in message
+    assert _refusal(_bundle(tmp_path, config=config)).endswith(": its config does not match its own fingerprint (edited or corrupt)")
+    assert _refusal(_bundle(tmp_path, config=config, config_sha256=config_fingerprint(config)),
+                    use_bundle_config=True) == f"bundle {tmp_path} holds no reference tensors"  # its config is used
+
+
+def test_bundle_inputs_must_match_their_manifest_and_fingerprint(tmp_path):
+    from parity.bundle import _bundle_inputs
+
+    bundle = _bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert _bundle_inputs(bundle, manifest)["x"].tolist() == [0.0, 1.0, 2.0]
+    undeclared = {**manifest, "inputs": {"x": {"file": "inputs/x.npy", "shape": [3]}}}
+    assert _bundle_inputs(bundle, undeclared)["x"].dtype == np.float32  # no dtype in the manifest: not checked
+    for entry, says in (({"dtype": "float64"}, "float64 [3]"), ({"shape": [1, 3]}, "float32 [1, 3]")):
+        wrong = {**manifest, "inputs": {"x": {**manifest["inputs"]["x"], **entry}}}
+        with pytest.raises(InputError) as err:
+            _bundle_inputs(bundle, wrong)
+        assert str(err.value) == f"bundle {bundle}: input file inputs/x.npy holds float32 [3], the manifest says {says}"
+    with pytest.raises(InputError) as err:
+        _bundle_inputs(bundle, {**manifest, "inputs_sha256": "0" * 64})
+    assert str(err.value) == f"bundle {bundle}: its inputs do not match their fingerprint (edited or corrupt)"
+
+
+def test_bundle_weights_are_its_own_file_or_a_checkpoint_with_its_fingerprint(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.numpy import save_file
+
+    from parity.bundle import BundleMismatch, _bundle_weights, arrays_fingerprint
+
+    weights = {"w": np.ones(2, np.float32)}
+    save_file(weights, str(tmp_path / "weights.safetensors"))
+    comp = SimpleNamespace(weights_prefix="")
+    info = {"source": "ckpt.safetensors", "sha256": arrays_fingerprint(weights), "file": "weights.safetensors", "count": 1}
+    assert _bundle_weights(tmp_path, {"weights": info}, comp, None)["w"].tolist() == [1.0, 1.0]
+    assert list(_bundle_weights(tmp_path, {"weights": {**info, "file": None}}, comp, tmp_path / "weights.safetensors")) == ["w"]
+    cases = [
+        ({**info, "sha256": "ab" * 32}, None, "bundle {b}: weights.safetensors does not match the weights fingerprint (corrupt?)"),
+        ({**info, "sha256": "ab" * 32, "file": None}, tmp_path / "weights.safetensors",
+         "weights {w} are not the bundle's (fingerprint " + arrays_fingerprint(weights)[:12] + " vs bundle abababababab, "
+         "made from ckpt.safetensors)"),
+        ({**info, "file": None}, None, "bundle {b} holds only the fingerprint of its weights (ckpt.safetensors); pass them with --weights"),
+        ({**info, "file": None, "count": 0}, None, "bundle {b}: weights fingerprint does not match an empty state dict"),
+    ]
+    for weights_info, path, message in cases:
+        with pytest.raises(BundleMismatch) as err:
+            _bundle_weights(tmp_path, {"weights": weights_info}, comp, path)
+        assert str(err.value) == message.format(b=tmp_path, w=tmp_path / "weights.safetensors")
+    empty = {"source": "none", "sha256": arrays_fingerprint({}), "file": None, "count": 0}
+    assert _bundle_weights(tmp_path, {"weights": empty}, comp, None) == {}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": "other"}, "{b} is not a reference bundle (made by `parity dump-ref`)"),
+    ({"format_version": 1}, "bundle {b} has bundle format version 1; this harness reads version 2 (make it again with `parity dump-ref`)"),
+    ({"seed": "0"}, "bundle {b}: manifest key 'seed' missing or not a int"),
+    ({"config": []}, "bundle {b}: manifest key 'config' missing or not a dict"),
+    ({"inputs_sha256": None}, "bundle {b}: manifest key 'inputs_sha256' missing or not a str"),
+    ({"sides": []}, "bundle {b}: manifest key 'sides' missing or not a dict"),
+    ({"inputs": {"x": {"file": 1, "shape": [3]}}}, "bundle {b}: manifest inputs['x'] must be an object with 'file' and 'shape'"),
+    ({"inputs": {"x": {"file": "x.npy", "shape": 3}}}, "bundle {b}: manifest inputs['x'] must be an object with 'file' and 'shape'"),
+    ({"inputs": {"x": ["x.npy"]}}, "bundle {b}: manifest inputs['x'] must be an object with 'file' and 'shape'"),
+])
+def test_a_malformed_bundle_manifest_is_refused_naming_the_key(tmp_path, change, message):
+    from parity.bundle import BundleMismatch, read_manifest
+
+    bundle = _bundle(tmp_path, **change)
+    with pytest.raises(BundleMismatch) as err:
+        read_manifest(bundle)
+    assert str(err.value) == message.format(b=bundle)
+
+
+def test_a_bundle_is_a_folder_and_is_never_overwritten(tmp_path):
+    from parity.bundle import BundleMismatch, dump_reference, read_manifest
+
+    with pytest.raises(BundleMismatch) as err:
+        read_manifest(tmp_path / "none")
+    assert str(err.value) == f"--ref-bundle {tmp_path / 'none'}: not a folder"
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(BundleMismatch, match="is not a reference bundle"):
+        read_manifest(tmp_path)
+    for out in (tmp_path, tmp_path / "manifest.json"):
+        with pytest.raises(InputError) as err:
+            dump_reference("rope", out)
+        assert str(err.value) == f"--out {out}: exists and is not an empty folder; a bundle is never overwritten"
