@@ -1271,3 +1271,108 @@ def test_a_bundle_is_a_folder_and_is_never_overwritten(tmp_path):
         with pytest.raises(InputError) as err:
             dump_reference("rope", out)
         assert str(err.value) == f"--out {out}: exists and is not an empty folder; a bundle is never overwritten"
+
+
+# --- streaming: manifests, dumps and the judge's sink -----------------------------------------------
+
+def _entry(**changes):
+    return {"layer_order": ["a", "s"], "shapes": {"a": [2], "s": [3]}, "dtypes": {"a": "float32", "s": "float32"},
+            "files": {"a": "a.npy"}, "stats": {"s": "s.stats.json"}, **changes}
+
+
+def test_a_finished_capture_is_read_back_from_its_manifest_entry(tmp_path):
+    source = StreamCapture("ref", tmp_path, stats_predicate(["s"]))
+    source.add("a", np.ones(2, np.float32))
+    source.add("s", np.arange(3, dtype=np.float32))
+    entry = source.manifest_entry()
+    assert entry == _entry(shapes={"a": [2], "s": [3]})
+    opened = StreamCapture.open("ref", tmp_path, json.loads(json.dumps(entry)), "bundle b")
+    assert (opened.order, opened.shapes, opened.dtypes, opened.files) == (["a", "s"], {"a": (2,), "s": (3,)},
+                                                                          {"a": "float32", "s": "float32"}, {"a": "a.npy"})
+    assert opened.stats_of("s") == source.stats["s"] and opened["a"].tolist() == [1.0, 1.0]
+    bare = StreamCapture.open("ref", tmp_path, _entry(files=None, stats={"a": "s.stats.json", "s": "s.stats.json"}), "w")
+    assert bare.files == {} and sorted(bare.stats) == ["a", "s"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ([1], "w: manifest 'sides.ref' must be an object, got list"),
+    (_entry(layer_order={}), "w: manifest 'sides.ref.layer_order' must be a JSON array, got dict"),
+    (_entry(shapes=[]), "w: manifest 'sides.ref.shapes' must be a JSON object, got list"),
+    (_entry(dtypes=None), "w: manifest 'sides.ref.dtypes' must be a JSON object, got NoneType"),
+    (_entry(files=["a.npy"]), "w: manifest 'sides.ref.files' must be a JSON object, got list"),
+    (_entry(stats="s"), "w: manifest 'sides.ref.stats' must be a JSON object, got str"),
+    (_entry(stats={}), "w: ref: manifest lists layers with neither a tensor nor statistics: ['s']"),
+])
+def test_a_malformed_manifest_entry_is_refused_naming_the_key(tmp_path, entry, message):
+    with pytest.raises(InputError) as err:
+        StreamCapture.open("ref", tmp_path, entry, "w")
+    assert str(err.value) == message
+
+
+def test_a_streamed_side_is_dumped_in_place_or_linked_into_the_report(tmp_path):
+    spool = tmp_path / "run" / "mlx"
+    capture = StreamCapture("mlx", spool, stats_predicate(["s"]))
+    for name in ("a", "b", "s"):
+        capture.add(name, np.full(2, 1.0, np.float32))
+    entry = capture.dump_entry(tmp_path / "run", "mlx", keep=lambda side, name: name != "b")
+    assert entry["files"] == {"a": "mlx/a.npy"} and entry["stats"] == {"s": "mlx/s.stats.json"}
+    assert (spool / "a.npy").is_file() and not (spool / "b.npy").exists()  # dropped where it was written
+    bundle = StreamCapture("ref", tmp_path / "bundle" / "ref", stats_predicate(["s"]))
+    for name in ("a", "b", "s"):
+        bundle.add(name, np.full(2, 2.0, np.float32))
+    entry = bundle.dump_entry(tmp_path / "report", "ref", keep=lambda side, name: name != "b")
+    assert entry["files"] == {"a": "ref/a.npy"} and np.load(tmp_path / "report" / "ref" / "a.npy").tolist() == [2.0, 2.0]
+    assert (tmp_path / "bundle" / "ref" / "b.npy").is_file() and not (tmp_path / "report" / "ref" / "b.npy").exists()
+    assert json.loads((tmp_path / "report" / "ref" / "s.stats.json").read_text())["numel"] == 2
+    assert entry["layer_order"] == ["a", "b", "s"] and entry["shapes"]["b"] == [2]
+    everything = bundle.dump_entry(tmp_path / "all", "ref")
+    assert everything["files"] == {"a": "ref/a.npy", "b": "ref/b.npy"}
+
+
+def test_a_file_that_cannot_be_hard_linked_is_copied(tmp_path, monkeypatch):
+    from parity import streaming
+
+    (tmp_path / "a.npy").write_bytes(b"x")
+
+    def refuse(source, target):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(streaming.os, "link", refuse)
+    streaming._link_or_copy(tmp_path / "a.npy", tmp_path / "deep" / "b.npy")
+    assert (tmp_path / "deep" / "b.npy").read_bytes() == b"x"
+
+
+def test_the_stream_judge_judges_each_mlx_tensor_against_its_reference_layers(tmp_path):
+    from parity.alignment import Alignment
+    from parity.compare import Judge
+    from parity.streaming import StreamJudge
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1e-3\n")
+    ref = StreamCapture("ref", tmp_path / "ref", stats_predicate(["s"]))
+    for name in ("q", "k", "s", "skip"):
+        ref.add(name, np.ones(2, np.float32))
+    alignment = Alignment.of({"q": "qk", "k": "qk"}, exclude={"skip": "not ported"})
+    judge = StreamJudge(Judge(["c"], "float32", rules, alignment), ref, None, stats_predicate(["u*"]))
+    assert judge.by_mlx == {"qk": [("q", None), ("k", None)], "s": [("s", None)]}
+    assert judge.stats_only("s") and not judge.stats_only("qk")  # as its reference layer
+    assert judge.stats_only("u1") and not judge.stats_only("v")  # unmatched: the user's globs
+    mlx = judge.capture(tmp_path / "mlx")
+    mlx.add("qk", np.ones(2, np.float32))
+    mlx.add("s", np.full(2, 2.0, np.float32))
+    mlx.add("u1", np.ones(2, np.float32))
+    assert sorted(judge.judged) == ["k", "q", "s"] and judge.mlx is mlx
+    assert judge.judged["q"].verdict == "PASS" and judge.judged["s"].verdict == "FAIL"
+    assert "s" in mlx.stats and "u1" in mlx.stats and mlx.files == {"qk": "qk.npy"}
+    plain = StreamJudge(Judge(["c"], "float32", rules), ref, None)
+    assert not plain.stats_only("other")
+
+
+def test_a_streaming_run_spools_to_its_report_folder_or_a_temporary_one(tmp_path):
+    from parity.streaming import spool_dir
+
+    folder, keep = spool_dir(tmp_path / "r" / "c-float32")
+    assert folder == tmp_path / "r" / "c-float32" and folder.is_dir() and keep is None
+    folder, keep = spool_dir(None)
+    assert folder.is_dir() and folder.name.startswith("parity-stream-") and keep.name == str(folder)
+    keep.cleanup()
+    assert not folder.exists()
