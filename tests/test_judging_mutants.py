@@ -17,7 +17,7 @@ import pytest
 
 from parity import dumps
 from parity.capture import Capture
-from parity.metrics import rmse_and_rms
+from parity.metrics import rmse_and_rms, tensor_metrics
 from parity.streaming import StreamCapture, stats_predicate
 from parity.vocab import InputError
 from parity.weights import (WeightLoadError, check_state, keeps_float32, load_torch_strict, read_checkpoint,
@@ -1376,3 +1376,125 @@ def test_a_streaming_run_spools_to_its_report_folder_or_a_temporary_one(tmp_path
     assert folder.is_dir() and folder.name.startswith("parity-stream-") and keep.name == str(folder)
     keep.cleanup()
     assert not folder.exists()
+
+
+# --- metrics: one chunked pass with the definitions of the two-pass metrics --------------------------
+
+def test_blocks_cut_by_shape_only_and_never_split_part_of_a_row():
+    from parity.metrics import blocks
+
+    pieces = lambda x, n: [b.tolist() for b in blocks(x, n)]  # noqa: E731
+    assert pieces(np.arange(10), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    grid = np.arange(15).reshape(5, 3)
+    assert pieces(grid, 7) == [list(range(6)), list(range(6, 12)), [12, 13, 14]]  # two whole rows at a time
+    assert pieces(np.asfortranarray(grid), 7) == pieces(grid, 7)
+    assert pieces(np.arange(10).reshape(2, 5), 3) == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]  # a long row cut alone
+    assert pieces(grid, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    assert pieces(np.float32(2.0), 4) == [[2.0]] and pieces(np.zeros((0, 3)), 4) == []
+    assert all(b.flags.c_contiguous for b in blocks(np.asfortranarray(grid), 7))
+    assert pieces(np.arange(5), None) == [[0, 1, 2, 3, 4]]  # default: CHUNK elements
+
+
+def test_the_relative_floor_is_estimated_only_where_it_can_be_trusted():
+    from parity.metrics import REL_FLOOR, _floor_estimate
+
+    x = np.array([3.0, -4.0], np.float32)
+    assert _floor_estimate(x) == pytest.approx(REL_FLOOR * math.sqrt(12.5), rel=1e-7)
+    assert _floor_estimate(x.astype(np.float64)) == pytest.approx(REL_FLOOR * math.sqrt(12.5), rel=1e-15)
+    for untrusted in (np.zeros(0, np.float32), x.astype(np.float16), np.array([1, 2]), np.zeros(3, np.float32),
+                      np.array([np.inf, 1.0], np.float32), np.array([np.nan, 1.0])):
+        assert math.isnan(_floor_estimate(untrusted)), untrusted
+
+
+def test_max_rel_is_exact_for_references_whose_floor_cannot_be_estimated():
+    ref = np.array([1.0, 0.0, -2.0, 0.5], np.float16)
+    test = np.array([1.5, 0.01, -2.0, 0.5], np.float16)
+    m = tensor_metrics(ref, test)
+    a, b = ref.astype(np.float64), test.astype(np.float64)
+    floor = 1e-3 * math.sqrt(float(a @ a) / 4)
+    assert m["max_rel"] == float((np.abs(b - a) / np.maximum(np.abs(a), floor)).max())
+    ints = tensor_metrics(np.array([0, 4]), np.array([1, 4]))
+    assert ints["max_rel"] == 1 / (1e-3 * math.sqrt(8)) and ints["max_abs"] == 1.0
+
+
+def test_max_rel_near_the_floor_is_settled_element_by_element(monkeypatch):
+    from parity import metrics
+
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal(4000).astype(np.float32)
+    estimate = metrics.REL_FLOOR * math.sqrt(float(ref.astype(np.float64) @ ref.astype(np.float64)) / ref.size)
+    ref[:40] = np.float32(estimate) * np.linspace(0.5, 1.5, 40, dtype=np.float32)  # around the floor, inside the band
+    test = ref + np.float32(1e-6) * rng.standard_normal(4000).astype(np.float32)
+    test[:40] = ref[:40] + np.float32(estimate) * np.linspace(1.0, 0.0, 40, dtype=np.float32)
+    a, b = ref.astype(np.float64), test.astype(np.float64)
+    floor = metrics.REL_FLOOR * math.sqrt(float(a @ a) / a.size)
+    expected = float((np.abs(b - a) / np.maximum(np.abs(a), floor)).max())
+    for chunk in (1 << 17, 1000):
+        monkeypatch.setattr(metrics, "CHUNK", chunk)
+        assert metrics.tensor_metrics(ref, test)["max_rel"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_metrics_of_empty_or_entirely_nonfinite_tensors_are_not_numbers():
+    empty = tensor_metrics(np.zeros(0, np.float32), np.zeros(0, np.float32))
+    assert empty["numel"] == 0 and math.isnan(empty["mean_abs"]) and math.isnan(empty["rmse"])
+    assert (empty["max_abs"], empty["max_rel"], empty["ref_rms"], empty["cosine"]) == (0.0, 0.0, 0.0, 1.0)
+    nan = tensor_metrics(np.full(3, np.nan, np.float32), np.ones(3, np.float32))
+    assert (nan["nan_ref"], nan["inf_ref"], nan["nan_mlx"], nan["inf_mlx"]) == (3, 0, 0, 0) and math.isnan(nan["rmse"])
+    mixed = tensor_metrics(np.array([1.0, -np.inf, 2.0], np.float32), np.array([np.nan, 1.0, 2.5], np.float32))
+    assert (mixed["nan_ref"], mixed["inf_ref"], mixed["nan_mlx"], mixed["inf_mlx"]) == (0, 1, 1, 0)
+    assert mixed["max_abs"] == 0.5 and mixed["rmse"] == 0.5 and mixed["ref_max_abs"] == 2.0 and mixed["max_rel"] == 0.25
+
+
+def test_snr_and_cosine_of_one_zero_side():
+    zeros, ones = np.zeros(4, np.float32), np.ones(4, np.float32)
+    assert tensor_metrics(ones, zeros)["cosine"] == 0.0 and tensor_metrics(ones, zeros)["snr_db"] == 0.0
+    assert tensor_metrics(zeros, ones)["snr_db"] == -math.inf
+    m = tensor_metrics(ones, 2 * ones)
+    assert m["snr_db"] == 0.0 and m["cosine"] == 1.0 and m["mean_abs"] == 1.0 and m["ref_rms"] == 1.0
+
+
+def test_round_to_rounds_to_the_named_dtype_and_leaves_others_float32():
+    from parity.metrics import round_to
+
+    x = np.array([1 + 2**-12, 65519.0, 1e-8], np.float64)
+    assert round_to(x, "float16").tolist() == np.float16(x).astype(np.float32).tolist()
+    assert round_to(x, "float32").tolist() == x.astype(np.float32).tolist() and round_to(x, "float32").dtype == np.float32
+    assert round_to(np.array([1 + 2**-9, 3 * 2**-9 + 1], np.float32), "bfloat16").tolist() == [1.0, 1 + 2**-7]
+    assert round_to(np.array([-(1 + 3 * 2**-9)]), "bfloat16").tolist() == [-(1 + 2**-7)]
+
+
+def test_the_budget_floors_an_exact_reference_at_one_rounding_of_the_coarse_dtype():
+    from parity.metrics import EXACT_ROUNDOFFS, FLOAT32_ROUNDOFF, precision_budget, round_to
+
+    truth = np.random.default_rng(3).standard_normal(4096)
+    ref = truth.astype(np.float32)  # exact to float32
+    once = round_to(ref, "bfloat16")
+    budget = precision_budget(truth, ref, once, "bfloat16")
+    rounding = math.sqrt(np.mean((once.astype(np.float64) - truth) ** 2))
+    assert budget["rounding_err"] == pytest.approx(rounding, rel=1e-12)
+    assert budget["budget_ratio"] == pytest.approx(1.0, rel=1e-9) and budget["rounding_excess"] == 0.0
+    twice = round_to(round_to(ref, "float16"), "bfloat16")
+    excess = math.sqrt(np.mean((twice.astype(np.float64) - once) ** 2)) / rounding
+    assert precision_budget(truth, ref, twice, "bfloat16")["rounding_excess"] == pytest.approx(excess, rel=1e-9)
+    assert "rounding_err" not in precision_budget(truth, ref, once, "float32")  # not a coarser dtype
+    assert "rounding_err" not in precision_budget(truth, ref, once)
+    rms = math.sqrt(np.mean(truth**2))
+    inexact = ref + np.float32(2 * EXACT_ROUNDOFFS * FLOAT32_ROUNDOFF * rms)  # the reference is not exact: no floor
+    plain = precision_budget(truth, inexact, once, "bfloat16")
+    assert "rounding_err" not in plain
+    ref_err = math.sqrt(np.mean((inexact.astype(np.float64) - truth) ** 2))
+    assert plain["budget_ratio"] == pytest.approx(rounding / ref_err, rel=1e-9)
+
+
+def test_the_budget_leaves_nonfinite_elements_out_and_is_nan_without_any():
+    from parity.metrics import precision_budget
+
+    truth = np.array([1.0, 2.0, np.nan, 4.0])
+    ref = np.array([1.5, 2.0, 3.0, np.inf], np.float32)
+    test = np.array([2.0, 2.0, 3.0, 4.0], np.float32)
+    budget = precision_budget(truth, ref, test, "bfloat16")
+    assert budget["err_vs_truth"] == pytest.approx(1 / math.sqrt(2), rel=1e-15)
+    assert budget["ref_err_vs_truth"] == pytest.approx(0.5 / math.sqrt(2), rel=1e-15) and budget["budget_ratio"] == 2.0
+    assert all(math.isnan(v) for v in precision_budget(np.array([np.nan]), np.ones(1), np.ones(1)).values())
+    assert sorted(precision_budget(np.array([np.nan]), np.ones(1), np.ones(1))) == ["budget_ratio", "err_vs_truth",
+                                                                                    "ref_err_vs_truth"]
