@@ -1498,3 +1498,198 @@ def test_the_budget_leaves_nonfinite_elements_out_and_is_nan_without_any():
     assert all(math.isnan(v) for v in precision_budget(np.array([np.nan]), np.ones(1), np.ones(1)).values())
     assert sorted(precision_budget(np.array([np.nan]), np.ones(1), np.ones(1))) == ["budget_ratio", "err_vs_truth",
                                                                                     "ref_err_vs_truth"]
+
+
+# --- drift ------------------------------------------------------------------------------------------
+
+def test_high_frequency_energy_above_a_cutoff_by_parseval():
+    from parity import drift
+
+    y, x = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    wave = np.cos(2 * np.pi * 2 * x / 8)[None, :, :, None]  # radius 0.5 of Nyquist, energy 0.5 per element
+    assert drift.high_frequency_energy(wave, 0.49) == pytest.approx(0.5, rel=1e-12)
+    assert drift.high_frequency_energy(wave, 0.5) == pytest.approx(0.0, abs=1e-25)  # strictly above the cutoff
+    assert drift.high_frequency_energy(wave[..., 0], 0.49, axes=(-2, -1)) == pytest.approx(0.5, rel=1e-12)
+    assert drift.high_frequency_energy(np.ones((1, 4, 4, 2)), 0.0) == 0.0  # DC only
+    with pytest.raises(ValueError) as err:
+        drift.high_frequency_energy(wave, math.sqrt(2))
+    assert str(err.value) == "cutoff is a fraction of Nyquist in [0, 1.41), got 1.4142135623730951"
+    with pytest.raises(ValueError, match=r"in \[0, 1\), got -0.1"):
+        drift.high_frequency_energy(wave, -0.1, axes=(-2,))
+    assert drift.high_frequency_energy(wave, 1.4) == 0.0
+
+
+def test_mean_gradient_is_the_mean_absolute_difference_over_the_spatial_axes():
+    from parity import drift
+
+    y, x = np.meshgrid(np.arange(4), np.arange(5), indexing="ij")
+    grid = (3 * y + x)[None, :, :, None].astype(np.float32)  # steps of 3 along height, 1 along width
+    assert drift.mean_gradient(grid) == 2.0
+    assert drift.mean_gradient(grid, axes=(-3,)) == 3.0
+
+
+def test_error_growth_is_relative_to_the_floored_first_step():
+    from parity import drift
+
+    assert drift.error_growth([0.5, 2.0], floor=1.0) == [0.5, 2.0]
+    assert drift.error_growth([4.0, 2.0], floor=1.0) == [1.0, 0.5]
+    assert all(math.isnan(v) for v in drift.error_growth([0.0, 1.0]))
+    assert drift.error_growth([]) == []
+
+
+def test_cosine_of_arrays_and_of_zero_arrays():
+    from parity import drift
+
+    assert drift.cosine(np.array([[1.0, 0.0]]), np.array([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2), rel=1e-15)
+    assert drift.cosine(np.zeros(2), np.zeros(2)) == 1.0 and drift.cosine(np.zeros(2), np.ones(2)) == 0.0
+
+
+def test_a_step_whose_high_frequencies_vanish_fails():
+    from parity import drift
+
+    series = {"error_growth": [1.0, 1.0], "error_ratio": [1.0, 1.0], "hf_ratio": [1.0, 0.0]}
+    assert drift.first_failing_step(series, 2.0) == 1
+    assert drift.first_failing_step({**series, "hf_ratio": [1.0, 0.5]}, 2.0) is None  # 1/bound is still within
+    assert drift.first_failing_step({**series, "hf_ratio": [2.0, 1.0]}, 2.0) is None  # bound itself is within
+    within = {**series, "hf_ratio": [1.0, 1.0], "error_ratio": [1.0, 2.0]}
+    assert drift.first_failing_step(within, 2.0, level_bound=2.0) is None
+    assert drift.first_failing_step({**series, "error_growth": [1.0, 2.5], "hf_ratio": [3.0, 1.0]}, 2.0) == 0
+
+
+def test_drift_series_measures_each_step_against_the_truth():
+    from parity import drift
+
+    truth = [np.full((1, 2, 2, 1), 2.0), np.zeros((1, 2, 2, 1))]
+    ref = [t + 0.02 for t in truth]
+    test = [t + 0.06 for t in truth]
+    series = drift.drift_series(truth, ref, test, to_grid=lambda x: x + np.arange(4).reshape(1, 2, 2, 1), cutoff=0.0)
+    assert series["err_mlx"] == pytest.approx([0.03, 0.06], rel=1e-9)  # relative to rms(truth), or 1 for zeros
+    assert series["err_ref"] == pytest.approx([0.01, 0.02], rel=1e-9)
+    assert series["error_ratio"] == pytest.approx([3.0, 3.0], rel=1e-9)
+    assert series["error_growth"] == pytest.approx([1.0, 1.0], rel=1e-9)
+    assert series["cosine"] == pytest.approx([1.0, 1.0], rel=1e-9)
+    assert series["hf_ratio"] == pytest.approx([1.0, 1.0], rel=1e-9)  # to_grid adds the same pattern to every side
+    assert series["hf_ratio_ref"] == pytest.approx([1.0, 1.0], rel=1e-9)
+    with pytest.raises(ValueError) as err:
+        drift.drift_series(truth, ref[:1], test, to_grid=lambda x: x, cutoff=0.0)
+    assert str(err.value) == "step counts differ: truth 2, reference 1, test 2"
+
+
+# --- artifacts ----------------------------------------------------------------------------------------
+
+def _video(frames=6, size=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((1, 2, frames, size, size))
+
+
+def test_chunk_boundaries_and_video_shapes_are_checked():
+    from parity import artifacts
+
+    video = _video()
+    for bad in ([], [1, 3], [0, 3, 3], [0, 4, 2], [0, 6]):
+        with pytest.raises(ValueError) as err:
+            artifacts.chunk_errors(video, video, bad)
+        assert str(err.value) == f"boundaries: expected ascending chunk starts from 0 below 6 frames, got {bad}"
+    assert artifacts.chunk_errors(video, video, [0, 5])["rmse"] == [0.0, 0.0]
+    with pytest.raises(ValueError) as err:
+        artifacts.frame_errors(video, video[:, :1])
+    assert str(err.value) == "reference and test shapes differ: (1, 2, 6, 8, 8) vs (1, 1, 6, 8, 8)"
+    with pytest.raises(ValueError, match=r"^test: expected a video-like array"):
+        artifacts.frame_errors(video, video[0])
+
+
+def test_frame_and_chunk_errors_have_their_definitions():
+    from parity import artifacts
+
+    ref = np.zeros((2, 2, 3, 2, 2))
+    test = ref.copy()
+    test[0, 1, 1] = 2.0  # frame 1, channel 1, batch 0: 4 of 16 values of frame 1
+    test[1, 0, 2, 0, 0] = -4.0
+    errors = artifacts.frame_errors(ref, test)
+    assert errors["rmse"].tolist() == [0.0, 1.0, 1.0] and errors["max_abs"].tolist() == [0.0, 2.0, 4.0]
+    assert errors["rmse_channel"].tolist() == [[0.0, 0.0, math.sqrt(2.0)], [0.0, math.sqrt(2.0), 0.0]]
+    chunks = artifacts.chunk_errors(ref, test, [0, 1])
+    assert chunks["rmse"] == [0.0, 1.0] and chunks["max_abs"] == [0.0, 4.0] and chunks["growth"] == math.inf
+    assert artifacts._ratio(0.0, 0.0) == 1.0 and artifacts._ratio(2.0, 0.0) == math.inf and artifacts._ratio(1.0, 4.0) == 0.25
+
+
+def test_transition_jumps_and_seam_ratios_have_their_definitions():
+    from parity import artifacts
+
+    video = np.zeros((1, 2, 4, 2, 2))
+    video[:, 0, 2:] = 1.0  # channel 0 steps up entering frame 2
+    video[:, 1, 3, 0] = 2.0  # channel 1: half the pixels of frame 3 at 2
+    jumps = artifacts.transition_jumps(video)
+    assert jumps["mean_jump"].tolist() == [0.0, 0.5, 0.5]
+    assert jumps["std_jump"].tolist() == [0.0, 0.0, 0.5]
+    assert jumps["frame_diff"].tolist() == pytest.approx([0.0, math.sqrt(0.5), 1.0], rel=1e-12)
+    stats = artifacts.frame_stats(video)
+    assert stats["mean"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]] and stats["std"][1].tolist() == [0, 0, 0, 1]
+    ratios = artifacts.seam_ratios(video, [0, 2])  # the seam is transition 1 -> 2
+    assert ratios["mean_jump"] == pytest.approx(2.0) and ratios["std_jump"] == 0.0
+    assert ratios["frame_diff"] == pytest.approx(math.sqrt(0.5) / 0.5, rel=1e-12)
+    assert all(math.isnan(v) for v in artifacts.seam_ratios(video, [0]).values())  # no seam
+
+
+def test_error_at_chunk_starts_over_error_inside_chunks():
+    from parity import artifacts
+
+    ref = np.zeros((1, 1, 5, 2, 2))
+    test = ref.copy()
+    test[:, :, 2] = 3.0  # the start of the second chunk
+    test[:, :, 4] = 1.0
+    assert artifacts.error_seam_ratio(ref, test, [0, 2]) == 3.0 / (1.0 / 3)  # frames 1, 3, 4 are inside
+    assert math.isnan(artifacts.error_seam_ratio(ref, test, [0]))  # no chunk start after the first
+    assert math.isnan(artifacts.error_seam_ratio(ref[:, :, :2], test[:, :, :2], [0, 1]))  # nothing inside
+
+
+def test_seam_report_compares_each_kind_of_jump_of_test_and_reference():
+    from parity import artifacts
+
+    ref = _video(frames=6)
+    test = ref.copy()
+    test[:, :, 3:] += 1.0
+    report = artifacts.seam_report(ref, test, [0, 3])
+    r, t = artifacts.seam_ratios(ref, [0, 3]), artifacts.seam_ratios(test, [0, 3])
+    assert report["ref"] == r and report["test"] == t
+    assert report["test_vs_ref"] == {k: t[k] / r[k] for k in r}
+    assert report["error_seam_ratio"] == artifacts.error_seam_ratio(ref, test, [0, 3])
+    flat = artifacts.seam_report(ref[:, :, :2], test[:, :, :2], [0, 1])  # no inside transition: NaN, not a ratio
+    assert all(math.isnan(v) for v in flat["test_vs_ref"].values())
+
+
+def test_frequency_masks_pick_the_pattern_s_frequencies():
+    from parity import artifacts
+
+    periodic = artifacts._periodic_mask(8, 8, 4)
+    assert sorted(zip(*np.nonzero(periodic))) == [(a, b) for a in (0, 2, 4, 6) for b in (0, 2, 4, 6) if (a, b) != (0, 0)]
+    assert sorted(zip(*np.nonzero(artifacts._checkerboard_mask(8, 8, 4)))) == [(2, 2), (2, 6), (6, 2), (6, 6)]
+    assert not artifacts._checkerboard_mask(8, 3, 8).any()  # rounds to DC along the width: none
+    assert sorted(zip(*np.nonzero(artifacts._checkerboard_mask(6, 6, 2)))) == [(3, 3)]
+
+
+def test_a_ramp_is_removed_before_the_spectrum():
+    from parity import artifacts
+
+    y, x = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
+    ramp = (2 * y - x + 5.0)[None, None, None]
+    assert np.abs(artifacts._spectrum(ramp)).max() < 1e-18  # mean and both slopes fitted away
+    single = artifacts._spectrum(np.ones((1, 1, 1, 1, 4)))  # one row: no height slope to fit
+    assert np.abs(single).max() < 1e-20
+
+
+def test_periodicity_report_has_both_sides_and_their_ratios():
+    from parity import artifacts
+
+    clean = _video(frames=2, size=8)
+    y, x = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    dirty = clean + 2.0 * np.where((x + y) % 2, 1.0, -1.0)
+    report = artifacts.periodicity_report(clean, dirty, 2)
+    assert set(report) == {f"{m}_{s}" for m in ("checkerboard", "periodic_power") for s in ("ref", "test", "ratio")}
+    assert report["checkerboard_ref"] == float(artifacts.checkerboard(clean, 2).mean())
+    assert report["checkerboard_ratio"] == report["checkerboard_test"] / report["checkerboard_ref"]
+    assert report["periodic_power_test"] == float(artifacts.periodic_power(dirty, 2).mean())
+    assert report["periodic_power_test"] > 3 * report["periodic_power_ref"]
+    shares = artifacts.pattern_power(dirty, 2)
+    power = artifacts._spectrum(artifacts._check_video("v", dirty))
+    assert shares["spatial"] == pytest.approx(power.sum(axis=(0, 1, 3, 4)) / 64.0**2 / 2, rel=1e-12)
+    assert artifacts.checkerboard(np.zeros((1, 1, 2, 4, 4)), 2).tolist() == [0.0, 0.0]  # no power: no share
