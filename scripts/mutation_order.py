@@ -1,13 +1,18 @@
-"""pytest plugin for the mutation check: run a mutant's tests fastest first.
+"""pytest plugin for the mutation check: run a mutant's tests fastest first, with the component imports loaded.
 
 mutmut's fork runner orders each mutant's tests by their measured duration, so a mutant is
 usually killed by a quick unit test before any component run starts; its fork-server runner
 (which this project needs: MLX cannot compute in a process forked after it computed) does not.
 This restores that order from mutmut's own measurements (``mutmut-stats.json`` in the folder the
-tests run from). Used only by the mutation check (``pytest_add_cli_args`` in ``pyproject.toml``).
+tests run from). The fork server loads this plugin before it forks, so the reference runners of
+the components the tests run (and the diffusers modules they import) are imported once there,
+not again in every mutant's process. Used only by the mutation check (``pytest_add_cli_args``).
 """
 import json
 from pathlib import Path
+
+import reference_runners.rope  # noqa: F401  (see above)
+import reference_runners.time_embedding  # noqa: F401
 
 
 def pytest_collection_modifyitems(items):

@@ -1693,3 +1693,85 @@ def test_periodicity_report_has_both_sides_and_their_ratios():
     power = artifacts._spectrum(artifacts._check_video("v", dirty))
     assert shares["spatial"] == pytest.approx(power.sum(axis=(0, 1, 3, 4)) / 64.0**2 / 2, rel=1e-12)
     assert artifacts.checkerboard(np.zeros((1, 1, 2, 4, 4)), 2).tolist() == [0.0, 0.0]  # no power: no share
+
+
+# --- found by later mutation runs --------------------------------------------------------------------
+
+def test_the_regression_floor_takes_the_coarser_of_both_sides_and_the_baseline_s_scale():
+    from parity import baseline
+
+    assert baseline.floor("max_abs", {"dtype_ref": "bfloat16", "dtype_mlx": "float32", "ref_max_abs": 1.0}) == 4 * 2.0**-7
+    assert baseline.floor("max_abs", {"dtype_ref": "float32", "dtype_mlx": "float16", "ref_max_abs": 1.0}) == 4 * 2.0**-10
+    row = {"dtype_ref": "float32", "dtype_mlx": "float32", "max_abs": 3e-7}
+    (change,) = baseline.check_layer(row, {"max_abs": 1e-7, "ref_max_abs": 1.0}, 2.0)  # the run has no scale column
+    assert change.limit == 2 * 4 * 2.0**-23 and change.floored and not change.regressed
+
+
+def test_each_gated_metric_is_checked_whatever_comes_before_it():
+    from parity.baseline import check_layer
+
+    row = {"dtype_ref": "float32", "dtype_mlx": "float32", "ref_max_abs": 1.0, "ref_rms": 1.0,
+           "max_abs": None, "rmse": 1.0, "budget_ratio": 9.0, "budget_excused": True, "err_vs_truth": 1.0}
+    base = {"max_abs": 1e-6, "rmse": 1e-3, "budget_ratio": 1.0, "err_vs_truth": 1e-3}
+    assert [(c.metric, c.regressed) for c in check_layer(row, base, 2.0)] == [("rmse", True), ("err_vs_truth", True)]
+
+
+def test_a_baseline_exactly_at_its_floor_is_floored_only_below_it_and_cannot_improve():
+    from parity.baseline import check_layer
+
+    floor = 4 * 2.0**-23  # 4 float32 ulps at scale 1
+    row = {"dtype_ref": "float32", "dtype_mlx": "float32", "ref_max_abs": 1.0, "max_abs": 0.0}
+    (at,) = check_layer(row, {"max_abs": floor}, 2.0)
+    assert (at.floored, at.improved, at.limit) == (False, False, 2 * floor)
+    (above,) = check_layer(row, {"max_abs": 2 * floor}, 2.0)
+    assert (above.floored, above.improved) == (False, True)
+
+
+def test_error_at_chunk_starts_is_nan_without_a_start_even_when_nothing_differs():
+    from parity import artifacts
+
+    video = _video(frames=4)
+    assert math.isnan(artifacts.error_seam_ratio(video, video, [0]))
+
+
+def test_a_seam_ratio_that_is_nan_on_either_side_compares_as_nan():
+    from parity import artifacts
+
+    ref = np.zeros((1, 1, 4, 2, 2))
+    ref[:, :, 1:] = 1.0  # a jump inside the first chunk (0 -> 1), none across the seam (1 -> 2) or after it
+    test = ref.copy()
+    test[:, :, 2, 0, 0] = np.nan
+    report = artifacts.seam_report(ref, test, [0, 2])
+    assert report["ref"]["mean_jump"] == 0.0 and math.isnan(report["test"]["mean_jump"])
+    assert math.isnan(report["test_vs_ref"]["mean_jump"])  # not inf: nothing to compare
+
+
+def test_pattern_power_names_a_bad_video_shape():
+    from parity import artifacts
+
+    with pytest.raises(ValueError) as err:
+        artifacts.pattern_power(np.zeros((2, 3)), 2)
+    assert str(err.value) == "video: expected a video-like array (N, C, T, H, W), got shape (2, 3)"
+
+
+def test_mean_gradient_of_a_float32_grid_is_computed_in_float64():
+    from parity import drift
+
+    grid = np.random.default_rng(2).standard_normal((1, 2, 64, 64, 3)).astype(np.float32) * np.float32(1e4)
+    wide = grid.astype(np.float64)
+    expected = float(np.mean([np.abs(np.diff(wide, axis=a)).mean() for a in drift.SPATIAL_AXES]))
+    assert drift.mean_gradient(grid) == expected
+
+
+def test_an_unreadable_safetensors_file_is_named_with_the_reader_s_error(tmp_path):
+    from safetensors.numpy import load_file
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    try:
+        load_file(str(bad))
+    except Exception as err:  # noqa: BLE001 - whatever safetensors says is what the message must carry
+        reason = str(err)
+    with pytest.raises(WeightLoadError) as err:
+        read_checkpoint(bad)
+    assert str(err.value) == f"checkpoint {bad} could not be read: {reason}"
