@@ -10,13 +10,13 @@ endif
 PY := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.parity-installed
 
-.PHONY: setup parity test gate mutation clean-reports
+.PHONY: setup parity test gate mutation screenshots clean-reports
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(ENV_DIR)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
 # Runs every component and writes the reports, HTML and index (also when a component fails).
@@ -36,6 +36,10 @@ gate: $(STAMP)
 mutation: $(STAMP)
 	@test -x $(ENV_DIR)/bin/mutmut || $(PY) -m pip install --quiet --disable-pip-version-check "mutmut>=3.8,<4"
 	PATH=$(ENV_DIR)/bin:$$PATH MUTMUT=$(ENV_DIR)/bin/mutmut bash scripts/mutation_check.sh
+
+# Redraws the README's screenshots (docs/screenshots) in headless Chromium; commit what it writes.
+screenshots: $(STAMP)
+	PARITY_SCREENSHOTS=docs/screenshots PARITY_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_browser.py -k test_screenshots
 
 clean-reports:
 	rm -rf reports/*/

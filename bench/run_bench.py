@@ -14,6 +14,10 @@ Not a test: it prints, in one run, ratios measured here, with the machine they w
 5. ``--full``: full-size configs (Wan-14B block, real Wan VAE encoder dims at modest resolution):
    wall time and peak RSS of a streaming run in a subprocess. Missing components or configs are
    skipped with a message; more with ``--full-config COMPONENT=CONFIG.json``.
+6. ``--attention``: peak memory of the attention-map computations at the Wan-14B block's heads
+   (40 x 128) for its token count (``fixtures/configs/block_14b.json``) and larger ones: the
+   reference's and our probabilities and the per-head metrics, each in a subprocess, beyond the
+   inputs and the map itself (goal: flat in token count).
 
 Options: ``--components a,b`` (default: every registered one), ``--quick`` (smaller data, one
 repetition), ``--dtype``, ``--repeat N``, ``--json FILE`` (all numbers, machine-readable).
@@ -44,6 +48,8 @@ FULL_CONFIGS = {
     "vae": "fixtures/configs/vae_full.json",
 }
 MEMORY_LIMIT_GB = 24
+#: Token counts of the attention-map measurement: the Wan-14B block fixture's (192), then larger.
+ATTENTION_TOKENS = [192, 768, 2048, 3072]
 
 
 # --- machine ----------------------------------------------------------------------------------
@@ -317,7 +323,7 @@ def full_child(name: str, config: str, dtype: str) -> dict[str, Any]:
 
 
 def bench_full(configs: dict[str, str], dtype: str) -> list[dict[str, Any]]:
-    from parity import component as registry
+    from parity import registry
 
     rows = []
     for name, config in configs.items():
@@ -336,12 +342,89 @@ def bench_full(configs: dict[str, str], dtype: str) -> list[dict[str, Any]]:
     return rows
 
 
+# --- 6: attention maps -----------------------------------------------------------------------
+
+#: Wan-14B self-attention: heads x head_dim (dim 5120).
+ATTENTION_HEADS, ATTENTION_HEAD_DIM = 40, 128
+
+
+def attention_child(what: str, tokens: int) -> dict[str, Any]:
+    """In a subprocess: peak RSS of one attention-map computation beyond its inputs and its output map."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (1, tokens, ATTENTION_HEADS, ATTENTION_HEAD_DIM)
+    map_mb = ATTENTION_HEADS * tokens * tokens * 4 / 2**20
+    scale = ATTENTION_HEAD_DIM ** -0.5
+    if what == "reference":
+        import torch
+
+        from reference_runners.attention import dispatch_probs
+
+        torch.set_num_threads(1)
+        q, k = (torch.from_numpy(rng.standard_normal(shape, np.float32)) for _ in range(2))
+        run = lambda: dispatch_probs({"query": q, "key": k, "scale": scale})  # noqa: E731
+    elif what == "mlx":
+        import mlx.core as mx
+
+        from mlx_impl.block import attention_probs
+
+        q, k = (mx.array(rng.standard_normal(shape, np.float32)).transpose(0, 2, 1, 3) for _ in range(2))
+        mx.eval(q, k)
+        run = lambda: attention_probs(q, k, scale)  # noqa: E731
+    else:
+        from parity.attention import head_metrics
+
+        ref = rng.random((1, ATTENTION_HEADS, tokens, tokens), np.float32)
+        ref /= ref.sum(-1, keepdims=True)
+        ours = ref + np.float32(1e-6)
+        run = lambda: head_metrics(ref, ours, {"history": (0, tokens // 3)})  # noqa: E731
+    reset = reset_peak_rss()
+    before = current_rss_mb() if reset else peak_rss_mb()
+    start = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - start
+    kept = map_mb if what != "metrics" else 0.0
+    del out
+    return {"what": what, "tokens": tokens, "map_mb": map_mb, "peak_over_inputs_mb": peak_rss_mb() - before,
+            "work_mb": peak_rss_mb() - before - kept, "seconds": seconds, "peak_reset": reset}
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_attention(token_counts: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for tokens in token_counts:
+        for what in ("reference", "mlx", "metrics"):
+            print(f"  attention maps: {what}, {tokens} tokens ...", file=sys.stderr, flush=True)
+            rows.append({"what": what, "tokens": tokens, **_child(["--_attn-child", what, str(tokens)])})
+    return rows
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def _f(value: Any, fmt: str = ".3g") -> str:
     if value is None:
         return "-"
     return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
+def render_attention(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"## Attention maps ({ATTENTION_HEADS} heads x {ATTENTION_HEAD_DIM}, batch 1; subprocess each)", "",
+             "| computation | tokens | map MB | peak RSS over inputs MB | work MB (beyond the map) | wall s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['what']} | {r['tokens']} | error: {r['error']} ||||")
+        else:
+            lines.append(f"| {r['what']} | {r['tokens']} | {r['map_mb']:.1f} | {r['peak_over_inputs_mb']:.1f} | "
+                         f"{r['work_mb']:.1f} | {_f(r['seconds'])} |")
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
@@ -387,6 +470,8 @@ def render(results: dict[str, Any]) -> str:
             else:
                 lines.append(f"| {r['component']} | {r['config']} | {_f(r['seconds'])} | {r['peak_rss_mb'] / 1024:.2f} | "
                              f"{r['layers']} | {r['verdict']} |")
+    if results.get("attention"):
+        lines += ["", *render_attention(results["attention"])]
     return "\n".join(lines)
 
 
@@ -399,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--_full-child"]:
         print(json.dumps(full_child(argv[1], argv[2], argv[3])))
         return 0
+    if argv[:1] == ["--_attn-child"]:
+        print(json.dumps(attention_child(argv[1], int(argv[2]))))
+        return 0
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--components", help="comma-separated components (default: every registered one)")
@@ -410,18 +498,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="also run the full-size configs (slow, GBs of memory)")
     parser.add_argument("--full-config", action="append", default=[], metavar="COMPONENT=CONFIG",
                         help="add or replace a full-size config (repeatable)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also measure the attention-map computations' memory (Wan-14B heads; 192 to 3072 tokens)")
+    parser.add_argument("--attention-only", action="store_true", help="only that measurement")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from parity import component as registry
+    from parity import registry
 
     names = args.components.split(",") if args.components else registry.available()
     repeat = args.repeat or (3 if args.quick else 5)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "dtype": args.dtype, "repeat": repeat}
     print("benchmarking ...", file=sys.stderr)
+    if args.attention or args.attention_only:
+        results["attention"] = bench_attention(ATTENTION_TOKENS)
+    if args.attention_only:
+        print("\n".join(render_attention(results["attention"])))
+        return 0
     components = [registry.get(name) for name in names]
     if not args.no_stack:  # a workload big enough for the per-run fixed costs not to dominate
         components.append(stack_component(8, 1024, 512) if args.quick else stack_component(8, 2048, 1024))

@@ -17,21 +17,32 @@ while the matmuls and attention run in bf16.
 
 Helios extras: history tokens precede the ``original_context_length`` main tokens; with
 ``guidance_cross_attn`` only the main tokens attend to the text, and with ``is_amplify_history``
-the history keys are scaled by ``1 + sigmoid(history_key_scale) * (max_scale - 1)``.
+the history keys are scaled by ``1 + sigmoid(history_key_scale) * (max_scale - 1)``. With
+``restrict_history`` the self-attention of history tokens sees only history keys (main tokens
+see all), a boolean mask given to the attention kernel.
 Parameter names match the diffusers state dict except the FFN (see :func:`convert_key`).
+
+Attention probabilities are tapped as ``<attention>/probs`` ``(batch, heads, queries, keys)``
+only while recording with :data:`ATTENTION_MAPS` requested (:mod:`mlx_impl.taps`), recomputed
+from our q/k with our scale and mask (:func:`attention_probs`).
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_impl.rope import apply_rotary_emb
-from mlx_impl.taps import tap, tap_scope
+from mlx_impl.taps import tap, tap_scope, wants
 
 #: Modulation vectors in ``scale_shift_table`` order.
 MODULATION = ("shift_msa", "scale_msa", "gate_msa", "c_shift_msa", "c_scale_msa", "c_gate_msa")
 #: Upper bound of the history key scale (diffusers' ``HeliosAttention.max_scale``).
 MAX_HISTORY_SCALE = 10.0
+#: The optional tap of attention probabilities (``mlx_impl.taps.requesting(ATTENTION_MAPS)``).
+ATTENTION_MAPS = "attention_maps"
+#: The probability computation holds about this many logits at once (query rows per chunk).
+MAP_CHUNK_ELEMENTS = 1 << 20
 
 
 def convert_key(key: str, array):
@@ -56,8 +67,42 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
 
 
+def history_mask(history_len: int, tokens: int) -> mx.array:
+    """``(tokens, tokens)`` boolean mask (True: attend): history queries see history keys only, main queries all."""
+    index = mx.arange(tokens)
+    return ~((index[:, None] < history_len) & (index[None, :] >= history_len))
+
+
+def attention_probs(q: mx.array, k: mx.array, scale: float, mask: mx.array | None = None) -> np.ndarray:
+    """``softmax(q k^T * scale + mask)``, ``(batch, heads, queries, keys)`` float32, from ``(batch, heads, tokens, head_dim)`` q/k.
+
+    Computed in float32 by chunks of query rows (each evaluated before the next), so the work
+    memory is about :data:`MAP_CHUNK_ELEMENTS` logits whatever the token count; a boolean mask
+    keeps where True, any other mask is added to the logits.
+    """
+    batch, heads, queries, _ = q.shape
+    keys = k.shape[2]
+    out = np.empty((batch, heads, queries, keys), np.float32)
+    rows = max(1, MAP_CHUNK_ELEMENTS // max(1, batch * heads * keys))
+    keys_t = k.astype(mx.float32).swapaxes(-1, -2)
+    mx.eval(keys_t)  # once, not in every chunk's graph
+    for start in range(0, queries, rows):
+        logits = (q[:, :, start:start + rows].astype(mx.float32) * scale) @ keys_t
+        if mask is not None:
+            part = mask[..., start:start + rows, :] if mask.shape[-2] == queries else mask
+            logits = mx.where(part, logits, -mx.inf) if part.dtype == mx.bool_ else logits + part
+        out[:, :, start:start + rows] = np.array(mx.softmax(logits, axis=-1))
+    return out
+
+
 class Attention(nn.Module):
-    """Self- or cross-attention with q/k RMS norm over all heads; ``to_out`` is a one-element list."""
+    """Self- or cross-attention with q/k RMS norm over all heads; ``to_out`` is a one-element list.
+
+    ``restrict_history`` (set by :class:`HeliosTransformerBlock`): history queries attend to
+    history keys only.
+    """
+
+    restrict_history = False
 
     def __init__(self, dim: int, heads: int, eps: float, history_scale_mode: str | None = None):
         super().__init__()
@@ -80,7 +125,7 @@ class Attention(nn.Module):
             q, k = self.rotate(q, k, rope)
         if history_len and "history_key_scale" in self:
             k = self.amplify_history(k, history_len)
-        return self.project_out(self.attend(q, k, v))
+        return self.project_out(self.attend(q, k, v, self.key_mask(history_len, q.shape[1])))
 
     def qkv(self, x: mx.array, context: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
         """Projections, q/k norm, and the split into heads ``(batch, tokens, heads, head_dim)``."""
@@ -99,11 +144,18 @@ class Attention(nn.Module):
         history = (k[:, :history_len] * scale[:, None]).astype(k.dtype)
         return tap("k_history_scaled", mx.concatenate([history, k[:, history_len:]], axis=1))
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Scaled dot-product attention; ``(batch, tokens, heads, head_dim)`` in and out."""
+    def key_mask(self, history_len: int, tokens: int) -> mx.array | None:
+        """The self-attention mask of a restricted history (:func:`history_mask`); None: every query sees every key."""
+        return history_mask(history_len, tokens) if self.restrict_history and history_len else None
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
+        """Scaled dot-product attention; ``(batch, tokens, heads, head_dim)`` in and out; then, if requested, the map."""
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return tap("attention", out.transpose(0, 2, 1, 3))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = tap("attention", out.transpose(0, 2, 1, 3))
+        if wants(ATTENTION_MAPS):
+            tap("probs", attention_probs(q, k, self.scale, mask))
+        return out
 
     def project_out(self, out: mx.array) -> mx.array:
         return tap("out", linear(self.to_out[0], out.reshape(*out.shape[:2], -1)))
@@ -192,9 +244,10 @@ class HeliosTransformerBlock(TransformerBlock):
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, cross_attn_norm: bool = False, eps: float = 1e-6,
                  guidance_cross_attn: bool = False, is_amplify_history: bool = False,
-                 history_scale_mode: str = "per_head"):
+                 history_scale_mode: str = "per_head", restrict_history: bool = False):
         super().__init__(dim, ffn_dim, num_heads, cross_attn_norm, eps, history_scale_mode if is_amplify_history else None)
         self.guidance_cross_attn = guidance_cross_attn
+        self.attn1.restrict_history = restrict_history
 
     def text_attention(self, x: mx.array, context: mx.array, history_len: int) -> mx.array:
         """With ``guidance_cross_attn`` only the main tokens attend to the text; history passes through."""

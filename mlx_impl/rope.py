@@ -36,7 +36,8 @@ def helios_rotary_emb(frame_indices: mx.array, height: int, width: int, rope_dim
         mx.broadcast_to(pos[..., None] * base, (*shape, base.shape[0]))
         for pos, base in zip((t, y, x), bases)
     ]
-    angles = mx.repeat(mx.concatenate(angles, axis=-1), 2, axis=-1).reshape(batch, frames * height * width, -1)
+    width_out = 2 * sum(base.shape[0] for base in bases)  # explicit: no history frames is an empty grid
+    angles = mx.repeat(mx.concatenate(angles, axis=-1), 2, axis=-1).reshape(batch, frames * height * width, width_out)
     return tap("cos", mx.cos(angles)), tap("sin", mx.sin(angles))
 
 

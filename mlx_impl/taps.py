@@ -3,7 +3,9 @@
 Our MLX code calls ``tap("layer/name", x)`` at every point worth comparing. With no recorder
 installed, a tap is one attribute lookup and returns ``x`` untouched, so production runs pay
 nothing. A recorder (see ``parity.capture``) receives each tapped tensor in execution order.
-A tap never changes the value flowing through the model.
+A tap never changes the value flowing through the model. Values that cost real work to produce
+only for a tap (attention probability maps) are computed when :func:`wants` says they were
+requested (:func:`requesting`) and a recorder is installed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 _recorder: Callable[[str, Any], None] | None = None
 _prefix: list[str] = []
+_requested: frozenset[str] = frozenset()
 
 
 def tap(name: str, x: Any) -> Any:
@@ -24,6 +27,22 @@ def tap(name: str, x: Any) -> Any:
 def recording() -> bool:
     """True when a recorder is installed (lets callers skip work done only for taps)."""
     return _recorder is not None
+
+
+def wants(extra: str) -> bool:
+    """True while recording with the optional, costly tap ``extra`` requested (e.g. attention maps): compute it only then."""
+    return _recorder is not None and extra in _requested
+
+
+@contextmanager
+def requesting(*extras: str) -> Iterator[None]:
+    """Ask for the optional taps ``extras`` inside the block (see :func:`wants`)."""
+    global _requested
+    previous, _requested = _requested, _requested | frozenset(extras)
+    try:
+        yield
+    finally:
+        _requested = previous
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 Mirrors diffusers' ``HeliosTimeTextEmbedding`` / ``WanTimeTextImageEmbedding``: sinusoidal
 timestep projection -> ``TimestepEmbedding`` MLP -> SiLU -> projection to the 6 modulation
-vectors, plus the text projection. Parameter names match the diffusers state dict.
+vectors, plus the text projection. Parameter names match the diffusers state dict. Each Linear
+computes in its weight's dtype (:func:`mlx_impl.block.linear`: a no-op unless mixed precision).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_impl.block import linear
 from mlx_impl.taps import tap
 
 
@@ -36,7 +38,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return linear(self.linear_2, nn.silu(linear(self.linear_1, x)))
 
 
 class TextProjection(nn.Module):
@@ -48,7 +50,7 @@ class TextProjection(nn.Module):
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu_approx(self.linear_1(x)))
+        return linear(self.linear_2, nn.gelu_approx(linear(self.linear_1, x)))
 
 
 class TimeTextEmbedding(nn.Module):
@@ -66,7 +68,7 @@ class TimeTextEmbedding(nn.Module):
         sinusoid = tap("timesteps_proj", sinusoidal_embedding(timesteps, self.time_freq_dim))
         temb = tap("time_embedder", self.time_embedder(sinusoid.astype(self.time_embedder.linear_1.weight.dtype)))
         temb = temb.astype(dtype)
-        return temb, tap("time_proj", self.time_proj(nn.silu(temb)))
+        return temb, tap("time_proj", linear(self.time_proj, nn.silu(temb)))
 
     def embed_text(self, text: mx.array) -> mx.array:
         return tap("text_embedder", self.text_embedder(text))

@@ -34,7 +34,7 @@ from mlx_impl.vae import (CausalConv3d, ChunkSlices, FeatureCache, MidBlock, Rec
                           WanVAEEncoder, scoped, check_temporal_flags, check_wan21, chunk_ranges, convert, head,
                           latent_stats, tap_cf)
 
-__all__ = ["WanVAEDecoder", "Decoder3d", "UpBlock", "roundtrip", "decoder_weights", "convert",
+__all__ = ["WanVAEDecoder", "Decoder3d", "UpBlock", "roundtrip", "decoder_weights", "encoder_weights", "convert",
            "ENCODER_KEYS", "DECODER_KEYS"]
 
 #: Key prefixes of a full ``AutoencoderKLWan`` state dict, by the half that loads them.
@@ -46,6 +46,11 @@ def decoder_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A full VAE state dict without the encoder's keys: the decoder's, plus any key that belongs to
     neither half (left in so a strict load reports it as unused)."""
     return {k: v for k, v in weights.items() if not k.startswith(ENCODER_KEYS)}
+
+
+def encoder_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A full VAE state dict without the decoder's keys (the encoder's, plus any key of neither half)."""
+    return {k: v for k, v in weights.items() if not k.startswith(DECODER_KEYS)}
 
 
 class UpBlock(nn.Module):

@@ -26,7 +26,12 @@ def explain(result: Any) -> str:
         if row is not None:
             if row.get("reasons"):
                 lines.append(f"    {row['reasons']}")
-            lines.append(f"    {describe_layer(row)}  shape {row.get('shape_ref')} {row.get('dtype_mlx')}")
+            metrics = describe_layer(row)
+            if metrics != row.get("reasons"):  # a row without metrics (missing, shape) is its reasons
+                lines.append(f"    {metrics}  shape {row.get('shape_ref')} {row.get('dtype_mlx')}")
+    if report.get("culprit"):
+        lines.append(f"  culprit: {report['culprit']} (the first block whose own, teacher-forced error breaks its limit; "
+                     "later blocks may only inherit its error)")
     worst = report.get("worst")
     if worst and worst.get("layer") != first:
         what = worst.get("reasons") if worst.get("verdict") == "FAIL" and "cosine" not in worst else describe_layer(worst)

@@ -35,12 +35,12 @@ import numpy as np
 
 from parity import registry
 from parity import thresholds as thresholds_mod
-from parity.compare import Judge, compare
+from parity.compare import compare
 from parity.component import Component, RunContext, Section
 from parity.dumps import new_run_dir, write_json, write_npy, writable_folder
 from parity.progress import SILENT, Progress
-from parity.runner import (check_dtype, finish_run, git_commit, prepare, run_meta, run_reference, run_sides,
-                           sections, versions)
+from parity.runner import (check_dtype, finish_run, git_commit, judge_for, prepare, run_meta, run_reference,
+                           run_sides, sections, versions)
 from parity.streaming import StreamCapture, spool_dir, stats_predicate
 from parity.vocab import InputError, canonical_json, inside, load_json, load_npy
 from parity.weights import read_checkpoint, select_prefix
@@ -265,7 +265,7 @@ def compare_bundle(
     setup = prepare(comp, dtype, manifest["seed"], reference=False, weights=weights, config=config, progress=progress)
     setup.inputs = inputs
     setup.weights_source = manifest["weights"]["source"]
-    judge = Judge(comp.lineage(), dtype, thresholds, setup.alignment)
+    judge, calibrated = judge_for(setup, thresholds)
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
@@ -278,15 +278,17 @@ def compare_bundle(
                                  progress=progress)
         comparison = compare(comp.name, dtype, ref, result_sides.mlx, thresholds, judge.alignment, truth,
                              result_sides.judged, result_sides.crashes[0] if result_sides.crashes else None,
-                             judge.lineage)
+                             judge.lineage, calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, config, manifest["seed"], dtype, inputs, None, setup.mlx_model, ref,
-                             result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp})
+                             result_sides.mlx, truth, thresholds, extra={"ref_bundle": str(bundle), "spool": tmp},
+                             comparison=comparison)
         comparison.sections = sections(setup, context, bool(result_sides.crashes), extra_runs=False)
         if comp.has_extra_runs():
             note = "not computed from a reference bundle: it runs the reference model, which is not here"
             comparison.sections.append(Section("extra_runs", f"{comp.name} extra runs (drift, ...)", "table",
                                                {"columns": ["note"], "rows": [[note]]}, None, None, note))
-        meta = run_meta(setup, thresholds, result_sides.crashes)
+        meta = run_meta(setup, thresholds, result_sides.crashes, calibrated)
+        meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
         meta["ref_bundle"] = {"path": str(bundle), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}
         result = finish_run(comparison, context, meta, run_dir, report_dir, progress=progress)

@@ -3,7 +3,8 @@
 - :func:`hook_modules`: forward hooks on submodules selected by path or glob (``blocks.*.attn1``);
 - :func:`scoped_modules`: each call of the selected submodules opens a capture scope
   (``blocks.{0}``), so one hook spec serves N repeated blocks;
-- :func:`record_calls`: wrap a module-level function (or method) to record its arguments / result;
+- :func:`record_calls`: wrap a module-level function (or method) to record its arguments / result
+  (and values derived from its arguments: attention maps);
 - :func:`trace_locals`: read local variables of functions as they are assigned (values that are
   no module's output: modulation vectors, residual sums).
 
@@ -86,14 +87,18 @@ def scoped_modules(root: Any, capture: Capture, scopes: Mapping[str, str]) -> It
 
 @contextmanager
 def record_calls(owner: Any, name: str, calls: Sequence[Mapping[str, str]], capture: Capture,
-                 arg_names: Sequence[str] = ()) -> Iterator[None]:
+                 arg_names: Sequence[str] = (), derived: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None
+                 ) -> Iterator[None]:
     """Wrap ``owner.<name>`` so its i-th call inside each scope records the values ``calls[i]`` names.
 
-    ``calls[i]`` maps an argument name (from ``arg_names``, positional order, or a keyword) or
-    ``"out"`` to a layer name. The original computes the result; the wrapper only records. Every
+    ``calls[i]`` maps an argument name (from ``arg_names``, positional order, or a keyword),
+    ``"out"``, or a key of ``derived`` to a layer name. The original computes the result; the
+    wrapper only records. ``derived[key](arguments)`` computes a value from the call's arguments
+    (e.g. an attention map from ``dispatch_attention_fn``'s), recorded after the result. Every
     scope that calls it must call it exactly ``len(calls)`` times.
     """
     original: Callable = getattr(owner, name)
+    derive = dict(derived or {})
     counter = CallCounter(capture)
     label = f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
 
@@ -104,11 +109,14 @@ def record_calls(owner: Any, name: str, calls: Sequence[Mapping[str, str]], capt
                                + (f" in scope {capture.current_scope!r}" if capture.current_scope else ""))
         bound = {**dict(zip(arg_names, args)), **kwargs}
         for arg, layer in calls[index].items():
-            if arg != "out":
+            if arg != "out" and arg not in derive:
                 capture.add(layer, bound[arg])
         result = original(*args, **kwargs)
         if "out" in calls[index]:
             capture.add_tree(calls[index]["out"], result)
+        for key, compute in derive.items():
+            if key in calls[index]:
+                capture.add(calls[index][key], compute(bound))
         return result
 
     setattr(owner, name, wrapper)

@@ -15,16 +15,19 @@ How a layer is judged (``parity/thresholds.toml`` holds the numbers and their re
   (:func:`parity.metrics.precision_budget`), unless we agree with the reference to the float32
   limits anyway (``budget_excused``: no precision is lost on our side); plus any limits set for it;
 - a tensor with NaN/Inf fails, and its metrics (computed over finite elements) are not shown as
-  if they meant anything: cosine and errors are ``None`` ("not available").
+  if they meant anything: cosine and errors are ``None`` ("not available");
+- an attention map (``<attention>/probs``, :mod:`parity.attention`) also has per-head limits
+  (``attn_*``); its failures name the failing heads (``Failure.heads``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from parity import attention
 from parity.alignment import Alignment, apply_adapter
 from parity.capture import Capture
 from parity.metrics import precision_budget, tensor_metrics
@@ -46,6 +49,7 @@ class Failure:
     value: Any
     limit: Any     # the bound or the expected value
     message: str
+    heads: list[int] | None = None  # attention maps: the heads that break the limit
 
 
 @dataclass
@@ -67,8 +71,8 @@ class LayerResult:
     def reasons(self) -> list[str]:
         return [f.message for f in self.failures]
 
-    def fail(self, kind: str, metric: str, value: Any, limit: Any, message: str) -> None:
-        self.failures.append(Failure(kind, metric, value, limit, message))
+    def fail(self, kind: str, metric: str, value: Any, limit: Any, message: str, heads: list[int] | None = None) -> None:
+        self.failures.append(Failure(kind, metric, value, limit, message, heads))
         self.verdict = FAIL
 
     def row(self) -> dict[str, Any]:
@@ -78,7 +82,7 @@ class LayerResult:
             "mlx_layer": self.mlx_name,
             "verdict": self.verdict,
             "reasons": "; ".join(self.reasons),
-            "failures": [asdict(f) for f in self.failures],
+            "failures": [{k: v for k, v in asdict(f).items() if v is not None or k != "heads"} for f in self.failures],
             "shape_ref": list(self.shape_ref) if self.shape_ref is not None else None,
             "shape_mlx": list(self.shape_mlx) if self.shape_mlx is not None else None,
             "dtype_ref": self.dtype_ref,
@@ -126,6 +130,11 @@ class Comparison:
         return self.crash.label if self.crash else None
 
     @property
+    def culprit(self) -> str | None:
+        """The first block / step whose own (teacher-forced) error breaks its limit, from the sections that say."""
+        return next((section.culprit for section in self.sections if getattr(section, "culprit", None)), None)
+
+    @property
     def verdict(self) -> str:
         if not any(layer.verdict != EXCLUDED for layer in self.layers):
             return FAIL  # a comparison of nothing must never pass
@@ -158,9 +167,13 @@ def _check_limits(result: LayerResult, values: Mapping[str, Any], tol: Tolerance
     limit = tol.abs_limit(ref_max_abs)
     if limit is not None:
         result.limits["abs_limit"] = limit
+        calibrated = limit != tol.global_abs_limit(ref_max_abs)
+        if calibrated:
+            result.limits["calibrated"] = [*result.limits.get("calibrated", []), "abs_limit"]
+        why = "calibrated on this layer's noise" if calibrated else "atol + rtol * max|ref|"
         if not values["max_abs"] <= limit:
             result.fail("absolute", f"{label}max_abs", values["max_abs"], limit,
-                        f"{label.replace('_', ' ')}max abs {fmt(values['max_abs'])} > {fmt(limit)} (atol + rtol * max|ref|)")
+                        f"{label.replace('_', ' ')}max abs {fmt(values['max_abs'])} > {fmt(limit)} ({why})")
         for key, difference in (differences or {}).items():
             if not difference <= limit:
                 result.fail("absolute", key, difference, limit, f"{key} differs by {fmt(difference)} > {fmt(limit)}")
@@ -184,17 +197,21 @@ def _check_nonfinite(result: LayerResult, counts: Mapping[str, int]) -> bool:
 
 
 def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, prefix: str = "") -> None:
-    """The bf16 precision budget on the ``{prefix}budget_ratio`` metrics: over ``tol.budget_ratio`` fails,
+    """The bf16 precision budget on the ``{prefix}budget_ratio`` metrics: over ``tol.budget_limit()`` fails,
     unless excused (we agree with the reference to the float32 limits); then, where the reference
     computes the tap exactly, more than one rounding of its value fails (``rounding_excess``)."""
     m = result.metrics
     dtypes = "" if result.dtype_ref == result.dtype_mlx else f" (ours {result.dtype_mlx}, reference {result.dtype_ref})"
-    if tol.budget_ratio is not None:
-        result.limits["budget_ratio"] = tol.budget_ratio
+    budget = tol.budget_limit()
+    if budget is not None:
+        result.limits["budget_ratio"] = budget
+        calibrated = budget != tol.budget_ratio
+        if calibrated:
+            result.limits["calibrated"] = [*result.limits.get("calibrated", []), "budget_ratio"]
         ratio = m[f"{prefix}budget_ratio"]
         error = m.get(f"{prefix}max_abs", m.get("max_abs"))
-        limit = exact.abs_limit(m.get("ref_max_abs") or 0.0) if exact is not None else None
-        if ratio <= tol.budget_ratio:
+        limit = exact.global_abs_limit(m.get("ref_max_abs") or 0.0) if exact is not None else None
+        if ratio <= budget:
             pass
         elif limit is not None and error is not None and error <= limit:
             m[f"{prefix}budget_excused"] = True  # agrees with the reference to float32 tolerance
@@ -202,8 +219,9 @@ def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, 
             rounding = m.get(f"{prefix}rounding_err")
             floor = f", floored at one {result.dtype_mlx} rounding {fmt(rounding)}" if rounding is not None else ""
             where = "on the sample " if prefix else ""
-            result.fail("absolute", f"{prefix}budget_ratio", ratio, tol.budget_ratio,
-                        f"precision budget {where}{fmt(ratio)} > {tol.budget_ratio:g}{dtypes}: our error vs float64 "
+            result.fail("absolute", f"{prefix}budget_ratio", ratio, budget,
+                        f"precision budget {where}{fmt(ratio)} > {fmt(budget)}{' (calibrated)' if calibrated else ''}"
+                        f"{dtypes}: our error vs float64 "
                         f"{fmt(m.get(f'{prefix}err_vs_truth'))}, the reference's "
                         f"{fmt(m.get(f'{prefix}ref_err_vs_truth'))}{floor}")
     excess = m.get(f"{prefix}rounding_excess")
@@ -214,6 +232,42 @@ def _check_budget(result: LayerResult, tol: Tolerance, exact: Tolerance | None, 
                         f"more than one {result.dtype_mlx} rounding of a value the reference computes exactly"
                         f"{dtypes}: rmse(ours - round(reference)) is {fmt(excess)} x one rounding > "
                         f"{tol.rounding_excess:g} (computed in {result.dtype_mlx}, or rounded twice?)")
+
+
+#: Per-head limits of attention maps: (tolerance key, metric, lower bound?, what it measures).
+ATTENTION_RULES = (
+    ("attn_js_mean", "attn_js_mean", False, "JS divergence (bits), mean query row"),
+    ("attn_js_max", "attn_js_max", False, "JS divergence (bits), worst query row"),
+    ("attn_topk_min", "attn_topk_overlap", True, "top-k key overlap"),
+    ("attn_entropy_diff", "attn_entropy", False, "|entropy difference| (normalised)"),
+    ("attn_sparsity_diff", "attn_sparsity", False, "|difference of the share of keys holding 90% of the mass|"),
+    ("attn_mass_diff", "attn_mass", False, "|mass difference|"),
+    ("attn_dropped", "attn_dropped", False, "reference mass on keys we give zero"),
+)
+
+
+def _check_attention(result: LayerResult, tol: Tolerance) -> None:
+    """The per-head limits of an attention map; each failure names its heads (worst value first in the message)."""
+    m = result.metrics
+    for key, metric, lower, what in ATTENTION_RULES:
+        limit = getattr(tol, key)
+        if limit is None:
+            continue
+        result.limits[key] = limit
+        if metric in ("attn_entropy", "attn_sparsity", "attn_mass"):
+            names = [f"{metric}_{g}" for g in attention.mass_groups(m)] if metric == "attn_mass" else [metric]
+            series = {name: [abs(b - a) for a, b in zip(m[f"{name}_ref"], m[f"{name}_mlx"])] for name in names}
+        else:
+            series = {metric: m[metric]}
+        for name, values in series.items():
+            heads = [h for h, v in enumerate(values) if not (v >= limit if lower else v <= limit)]
+            if not heads:
+                continue
+            worst = (min if lower else max)(heads, key=lambda h: values[h])
+            label = what if name == metric else f"{what} on {name.removeprefix('attn_mass_')} keys"
+            result.fail("attention", name, values[worst], limit,
+                        f"attention {label} {fmt(values[worst])} {'<' if lower else '>'} {limit:g} in head(s) "
+                        f"{', '.join(map(str, heads))} (worst: head {worst})", heads)
 
 
 def _check_structure(result: LayerResult, adapter: str | None = None) -> None:
@@ -257,6 +311,8 @@ def apply_rules(result: LayerResult, tol: Tolerance, exact: Tolerance | None = N
     _check_limits(result, m, tol, m.get("ref_max_abs") or 0.0)
     if "budget_ratio" in m:
         _check_budget(result, tol, exact)
+    if "attn_js_mean" in m:
+        _check_attention(result, tol)
     return result
 
 
@@ -266,17 +322,24 @@ STATS_COMPARED = ("min", "max", "mean", "std", "rms")
 
 def judge_tensors(name: str, mlx_name: str, ref: np.ndarray, ours: np.ndarray, truth: np.ndarray | None,
                   tol: Tolerance, exact: Tolerance | None, dtype_ref: str, dtype_mlx: str,
-                  adapter: str | None = None, truth_missing: bool = False) -> LayerResult:
-    """Judge one layer on its full tensors (``ours`` already adapted to the reference's layout)."""
+                  adapter: str | None = None, truth_missing: bool = False,
+                  key_groups: attention.KeyGroups | None = None) -> LayerResult:
+    """Judge one layer on its full tensors (``ours`` already adapted to the reference's layout).
+
+    An attention map (4-D, finite) also gets its per-head metrics, ``key_groups`` its named key ranges.
+    """
     result = LayerResult(name, mlx_name, PASS, [], {}, tuple(ref.shape), tuple(ours.shape), dtype_ref, dtype_mlx,
                          adapter=adapter)
     _check_structure(result, adapter)
     if result.verdict == FAIL:
         return result
     result.metrics = tensor_metrics(ref, ours)
+    finite = not any(result.metrics[k] for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx"))
+    if attention.is_map(name) and ref.ndim == 4 and finite:
+        result.metrics.update(attention.head_metrics(ref, ours, key_groups, name))
     if truth_missing:
         result.fail("structure", "truth", "missing", "present", "missing in the float64 truth run")
-    elif truth is not None and not any(result.metrics[k] for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx")):
+    elif truth is not None and finite:
         result.metrics.update(precision_budget(truth, ref, ours, dtype_mlx))
     return apply_rules(result, tol, exact)
 
@@ -330,17 +393,23 @@ class Judge:
     """Judges layers of one component run as the tensors become available (in memory or streamed).
 
     ``lineage``: the component's name and its parents' (thresholds are inherited);
-    ``dtype``: the run's dtype (a bf16 run also checks the budget against ``truth``).
+    ``dtype``: the run's dtype (a bf16 run also checks the budget against ``truth``);
+    ``key_groups``: layer glob -> named key ranges of attention maps (``Component.attention_groups``).
     """
 
     lineage: Sequence[str]
     dtype: str
     thresholds: Thresholds
     alignment: Alignment = field(default_factory=Alignment)
+    #: Per-layer limits from ``parity calibrate`` for this dtype (layer -> Tolerance fields), see :mod:`parity.calibration`.
+    calibrated: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    key_groups: Mapping[str, attention.KeyGroups] = field(default_factory=dict)
 
     def tolerances(self, name: str) -> tuple[Tolerance, Tolerance | None]:
-        """The tolerance of layer ``name``, and in reduced precision its float32 tolerance too."""
+        """The tolerance of layer ``name`` (calibrated where it was), and in reduced precision its float32 tolerance too."""
         tol = self.thresholds.for_layer(self.lineage, self.dtype, name)
+        if name in self.calibrated:
+            tol = replace(tol, **self.calibrated[name])
         exact = self.thresholds.for_layer(self.lineage, "float32", name) if self.dtype != "float32" else None
         return tol, exact
 
@@ -360,7 +429,7 @@ class Judge:
             ours = apply_adapter(adapter, np.asarray(ours), tuple(ref.shapes[name]))
         truth_tensor = truth[name] if truth is not None and not truth_missing else None
         return judge_tensors(name, mlx_name, ref[name], ours, truth_tensor, tol, exact, ref.dtypes[name],
-                             mlx.dtypes[mlx_name], adapter, truth_missing)
+                             mlx.dtypes[mlx_name], adapter, truth_missing, attention.groups_for(name, self.key_groups))
 
 
 def _stats(capture: Capture, name: str) -> dict[str, Any]:
@@ -370,16 +439,22 @@ def _stats(capture: Capture, name: str) -> dict[str, Any]:
 def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: Thresholds,
             alignment: Alignment | Mapping[str, Any] | None = None, truth: Capture | None = None,
             judged: Mapping[str, LayerResult] | None = None, crash: Crash | None = None,
-            lineage: Sequence[str] | None = None) -> Comparison:
+            lineage: Sequence[str] | None = None, partial: bool = False,
+            calibrated: Mapping[str, Mapping[str, float]] | None = None,
+            key_groups: Mapping[str, attention.KeyGroups] | None = None) -> Comparison:
     """Compare every reference layer with its aligned MLX layer.
 
     ``lineage``: the component's name and its parents' (thresholds are inherited; default: just
-    ``component``). ``judged`` holds results already computed for some reference layers
-    (streaming runs judge each layer as its MLX tensor arrives); those are used as they are.
+    ``component``); ``key_groups``: named key ranges of attention maps (see :class:`Judge`).
+    ``judged`` holds results already computed for some reference layers (streaming runs judge
+    each layer as its MLX tensor arrives); those are used as they are.
     ``crash``: a forward that raised; the layers it never produced fail as missing, naming where
-    it stopped.
+    it stopped. ``partial``: the captures hold a subset of the component's layers (a section's own
+    run, e.g. teacher forcing), so a threshold layer glob need not match any of them. ``calibrated``:
+    per-layer limits from ``parity calibrate`` (see :class:`Judge`).
     """
-    judge = Judge(list(lineage or [component]), dtype, thresholds, Alignment.of(alignment))
+    judge = Judge(list(lineage or [component]), dtype, thresholds, Alignment.of(alignment), calibrated or {},
+                  dict(key_groups or {}))
     judged = judged or {}
     alignment = judge.alignment
     alignment.check_exclusions(ref.order, mlx.order)
@@ -414,7 +489,7 @@ def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: 
         result.fail("structure", "presence", "missing", "present", f"missing on the reference side{note}")
         layers.append(result)
     unmatched = judge.thresholds.unmatched_globs(judge.lineage, judge.dtype, [l.name for l in layers])
-    if unmatched and crash is None:
+    if unmatched and crash is None and not partial:
         raise ThresholdsError(f"layer glob(s) matching no layer of {component} {judge.dtype}: {'; '.join(unmatched)} "
                               f"(layers: {', '.join(l.name for l in layers[:8])}{' ...' if len(layers) > 8 else ''})")
     return Comparison(component, judge.dtype, layers, crash=crash)

@@ -44,6 +44,8 @@ from parity.outcome import Finding, GateResult, Outcome
 from parity.thresholds import Thresholds
 from parity.vocab import UsageError, fmt
 
+#: What the gate says of a coverage cell's run (it has no baseline by design).
+COVERAGE_NOTE = "coverage cell: gated on absolute thresholds"
 #: Failing checks shown per component run in the terminal table (all are in gate.json / JUnit).
 MAX_ROWS = 10
 #: How a recorded failure's limit reads, by metric.
@@ -77,8 +79,8 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
     ``device`` is the MLX device of the run (a baseline from another device is not used);
     ``no_baseline`` says why there is no baseline, for the notes.
     """
-    component, dtype = report["component"], report["dtype"]
-    lineage = report.get("lineage") or [component]
+    component, dtype = report.get("variant") or report["component"], report["dtype"]
+    lineage = report.get("lineage") or [report["component"]]
     rows = [r for r in report.get("layers") or [] if r.get("verdict") != "EXCLUDED"]
     out = Outcome(component, dtype, [r["layer"] for r in rows], report_dir=report.get("report_dir"),
                   seconds=report.get("seconds"))
@@ -88,7 +90,9 @@ def evaluate(report: dict[str, Any], limits: Thresholds, baseline: baseline_mod.
             no_baseline, baseline = f"{baseline_mod.shown(baseline.path)} {reason}", None
         else:
             out.baseline_path = baseline_mod.shown(baseline.path)
-    if baseline is None:
+    if baseline is None and no_baseline == COVERAGE_NOTE:
+        out.notes.append(COVERAGE_NOTE)
+    elif baseline is None:
         out.notes.append(f"no baseline ({no_baseline or 'none given'}): gated on absolute thresholds only")
 
     crash = report.get("crash")
@@ -201,9 +205,11 @@ def summary(result: GateResult, max_rows: int = MAX_ROWS) -> str:
             lines.append(f"  FAIL {o.component} {o.dtype}: first divergence {o.first_divergence} "
                          f"({o.failures[0].message})")
     else:
+        cells = sum(COVERAGE_NOTE in o.notes for o in result.outcomes)
         with_baseline = sum(o.baseline_path is not None for o in result.outcomes)
         lines.append(f"gate PASS: {n}/{n} component runs pass "
-                     f"({sum(len(o.layers) for o in result.outcomes)} layers; baselines for {with_baseline}/{n})")
+                     f"({sum(len(o.layers) for o in result.outcomes)} layers; baselines for {with_baseline}/{n - cells}"
+                     + (f"; {cells} coverage cells" if cells else "") + ")")
     lines.append(f"gate wall time {result.seconds:.1f}s" + (f"; reports in {result.run_dir}" if result.run_dir else ""))
     return "\n".join(lines)
 
@@ -228,13 +234,16 @@ def run_gate(
     require_baselines: bool = False,
     max_rows: int = MAX_ROWS,
     progress: Any = None,
+    coverage: bool = True,
 ) -> GateResult:
-    """Run the gate: every component run judged (one verdict), then checked against its baseline.
+    """Run the gate: every component run judged (one verdict), then checked against its baseline;
+    with ``coverage``, each component's coverage cells too (float32, absolute thresholds: a cell
+    has no baseline).
 
     Input errors (unknown component, malformed thresholds or baseline file, missing baseline with
     ``require_baselines``) raise before anything runs; ``result.exit_code`` is 0 or 1.
     """
-    from parity.runner import run_many
+    from parity.runner import run_many, variant
 
     started = time.perf_counter()
     names = registry.select(list(components or []))
@@ -265,17 +274,20 @@ def run_gate(
                          + ". Record them with `parity baseline save`.")
 
     errors: dict[tuple[str, str], Exception] = {}
-    results = run_many(names, dtypes, out_dir=out, thresholds=limits, progress=progress,
+    results = run_many(names, dtypes, out_dir=out, thresholds=limits, progress=progress, coverage=coverage,
                        on_error=lambda n, d, e: errors.__setitem__((n, d), e)) if names else []
-    by_key = {(r.comparison.component, r.comparison.dtype): r for r in results}
+    by_key = {(r.report["variant"], r.comparison.dtype): r for r in results}
     outcomes = []
     for name in names:
-        for dtype in dtypes:
-            if (name, dtype) in by_key:
-                outcomes.append(evaluate(by_key[name, dtype].report, limits, baselines.get((name, dtype)), device,
-                                         missing.get((name, dtype))))
+        runs = [(name, dtype, missing.get((name, dtype))) for dtype in dtypes]
+        runs += [(variant(registry.get(name), cell), "float32", COVERAGE_NOTE)
+                 for cell in (registry.get(name).coverage if coverage else ())]
+        for run, dtype, no_baseline in runs:
+            if (run, dtype) in by_key:
+                outcomes.append(evaluate(by_key[run, dtype].report, limits, baselines.get((run, dtype)), device,
+                                         no_baseline))
             else:
-                outcomes.append(crashed(name, dtype, errors.get((name, dtype), RuntimeError("no result"))))
+                outcomes.append(crashed(run, dtype, errors.get((run, dtype), RuntimeError("no result"))))
     run_dir = Path(results[0].report_dir).parent if results and results[0].report_dir else None
     result = GateResult(outcomes, run_dir, time.perf_counter() - started)
     print(summary(result, max_rows), flush=True)

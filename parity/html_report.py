@@ -7,7 +7,9 @@ folder. Pages embed their plots as base64 PNGs and their CSS/JS inline, and forb
 access with a Content-Security-Policy, so a page can be mailed or archived on its own.
 
 Nothing here is specific to a component: sections are drawn by ``kind`` (curves -> line plot,
-heatmap -> image, table -> HTML table), and tensor images come from the ``.npy`` dumps.
+heatmap -> image, table -> HTML table), and tensor images come from the ``.npy`` dumps. A run
+with attention maps (``<attention>/probs`` layers) gets an attention section from their per-head
+metrics and dumps (:mod:`parity.attention_report`).
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ METRIC_COLUMNS = [
     ("rmse", "RMSE", "g", "root mean square of MLX - reference"),
     ("snr_db", "SNR dB", "db", "10 log10(|ref|^2 / |MLX - ref|^2)"),
     ("budget_ratio", "budget ratio", "g", "our error vs float64 truth / the reference's own bf16 error"),
+    ("budget_limit", "calibrated limit", "g", "the budget ratio limit calibrated on this layer's noise (parity calibrate)"),
     ("err_vs_truth", "MLX vs truth", "g", "RMSE of MLX against the float64 reference"),
     ("ref_err_vs_truth", "ref vs truth", "g", "RMSE of the bf16 reference against its float64 run"),
 ]
@@ -100,8 +103,11 @@ METRIC_COLUMNS = [
 
 def _value(row: dict[str, Any], key: str) -> Any:
     """A metric of a row; ``abs_limit`` lives among the applied limits (schema 2)."""
+    limits = row.get("limits") or {}
     if key == "abs_limit":
-        return (row.get("limits") or {}).get("abs_limit", row.get("abs_limit"))
+        return limits.get("abs_limit", row.get("abs_limit"))
+    if key == "budget_limit":
+        return limits.get("budget_ratio") if "budget_ratio" in limits.get("calibrated", []) else None
     return row.get(key)
 
 
@@ -140,9 +146,12 @@ def layer_table(layers: list[dict[str, Any]], first: str | None) -> dict[str, An
             tip = ""
             if key == "budget_ratio" and row.get("budget_excused"):
                 tip = "excused: agrees with the reference to float32 tolerance"
-            c = num_cell(value, style, bad, tip)
+            calibrated = key == "abs_limit" and "abs_limit" in (row.get("limits") or {}).get("calibrated", [])
+            c = num_cell(value, style, bad, tip or ("calibrated on this layer's noise" if calibrated else ""))
             if tip:
                 c["text"] += " (excused)"
+            elif calibrated:
+                c["text"] += " (cal.)"
             cells.append(c)
         nonfinite = {k: int(row.get(k) or 0) for k in ("nan_ref", "inf_ref", "nan_mlx", "inf_mlx")}
         total = sum(nonfinite.values())
@@ -277,6 +286,40 @@ def tensor_views(report_dir: Path, report: dict[str, Any]) -> list[dict[str, Any
     return views
 
 
+# --- attention maps ------------------------------------------------------------------------------
+
+def attention_view(report_dir: Path, report: dict[str, Any]) -> dict[str, Any] | None:
+    """The attention section: per-head table, entropy and mass over depth, the worst heads' maps (None: no maps)."""
+    from parity import attention_report, plots
+
+    rows = attention_report.map_rows(report)
+    if not rows:
+        return None
+    heads = attention_report.head_rows(rows)
+    table_columns = [column("layer"), column("head", True), column("verdict")]
+    table_columns += [column(header, True) for _key, header, _value in heads[0]["values"]]
+    body = []
+    for entry in heads:
+        failing = entry["failing"]
+        cells = [cell(entry["layer"], cls="layer", detail=", ".join(m.removeprefix("attn_") for m in failing)),
+                 cell(entry["head"], str(entry["head"]), "num"), cell("FAIL" if failing else "PASS",
+                                                                      badge="FAIL" if failing else "PASS")]
+        cells += [num_cell(value, bad=key in failing)
+                  for key, _header, value in entry["values"]]
+        body.append({"cls": "fail" if failing else "", "id": "", "cells": cells})
+    try:
+        manifest = load_json(report_dir / "manifest.json", "manifest")
+    except InputError:
+        manifest = {}
+
+    def load(side: str, layer: str) -> np.ndarray | None:
+        path = _dump_path(report_dir, manifest, side, layer)
+        return _load_dump(path) if path.is_file() else None
+    return {"table": {"id": "attention-heads", "columns": table_columns, "rows": body},
+            "curves": [image for image in map(plots.curves_plot, attention_report.depth_curves(rows)) if image],
+            "grids": attention_report.grids(rows, load)}
+
+
 # --- the run report ------------------------------------------------------------------------------
 
 def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
@@ -284,6 +327,16 @@ def _budget_limit(layers: list[dict[str, Any]]) -> float | None:
     limits = [number((r.get("limits") or {}).get("budget_ratio")) for r in layers]
     limits = [x for x in limits if x is not None]
     return max(set(limits), key=limits.count) if limits else None
+
+
+def _calibration_text(calibration: dict[str, Any] | None) -> str:
+    """Which per-layer limits the run used (``parity calibrate``), or why none."""
+    if not calibration:
+        return "none (global limits)"
+    if calibration.get("note"):
+        return f"not used: {calibration['note']}"
+    return (f"{calibration.get('layers')} layers calibrated over {calibration.get('seeds')} seeds "
+            f"({calibration.get('rule')}), {calibration.get('path')}")
 
 
 def _crash_label(crash: dict[str, Any]) -> str:
@@ -348,17 +401,19 @@ def render_report(report_dir: str | Path, index_link: str | None = None) -> str:
             ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform") or "–"),
             ("platform", versions.get("platform", "–")),
             ("duration", f"{report['seconds']} s" if report.get("seconds") is not None else "–"),
+            ("calibration", _calibration_text(report.get("calibration"))),
             ("report folder", report.get("report_dir") or str(report_dir))]
     files = [(name, name) for name in ("report.json", "report.csv", "manifest.json") if (report_dir / name).is_file()]
     html = _env().get_template("report.html.j2").render(
         r={"component": report.get("component", "?"), "dtype": report.get("dtype", "?"),
            "verdict": report.get("verdict", "UNKNOWN")},
-        first=first_info, passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
+        first=first_info, culprit=report.get("culprit"), passed_layers=len(compared) - failed, total_layers=len(compared), cards=cards,
         crash=report.get("crash"),
         meta=[(k, "–" if v is None else v) for k, v in meta],
         config_json=_json(report.get("config")), versions_json=_json(versions),
         depth_plot=plots.depth_plot(layers, first, limit) if layers else None,
         layer_table=layer_table(layers, first), sections=sections, slices=tensor_views(report_dir, report),
+        attention=attention_view(report_dir, report),
         index_link=index_link, generated=_now(), source=str(report_dir), files=files)
     return html
 

@@ -486,3 +486,28 @@ def frame_panels(panels: Sequence[dict[str, Any]], seams: Sequence[int] = (), ti
         axes[0, 0].set_title(title, fontsize=10)
     fig.tight_layout()
     return to_data_uri(fig)
+
+
+def attention_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> str | None:
+    """Attention maps of some heads: per row (label, reference map, our map), drawn as reference / MLX / MLX − reference.
+
+    Maps are ``(queries, keys)``; the reference and ours share a colour scale per row, the
+    difference is symmetric around 0. None without rows.
+    """
+    if not rows:
+        return None
+    height = max(1.6, min(3.2, 9.0 / len(rows)))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, height * len(rows) + 0.4), squeeze=False)
+    for (label, ref, ours), ax in zip(rows, axes):
+        lo, hi = _limits(ref, ours)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = ours - ref
+        span = _span(diff)
+        _image(fig, ax[0], ref, "viridis", lo, hi, f"{label}: reference")
+        _image(fig, ax[1], ours, "viridis", lo, hi, f"{label}: MLX")
+        _image(fig, ax[2], diff, "RdBu_r", -span, span, f"MLX \u2212 reference (max |\u0394| {span:.3g})")
+        for a in ax:
+            a.set_xlabel("key", fontsize=8)
+        ax[0].set_ylabel("query", fontsize=8)
+    fig.tight_layout()
+    return to_data_uri(fig)

@@ -18,10 +18,11 @@ import importlib.util
 import os
 import pkgutil
 import sys
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from parity.component import Component
 from parity.vocab import InputError
@@ -98,6 +99,20 @@ def use_files(paths: Iterable[str | Path]) -> None:
         if _components is not None:
             for component in found:
                 _add(_components, component, str(resolved))
+
+
+@contextmanager
+def scoped() -> Iterator[None]:
+    """Forget, on leaving the block, the component files registered inside it (the registry is
+    process-wide: one command per process; tests and in-process plugin sessions need this)."""
+    global _components
+    saved = (list(_files), dict(_sources), dict(_components) if _components is not None else None)
+    try:
+        yield
+    finally:
+        _files[:], sources, _components = saved
+        _sources.clear()
+        _sources.update(sources)
 
 
 def _discover() -> dict[str, Component]:

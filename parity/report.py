@@ -2,7 +2,8 @@
 
 ``report.json`` (schema 2) holds the run's metadata (variant, config, seed, weights, versions,
 threads, git commit, the thresholds files applied, crashes), ``verdict``, ``first_divergence``,
-``worst``, ``summary``, one row per layer in execution order and the ``sections``. Each row
+``worst``, ``culprit`` (teacher forcing: the first block whose own error breaks its limit, or
+null), ``summary``, one row per layer in execution order and the ``sections``. Each row
 carries its metrics, ``failures`` (kind, metric, value, limit, message: the verdict's reasons as
 data) and the ``limits`` that were applied; ``reasons`` joins the failure messages. It is strict
 JSON: a non-finite number is written as null and listed under ``nonfinite`` (``{"layers[3].snr_db":
@@ -54,6 +55,7 @@ def build_report(comparison: Comparison, meta: dict[str, Any]) -> dict[str, Any]
         "dtype": comparison.dtype,
         "verdict": comparison.verdict,
         "first_divergence": comparison.first_divergence,
+        "culprit": comparison.culprit,
         "worst": worst.row() if worst else None,
         "summary": summary_numbers(comparison),
         "layers": [layer.row() for layer in comparison.layers],
@@ -137,6 +139,8 @@ def terminal_summary(report: dict[str, Any]) -> str:
         row = next((r for r in report["layers"] if r["layer"] == first), None)
         why = f" ({row['reasons']})" if row and row.get("reasons") else ""
         lines.append(f"  first divergence: {first}{why}")
+    if report.get("culprit"):
+        lines.append(f"  culprit (first block whose own, teacher-forced error breaks its limit): {report['culprit']}")
     worst = report.get("worst")
     if worst and worst.get("layer") != first:
         lines.append(f"  worst layer: {worst['layer']}  {describe_layer(worst)}")

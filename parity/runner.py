@@ -23,15 +23,16 @@ import subprocess
 import time
 import traceback
 from functools import cache
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from parity import registry, threads
+from parity import calibration, registry, threads
 from parity import thresholds as thresholds_mod
 from parity.capture import Capture
 from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
 from parity.component import Component, RunContext, Section
+from parity.config import merge
 from parity.dumps import (discard_if_empty, mark_complete, mark_incomplete, new_run_dir, write_dumps,
                           writable_folder)
 from parity.progress import SILENT, Progress
@@ -139,6 +140,21 @@ def prepare(component: str | Component, dtype: str = "float32", seed: int = 0, c
                  variant(comp, overrides), started, hooks, alignment)
 
 
+def judge_for(setup: Setup, thresholds: thresholds_mod.Thresholds,
+              calibration_dir: str | Path | None = calibration.DEFAULT_DIR) -> tuple[Judge, dict[str, Any] | None]:
+    """The run's judge: thresholds, alignment, attention key groups, and the per-layer limits of a
+    calibration of this component, dtype and config in ``calibration_dir`` (None: none); and what to
+    say of the calibration in the report."""
+    comp = setup.component
+    found, note = calibration.for_run(comp.name, setup.dtype, setup.config.to_dict(), calibration_dir)
+    judge = Judge(comp.lineage(), setup.dtype, thresholds, setup.alignment, found.limits() if found else {},
+                  comp.attention_groups(setup.config))
+    if found is not None:
+        return judge, {"path": str(found.path), "seeds": len(found.seeds), "layers": len(found.layers),
+                       "rule": calibration.RULE[setup.dtype]}
+    return judge, {"note": note} if note else None
+
+
 def _converted(comp: Component, weights: dict[str, Any]) -> dict[str, Any]:
     """The port's weight converter applied; its own errors become one line naming the component."""
     try:
@@ -163,8 +179,8 @@ def _forward(side: str, capture: Capture, run: Callable[[], None]) -> Crash | No
     return None
 
 
-def run_reference(setup: Setup, dtype: str, capture: Capture) -> Crash | None:
-    """The reference in ``dtype`` (``float64``: the truth) into ``capture``."""
+def run_reference(setup: Setup, dtype: str, capture: Capture, inputs: Mapping[str, Any] | None = None) -> Crash | None:
+    """The reference in ``dtype`` (``float64``: the truth) into ``capture``, on ``inputs`` (default: the setup's)."""
     import torch
 
     threads.apply_to_torch()
@@ -172,17 +188,17 @@ def run_reference(setup: Setup, dtype: str, capture: Capture) -> Crash | None:
 
     def run() -> None:
         with torch.no_grad():
-            comp.run_reference(comp.cast_reference(setup.reference, dtype), setup.inputs, dtype, capture)
+            comp.run_reference(comp.cast_reference(setup.reference, dtype), inputs or setup.inputs, dtype, capture)
     return _forward("reference" if dtype != TRUTH_DTYPE else "float64 reference", capture, run)
 
 
-def run_mlx(setup: Setup, capture: Capture) -> Crash | None:
-    """The MLX side into ``capture`` (taps, or hooks by module path)."""
+def run_mlx(setup: Setup, capture: Capture, inputs: Mapping[str, Any] | None = None) -> Crash | None:
+    """The MLX side into ``capture`` (taps, or hooks by module path), on ``inputs`` (default: the setup's)."""
     comp = setup.component
 
     def run() -> None:
         with comp.mlx_capture(setup.mlx_model, capture, setup.hooks):
-            comp.run_mlx(setup.mlx_model, setup.inputs, setup.dtype)
+            comp.run_mlx(setup.mlx_model, inputs or setup.inputs, setup.dtype)
     return _forward("MLX", capture, run)
 
 
@@ -233,6 +249,64 @@ def run_sides(setup: Setup, judge: Judge, streaming: bool = False, spool: Path |
         mlx.observers.append(count)
         crashes += filter(None, [run_mlx(setup, mlx)])
     return Sides(ref, mlx, truth, judged, crashes)
+
+
+#: Prefix of the second call's layers.
+SECOND_CALL = "call2/"
+
+
+@dataclass
+class SecondCall:
+    """The second call's judged layers (named ``call2/...``), its captures and its crash, if any."""
+
+    layers: list[LayerResult]
+    ref: Capture
+    mlx: Capture
+    crash: Crash | None
+
+
+def second_call(setup: Setup, judge: Judge, progress: Progress = SILENT) -> SecondCall:
+    """Call the same MLX model object again, on the component's :meth:`~parity.component.Component.second_inputs`,
+    and judge it against the reference's answer for those inputs.
+
+    A port that keeps state between calls (a value cached at the first call, a feature cache or a
+    step counter never reset) passes a single call and fails here, at ``call2/<layer>``.
+    """
+    inputs = setup.component.second_inputs(setup.config, setup.seed)
+    ref, mlx = Capture("ref"), Capture("mlx")
+    progress.step(f"[{setup.name} {setup.dtype}] second call")
+    crash = run_reference(setup, setup.dtype, ref, inputs) or run_mlx(setup, mlx, inputs)
+    if crash is not None and crash.after:
+        crash.after = SECOND_CALL + crash.after
+    judged = compare(setup.component.name, setup.dtype, ref, mlx, judge.thresholds, judge.alignment,
+                     crash=crash, lineage=judge.lineage, partial=True, calibrated=judge.calibrated)
+    layers = [replace(l, name=SECOND_CALL + l.name, mlx_name=SECOND_CALL + l.mlx_name) for l in judged.layers]
+    return SecondCall(layers, ref, mlx, crash)
+
+
+def second_call_skipped(setup: Setup, streaming: bool, crashed: bool) -> str | None:
+    """Why this run makes no second call (None: it makes one). Float32 runs in memory whose first
+    call got through make one: state between calls is a property of the code, not of the precision,
+    and a crashed first call has already said what is wrong."""
+    if not setup.component.second_call:
+        return f"{setup.component.name} declares none"
+    if setup.dtype != "float32":
+        return "made in float32 runs only"
+    if streaming:
+        return "not made in streaming runs"
+    return "the first call crashed" if crashed else None
+
+
+def _merge_second_call(second: SecondCall, comparison: Comparison, context: RunContext) -> list[Crash]:
+    """The second call's layers after the first call's (so they are the first divergence only when
+    the first call is clean), and its tensors in the run's captures (dumped under ``call2/``)."""
+    comparison.layers += second.layers
+    for capture, extra in ((context.ref, second.ref), (context.mlx, second.mlx)):
+        for name in extra.order:
+            capture.add(SECOND_CALL + name, extra[name])
+    if second.crash is not None and comparison.crash is None:
+        comparison.crash = second.crash
+    return [second.crash] if second.crash else []
 
 
 def sections(setup: Setup, context: RunContext, crashed: bool, extra_runs: bool = True) -> list[Section]:
@@ -301,6 +375,7 @@ def run_component(
     streaming: bool = False,
     stats_only: Sequence[str] | None = None,
     keep_tensors: str = "all",
+    calibration_dir: str | Path | None = calibration.DEFAULT_DIR,
 ) -> RunResult:
     """Compare one component in ``dtype``; write ``<run_dir>/<component>-<dtype>/`` unless ``out_dir`` is None.
 
@@ -309,7 +384,8 @@ def run_component(
     temporary folder when ``out_dir`` is None) as it is captured, and each MLX tensor is judged as
     it arrives. ``stats_only`` (globs on reference layer names; implies streaming) keeps only
     statistics and a small sample of those layers. ``keep_tensors``: which tensors the report
-    folder keeps (all, failing layers only, none).
+    folder keeps (all, failing layers only, none). ``calibration_dir``: where ``parity calibrate``
+    wrote per-layer limits (used when recorded for this config; None: global limits only).
     """
     progress = progress or SILENT
     if keep_tensors not in KEEP_TENSORS:
@@ -317,7 +393,7 @@ def run_component(
     thresholds = thresholds or thresholds_mod.load()
     setup = prepare(name, dtype, seed, config_path, weights_path, overrides, progress=progress)
     comp = setup.component
-    judge = Judge(comp.lineage(), dtype, thresholds, setup.alignment)
+    judge, calibrated = judge_for(setup, thresholds, calibration_dir)
     created = run_dir is None and out_dir is not None
     if out_dir is not None:
         run_dir = run_dir or new_run_dir(writable_folder(out_dir, "--out"))
@@ -329,11 +405,17 @@ def run_component(
                           keep_mlx=report_dir is not None or comp.has_views() or comp.has_extra_runs(),
                           progress=progress)
         comparison = compare(comp.name, dtype, sides.ref, sides.mlx, thresholds, judge.alignment, sides.truth,
-                             sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage)
+                             sides.judged, sides.crashes[0] if sides.crashes else None, judge.lineage,
+                             calibrated=judge.calibrated, key_groups=judge.key_groups)
         context = RunContext(comp, setup.config, seed, dtype, setup.inputs, setup.reference, setup.mlx_model,
-                             sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp})
+                             sides.ref, sides.mlx, sides.truth, thresholds, extra={"spool": tmp},
+                             comparison=comparison)
         comparison.sections = sections(setup, context, bool(sides.crashes))
-        meta = run_meta(setup, thresholds, sides.crashes)
+        skipped = second_call_skipped(setup, streaming, bool(sides.crashes))
+        if skipped is None:
+            sides.crashes += _merge_second_call(second_call(setup, judge, progress), comparison, context)
+        meta = run_meta(setup, thresholds, sides.crashes, calibrated)
+        meta["second_call"] = skipped or f"made: layers {SECOND_CALL}<layer>"
         result = finish_run(comparison, context, meta, run_dir if out_dir is not None else None, report_dir,
                             keep_tensors, progress)
     except BaseException:
@@ -347,7 +429,8 @@ def run_component(
     return result
 
 
-def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = ()) -> dict[str, Any]:
+def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Sequence[Crash] = (),
+             calibrated: dict[str, Any] | None = None) -> dict[str, Any]:
     """The metadata block of a report."""
     return {
         "variant": setup.name,
@@ -359,6 +442,7 @@ def run_meta(setup: Setup, thresholds: thresholds_mod.Thresholds, crashes: Seque
         "threads": threads.current(),
         "git_commit": git_commit(),
         "thresholds": [str(p) for p in thresholds.paths],
+        "calibration": calibrated,
         "crashes": [vars(c) for c in crashes],
         "seconds": round(time.perf_counter() - setup.started, 3),
     }
@@ -390,29 +474,35 @@ def run_many(
     on_error: Callable[[str, str, BaseException], None] | None = None,
     config_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    coverage: bool = False,
     **kwargs: Any,
 ) -> list[RunResult]:
     """Run several components and dtypes into one new run folder.
 
-    Configs are validated for every component before the folder is created. A run that raises
-    an input error stops everything, unless ``on_error(name, dtype, error)`` is given: then it is
-    told and the other runs go on. An interrupted run folder stays, marked incomplete.
+    ``coverage``: each component's coverage cells too, in float32, after its own runs (variants
+    named by their overrides). Configs are validated for every run before the folder is created.
+    A run that raises an input error stops everything, unless ``on_error(name, dtype, error)`` is
+    given (``name``: the variant): then it is told and the other runs go on. An interrupted run
+    folder stays, marked incomplete.
     """
     components = [registry.get(n) for n in names]
+    plan = []
     for comp in components:
-        comp.load_config(config_path, overrides)
+        plan += [(comp, dtype, overrides) for dtype in dtypes]
+        plan += [(comp, "float32", merge(overrides or {}, cell)) for cell in (comp.coverage if coverage else ())]
+    for comp, _dtype, cell_overrides in plan:
+        comp.load_config(config_path, cell_overrides)
     run_dir = new_run_dir(writable_folder(out_dir, "--out"))
     results = []
     try:
-        for comp in components:
-            for dtype in dtypes:
-                try:
-                    results.append(run_component(comp, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress,
-                                                 config_path=config_path, overrides=overrides, **kwargs))
-                except Exception as err:  # noqa: BLE001 - handed to the caller
-                    if on_error is None:
-                        raise
-                    on_error(comp.name, dtype, err)
+        for comp, dtype, cell_overrides in plan:
+            try:
+                results.append(run_component(comp, dtype, out_dir=out_dir, run_dir=run_dir, progress=progress,
+                                             config_path=config_path, overrides=cell_overrides, **kwargs))
+            except Exception as err:  # noqa: BLE001 - handed to the caller
+                if on_error is None:
+                    raise
+                on_error(variant(comp, cell_overrides), dtype, err)
     except KeyboardInterrupt:
         mark_incomplete(run_dir, "interrupted")
         raise

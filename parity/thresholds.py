@@ -18,6 +18,7 @@ so is a layer glob that matches no layer of its component (checked after a run, 
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,24 +45,48 @@ class Tolerance:
     rounding_excess: float | None = None
     drift_ratio: float | None = None
     baseline_factor: float | None = None
+    # attention maps, per head (parity.attention; judged in parity.compare._check_attention)
+    attn_js_mean: float | None = None
+    attn_js_max: float | None = None
+    attn_topk_min: float | None = None
+    attn_entropy_diff: float | None = None
+    attn_sparsity_diff: float | None = None
+    attn_mass_diff: float | None = None
+    attn_dropped: float | None = None
+    #: Per-layer limits from ``parity calibrate`` (never set in a file): max abs <= this x max|ref|
+    #: (float32), budget ratio <= this (bf16); they only ever tighten the limits above.
+    calibrated_rel: float | None = None
+    calibrated_budget: float | None = None
 
     def merged(self, override: "Tolerance") -> "Tolerance":
         return replace(self, **{k: v for k, v in vars(override).items() if v is not None})
 
     def abs_limit(self, ref_max_abs: float) -> float | None:
+        """``atol + rtol * max|ref|`` (or the calibrated limit where tighter), or None without any."""
+        limits = [self.global_abs_limit(ref_max_abs),
+                  self.calibrated_rel * ref_max_abs if self.calibrated_rel is not None else None]
+        return min((x for x in limits if x is not None), default=None)
+
+    def global_abs_limit(self, ref_max_abs: float) -> float | None:
         """``atol + rtol * max|ref|``, or None without either."""
         if self.atol is None and self.rtol is None:
             return None
         return (self.atol or 0.0) + (self.rtol or 0.0) * ref_max_abs
+
+    def budget_limit(self) -> float | None:
+        """The budget ratio limit: ``budget_ratio``, or the calibrated one where tighter."""
+        return min((x for x in (self.budget_ratio, self.calibrated_budget) if x is not None), default=None)
 
     def applied(self) -> dict[str, float]:
         """The limits that are set, as report data."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-KEYS = tuple(Tolerance.__dataclass_fields__)
+KEYS = tuple(k for k in Tolerance.__dataclass_fields__ if not k.startswith("calibrated_"))
 #: Keys with a lower bound other than 0: a baseline factor below 1 would flag an unchanged run.
 MINIMUM = {"baseline_factor": 1.0}
+#: Keys with an upper bound: a top-k overlap (a share) above 1 could never be met.
+MAXIMUM = {"attn_topk_min": 1.0}
 
 
 @dataclass(frozen=True)
@@ -119,12 +144,13 @@ class Thresholds:
                 for pattern, _ in table.layers if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
 
     def check_components(self, known: Iterable[str]) -> None:
-        """Every component table must name (or, as a glob, match) a registered component."""
+        """Every component table of a user's file must name (or, as a glob, match) a registered component
+        (the harness's own tables may name components a trimmed install does not register)."""
         known = list(known)
         for pattern, per_dtype in self.components.items():
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
-                path = next(t.path for tables in per_dtype.values() for t in tables)
-                raise ThresholdsError(f"{path}: [components.{pattern}] names an unknown component; "
+            paths = [t.path for tables in per_dtype.values() for t in tables if t.path != DEFAULT_PATH.resolve()]
+            if paths and not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+                raise ThresholdsError(f"{paths[0]}: [components.{pattern}] names an unknown component; "
                                       f"registered: {sorted(known)}")
 
 
@@ -150,6 +176,8 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
             raise ThresholdsError(f"{where}.{key}: expected a non-negative number, got {value!r}")
         if value < MINIMUM.get(key, 0):
             raise ThresholdsError(f"{where}.{key}: must be at least {MINIMUM[key]:g}, got {value!r}")
+        if value > MAXIMUM.get(key, math.inf):
+            raise ThresholdsError(f"{where}.{key}: must be at most {MAXIMUM[key]:g}, got {value!r}")
         values[key] = float(value)
     return Tolerance(**values)
 

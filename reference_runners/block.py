@@ -12,12 +12,19 @@ checks this against the real models). Nothing captured is recomputed here:
   own local variables (modulation vectors, modulated norms, residual sums) are read by a
   tracer as ``forward`` assigns them (the tools of :mod:`parity.capture_torch`, which also serve
   a model of N blocks: every spec here is per block call).
+
+With ``maps``, each attention call's probability map is recomputed from the arguments its
+``dispatch_attention_fn`` was given (:mod:`reference_runners.attention`) and recorded as
+``<attention>/probs`` after its output. A restricted history (config ``history_attention:
+"restricted"``) has no switch in diffusers' block; its ``HeliosAttention`` takes an
+``attention_mask`` that it hands to the attention kernel, so the mask (:func:`history_mask`)
+is passed there, in place of the ``None`` the block passes.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +32,8 @@ from diffusers.models.transformers import transformer_helios, transformer_wan
 
 from parity.capture import Capture, to_numpy
 from parity.capture_torch import hook_modules, record_calls, trace_locals
-from parity.components.block import BLOCK_LAYERS
+from reference_runners.attention import dispatch_probs
+from reference_runners.layers import BLOCK_LAYERS
 
 #: Norm / scale parameters diffusers initialises to ones or zeros; randomised so that a port
 #: ignoring one of them cannot pass (a checkpoint's values are never exactly 1).
@@ -141,10 +149,34 @@ def wan_block_inputs(config: Any, inputs: dict[str, np.ndarray], dtype: torch.dt
 _ATTENTION_ARGS = ("query", "key", "value")
 
 
-def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+def history_mask(history_len: int, tokens: int) -> torch.Tensor:
+    """``(tokens, tokens)`` boolean mask (True: attend): history queries see history keys only, main queries all."""
+    index = torch.arange(tokens)
+    return ~((index[:, None] < history_len) & (index[None, :] >= history_len))
+
+
+@contextmanager
+def restricted_history(block: torch.nn.Module, history_len: int, tokens: int) -> Iterator[None]:
+    """``block.attn1`` called with :func:`history_mask` as its ``attention_mask`` (its 3rd argument) instead of None."""
+    mask = history_mask(history_len, tokens)
+    handle = block.attn1.register_forward_pre_hook(lambda _module, args: (*args[:2], mask, *args[3:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _attention_calls(calls: list[dict[str, str]], maps: bool) -> list[dict[str, str]]:
+    """``dispatch_attention_fn`` record specs, with each call's map ``<attention>/probs`` when ``maps``."""
+    return [{**call, "probs": call["out"].replace("/attention", "/probs")} if maps else call for call in calls]
+
+
+def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture,
+               maps: bool = False) -> None:
     block = reference.block
     args = helios_block_inputs(reference.config, inputs, dtype)
-    amplified = block.attn1.is_amplify_history and args["hidden_states"].shape[1] > args["original_context_length"]
+    history_len = args["hidden_states"].shape[1] - args["original_context_length"]
+    amplified = block.attn1.is_amplify_history and history_len > 0
     attn1 = {"key": "attn1/k_history_scaled", "out": "attn1/attention"} if amplified else {"out": "attn1/attention"}
     residual2 = 4 if block.guidance_cross_attn else 2
     with ExitStack() as stack:
@@ -152,20 +184,25 @@ def run_helios(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch
         stack.enter_context(record_calls(transformer_helios, "apply_rotary_emb_transposed",
                                          [{"out": "attn1/q_rope"}, {"out": "attn1/k_rope"}], capture, ()))
         stack.enter_context(record_calls(transformer_helios, "dispatch_attention_fn",
-                                         [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
+                                         _attention_calls([attn1, {"out": "attn2/attention"}], maps), capture,
+                                         _ATTENTION_ARGS, {"probs": dispatch_probs}))
         stack.enter_context(trace_locals({type(block).forward.__code__: _locals_spec(2, residual2)}, capture))
+        if reference.config.history_attention == "restricted" and history_len:
+            stack.enter_context(restricted_history(block, history_len, args["hidden_states"].shape[1]))
         stack.enter_context(reference.precision())
         block(**args)
 
 
-def run_wan(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+def run_wan(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture,
+            maps: bool = False) -> None:
     block = reference.block
     args = wan_block_inputs(reference.config, inputs, dtype)
     attn1 = {"query": "attn1/q_rope", "key": "attn1/k_rope", "out": "attn1/attention"}  # RoPE is nested in the processor
     with ExitStack() as stack:
         stack.enter_context(hook_modules(block, capture, HOOKS))
         stack.enter_context(record_calls(transformer_wan, "dispatch_attention_fn",
-                                         [attn1, {"out": "attn2/attention"}], capture, _ATTENTION_ARGS))
+                                         _attention_calls([attn1, {"out": "attn2/attention"}], maps), capture,
+                                         _ATTENTION_ARGS, {"probs": dispatch_probs}))
         stack.enter_context(trace_locals({type(block).forward.__code__: _locals_spec(args["temb"].ndim - 2, 2)}, capture))
         stack.enter_context(reference.precision())
         block(**args)
@@ -175,7 +212,10 @@ def run_recurrent(reference: Reference, args: dict[str, Any], steps: int) -> lis
     """The block applied ``steps`` times with shared weights, each output fed back as input."""
     outputs = []
     hidden = args["hidden_states"]
-    with torch.no_grad(), reference.precision():
+    history_len = hidden.shape[1] - args.get("original_context_length", hidden.shape[1])
+    restricted = getattr(reference.config, "history_attention", "full") == "restricted" and history_len
+    with torch.no_grad(), reference.precision(), \
+            (restricted_history(reference.block, history_len, hidden.shape[1]) if restricted else nullcontext()):
         for _ in range(steps):
             hidden = reference.block(**{**args, "hidden_states": hidden})
             outputs.append(to_numpy(hidden)[0])

@@ -17,9 +17,16 @@ What is real diffusers code and what mirrors it:
   (bilinear ``F.interpolate`` * 2 down to stage 0; per stage: ``calculate_shift`` on the current
   latents, ``set_timesteps``, nearest ``F.interpolate`` up, ``alpha * latents + beta * block noise``).
 
-The transformer is replaced by :class:`StandInDenoiser`, a fixed random channel map + tanh,
-identical to the MLX side's. Latents are recorded channels-last (``b f h w c``), the layout of
-the MLX port.
+The transformer is replaced by the stand-in of :mod:`reference_runners.stand_in`, a fixed random
+channel map + tanh, identical to the MLX side's. Latents are recorded channels-last
+(``b f h w c``), the layout of the MLX port.
+
+The port's schedule (``inputs["schedule/<layer>"]``, see :mod:`parity.components._sampling`)
+is used two ways: with ``reference_schedule = "port"`` the schedule layers recorded are the
+port's (not judged); with ``schedule_forcing`` (or ``"port"``) the stages run on the port's
+per-stage timesteps and sigmas and its ``ori_start_sigmas`` (teacher forcing of the schedule),
+assigned after the real ``set_timesteps``: ``step`` reads the schedule only from the
+``dmd_sigmas`` / ``dmd_timesteps`` / ``all_timesteps`` the loop passes it.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import math
 from contextlib import contextmanager
 from functools import cache
 from types import SimpleNamespace
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,30 +45,18 @@ from parity.capture import Capture
 from reference_runners.pipeline_source import compile_functions
 
 
-class StandInDenoiser(torch.nn.Module):
-    """``flow = tanh(W x + b + time * t / 1000)`` over channels: a deterministic stand-in transformer."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(channels, channels)
-        self.time = torch.nn.Parameter(torch.zeros(channels))
-
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        x = latents.movedim(1, -1)
-        t = (timestep.to(x.dtype) / 1000).view(-1, 1, 1, 1, 1)
-        return torch.tanh(self.proj(x) + t * self.time).movedim(-1, 1)
-
-
 class Reference(torch.nn.Module):
-    """The scheduler under test, the pipeline's sampling settings and the stand-in denoiser (the only weights)."""
+    """The scheduler under test, the pipeline's sampling settings and the denoiser (the only weights)."""
 
-    def __init__(self, config):
+    def __init__(self, config, denoiser: torch.nn.Module):
         super().__init__()
         self.scheduler = HeliosDMDScheduler(**config.scheduler.to_dict())
-        self.denoiser = StandInDenoiser(config.channels)
+        self.denoiser = denoiser
         self.steps = list(config.steps)
         self.patch_size = tuple(config.patch_size)
         self.is_amplify_first_chunk = config.is_amplify_first_chunk
+        self.reference_schedule = config.reference_schedule
+        self.schedule_forcing = config.schedule_forcing
 
 
 def channels_last(latents: torch.Tensor) -> torch.Tensor:
@@ -136,12 +131,17 @@ def sample_block_noise(scheduler: HeliosDMDScheduler, shape: Sequence[int], patc
 
 
 def run_pyramid(reference: Reference, latents: torch.Tensor, draws: Sequence[np.ndarray], dtype: torch.dtype,
-                capture: Capture) -> torch.Tensor:
+                capture: Capture, forced: Mapping[str, np.ndarray] | None = None,
+                record_forced: bool = False) -> torch.Tensor:
     """``HeliosPyramidPipeline.__call__``'s distilled sampling of one chunk (see the module docstring).
 
     ``draws[s - 1]``: the normal draws of stage s's block noise; ``dtype``: the model's dtype.
+    ``forced``: a schedule to run the stages on (``stage{s}/timesteps``, ``stage{s}/sigmas``,
+    ``construction/ori_start_sigmas``), recorded instead of the scheduler's own if ``record_forced``.
     """
     scheduler, denoiser = reference.scheduler, reference.denoiser
+    if forced is not None:
+        scheduler.ori_start_sigmas = {s: float(v) for s, v in enumerate(forced["construction/ori_start_sigmas"])}
     steps, patch_size = reference.steps, reference.patch_size
     batch_size, num_channels, num_frames, height, width = latents.shape
     num_stages = len(steps)
@@ -160,9 +160,14 @@ def run_pyramid(reference: Reference, latents: torch.Tensor, draws: Sequence[np.
         mu = pipeline_functions().calculate_shift(image_seq_len)  # the scheduler config has no base/max shift keys
         scheduler.set_timesteps(steps[stage_idx], stage_idx, mu=mu,
                                  is_amplify_first_chunk=reference.is_amplify_first_chunk)
+        own = scheduler.timesteps, scheduler.sigmas
+        if forced is not None:
+            scheduler.timesteps = torch.from_numpy(forced[f"stage{stage_idx}/timesteps"].copy())
+            scheduler.sigmas = torch.from_numpy(forced[f"stage{stage_idx}/sigmas"].copy())
         timesteps = scheduler.timesteps
-        capture.add(f"stage{stage_idx}/timesteps", timesteps)
-        capture.add(f"stage{stage_idx}/sigmas", scheduler.sigmas)
+        recorded = (timesteps, scheduler.sigmas) if record_forced else own
+        capture.add(f"stage{stage_idx}/timesteps", recorded[0])
+        capture.add(f"stage{stage_idx}/sigmas", recorded[1])
 
         if stage_idx > 0:
             height *= 2
@@ -192,16 +197,41 @@ def run_pyramid(reference: Reference, latents: torch.Tensor, draws: Sequence[np.
     return latents
 
 
-def run(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> None:
+def run(reference: Reference, inputs: dict[str, np.ndarray], dtype: torch.dtype, capture: Capture,
+        convention: str | None = None) -> None:
     """Record the construction schedules, the time-shift curves, then the whole pyramid trajectory.
 
     Latents start in float32 as the pipeline's ``prepare_latents(dtype=torch.float32)`` makes them
-    (float64 in the float64 truth run); ``dtype`` is the model's dtype.
+    (float64 in the float64 truth run); ``dtype`` is the model's dtype. ``convention`` (``"diffusers"``)
+    overrides the reference's ``reference_schedule`` and ``schedule_forcing``: diffusers' own schedule throughout.
     """
-    for name, array in schedule_arrays(reference.scheduler).items():
-        capture.add(f"construction/{name}", array)
-    for kind, curve in time_shift_curves(reference.scheduler.config, inputs["mu_grid"], inputs["t_grid"]).items():
-        capture.add(f"time_shift/{kind}", curve)
+    chosen = convention or reference.reference_schedule
+    port = {name.removeprefix("schedule/"): v for name, v in inputs.items() if name.startswith("schedule/")}
+    arrays = {f"construction/{name}": array for name, array in schedule_arrays(reference.scheduler).items()}
+    curves = time_shift_curves(reference.scheduler.config, inputs["mu_grid"], inputs["t_grid"])
+    arrays.update({f"time_shift/{kind}": curve for kind, curve in curves.items()})
+    for name, array in arrays.items():
+        capture.add(name, port[name] if chosen == "port" else array)
+    forcing = chosen == "port" or (convention is None and reference.schedule_forcing)
     latents = torch.from_numpy(inputs["latents"]).to(torch.float64 if dtype == torch.float64 else torch.float32)
     draws = [inputs[f"block_noise/stage{s}"] for s in range(1, len(reference.steps))]
-    run_pyramid(reference, latents, draws, dtype, capture)
+    run_pyramid(reference, latents, draws, dtype, capture, port if forcing else None, record_forced=chosen == "port")
+
+
+def forced_step(reference: Reference, stage: int, step: int, latents: np.ndarray, start_point: np.ndarray,
+                seq_shape: Sequence[int], dtype: torch.dtype) -> np.ndarray:
+    """Step ``step`` of stage ``stage`` alone on given channels-last latents (teacher forcing): :func:`run_pyramid`'s
+    loop body after ``set_timesteps`` for that stage (``seq_shape``: the (frames, height, width) its ``mu`` is
+    computed from, the previous stage's). Latents keep the dtype they are given in; ``dtype`` is the model's."""
+    scheduler, denoiser = reference.scheduler, reference.denoiser
+    image_seq_len = math.prod(seq_shape) // math.prod(reference.patch_size)
+    scheduler.set_timesteps(reference.steps[stage], stage, mu=pipeline_functions().calculate_shift(image_seq_len),
+                            is_amplify_first_chunk=reference.is_amplify_first_chunk)
+    timesteps = scheduler.timesteps
+    t = timesteps[step]
+    latents, start_point = (torch.from_numpy(np.ascontiguousarray(x)).permute(0, 4, 1, 2, 3) for x in (latents, start_point))
+    with torch.no_grad():
+        noise_pred = denoiser(latents.to(dtype), t.expand(latents.shape[0]).to(torch.int64))
+    out = scheduler.step(noise_pred, t, latents, return_dict=False, cur_sampling_step=step, dmd_noisy_tensor=start_point,
+                         dmd_sigmas=scheduler.sigmas, dmd_timesteps=scheduler.timesteps, all_timesteps=timesteps)[0]
+    return channels_last(out).numpy()

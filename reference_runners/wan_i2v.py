@@ -29,9 +29,17 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 
 from parity.capture import Capture
 from reference_runners.pipeline_source import compile_functions
-from reference_runners.vae import build as build_vae  # noqa: F401 - a random AutoencoderKLWan (RMS gains around 1)
 
 PIPELINE_MODULE = "diffusers.pipelines.wan.pipeline_wan_i2v"
+
+
+class Reference(torch.nn.Module):
+    """The VAE (the only weights) and the frame count the pipeline is called with."""
+
+    def __init__(self, vae: AutoencoderKLWan, num_frames: int):
+        super().__init__()
+        self.vae = vae
+        self.num_frames = num_frames
 
 
 @cache
@@ -53,16 +61,18 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 4, 1)
 
 
-def run(vae: AutoencoderKLWan, inputs: Mapping[str, np.ndarray], num_frames: int, dtype: torch.dtype,
-        capture: Capture) -> torch.Tensor:
+def run(reference: Reference, inputs: Mapping[str, np.ndarray], dtype: torch.dtype, capture: Capture) -> torch.Tensor:
     """The transformer input for ``inputs["image"]`` ``(b, 3, H, W)`` and noise ``inputs["latents"]``
-    ``(b, z_dim, latent frames, H/8, W/8)``; ``dtype``: the transformer's dtype."""
+    ``(b, z_dim, latent frames, H/8, W/8)``; ``dtype``: the transformer's dtype. The latents and the image
+    latents are float32 as the pipeline makes them (float64 in the float64 truth run, with a float64 VAE)."""
+    vae = reference.vae
     pipe = pipeline_stub(vae)
+    latents_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     image = torch.from_numpy(np.asarray(inputs["image"])).to(dtype=torch.float32)
     batch_size, _, height, width = image.shape
     with torch.no_grad():
         latents, condition = pipeline_functions().prepare_latents(
-            pipe, image, batch_size, vae.config.z_dim, height, width, num_frames, torch.float32,
+            pipe, image, batch_size, vae.config.z_dim, height, width, reference.num_frames, latents_dtype,
             torch.device("cpu"), None, torch.from_numpy(np.asarray(inputs["latents"])), None,
         )
     masks = pipe.vae_scale_factor_temporal
@@ -74,10 +84,3 @@ def run(vae: AutoencoderKLWan, inputs: Mapping[str, np.ndarray], num_frames: int
     latent_model_input = torch.cat([latents, condition], dim=1).to(dtype)
     capture.add("conditioning", channels_last(latent_model_input))
     return latent_model_input
-
-
-def encoder_state(vae: AutoencoderKLWan) -> dict[str, np.ndarray]:
-    """The encoder's weights (``encoder.*``, ``quant_conv.*``) as numpy, for the MLX port."""
-    return {k: v.detach().float().numpy() for k, v in vae.state_dict().items()
-            if k.startswith(("encoder.", "quant_conv."))}
-

@@ -197,3 +197,17 @@ def test_bfloat16_run_dumps_the_float64_truth(tmp_path):
     assert result.context.truth.dtypes["helios/q_rot"] == "float64" and not np.array_equal(truth, ref)
     layer = result.layer("helios/q_rot")
     assert layer.metrics["ref_err_vs_truth"] > 0 and layer.metrics["budget_ratio"] <= 2
+
+
+def test_a_renamed_subclass_finds_its_parents_config_and_thresholds(tmp_path):
+    """A port's ``class Wan22Rope(RopeComponent): name = "wan22_rope"`` needs no config file of its own."""
+    from parity.components.rope import COMPONENT as rope
+
+    subclass = type("Wan22Rope", (type(rope),), {"name": "wan22_rope", "__module__": __name__})()
+    assert subclass.default_config_path() == rope.default_config_path()
+    assert subclass.load_config() == rope.load_config()
+    assert subclass.lineage() == ["wan22_rope", "rope"]
+    path = tmp_path / "parity.toml"
+    path.write_text('[components.rope.float32]\natol = 3e-5\n[components."wan22_*".float32]\nrtol = 4e-5\n')
+    tol = thresholds.load(path).for_component(subclass.lineage(), "float32")
+    assert (tol.atol, tol.rtol) == (3e-5, 4e-5)  # the parent's table, then the glob over the new name

@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 GLUE = ROOT / "examples" / "external_port_parity.py"
 PORT_COMPONENTS = ["port_rope", "port_time_embedding", "port_block", "port_vae"]
 
-registry.use_files([GLUE])
-from external_port import dit_block, embedding, rope, wan_vae  # noqa: E402  (the glue put examples/ on the path)
+sys.path.insert(0, str(ROOT / "examples"))  # where the port lives (the glue's folder, as --component-module does)
+from external_port import dit_block, embedding, rope, wan_vae  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def glue():
+    """The glue's components, registered for each test (the registry is reset after every test)."""
+    registry.use_files([GLUE])
 
 
 def run(name, dtype="float32"):

@@ -1,4 +1,7 @@
 """The pytest plugin (entry point ``parity``), exercised in inner pytest sessions via pytester."""
+import json
+from pathlib import Path
+
 import mlx.core  # noqa: F401
 import pytest
 import torch  # noqa: F401
@@ -7,7 +10,6 @@ import reference_runners.rope  # noqa: F401
 from parity import registry
 from parity import runner  # noqa: F401
 
-pytest_plugins = ["pytester"]
 # Import every module the inner sessions use up front: pytester's in-process runs forget modules
 # first imported inside them, and a native extension (mlx, torch) cannot be initialised twice --
 # without this, running this file alone fails where running it after another file passes.
@@ -97,7 +99,8 @@ def test_component_marker_selects_tests(pytester):
     """)
     result = pytester.runpytest("--parity-components=rope", "-v")
     result.assert_outcomes(passed=3, deselected=1)
-    result.stdout.fnmatch_lines(["*test_rope PASSED*", "*test_both PASSED*", "*test_unmarked PASSED*"])
+    for line in ("*test_rope PASSED*", "*test_both PASSED*", "*test_unmarked PASSED*"):  # in any order
+        result.stdout.fnmatch_lines([line])
     result = pytester.runpytest("--parity-components=vae,rope")
     result.assert_outcomes(passed=4)
 
@@ -130,7 +133,8 @@ def test_parity_dtype_parametrizes_tests_and_runs(pytester):
     """)
     result = pytester.runpytest("--parity-dtype=all", "-v")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["*test_rope?float32? PASSED*", "*test_rope?bfloat16? PASSED*"])
+    for line in ("*test_rope?float32? PASSED*", "*test_rope?bfloat16? PASSED*"):
+        result.stdout.fnmatch_lines([line])
     result = pytester.runpytest("--parity-dtype=bfloat16", "-k", "dtype_only")
     result.assert_outcomes(passed=1, deselected=1)
     result = pytester.runpytest("--parity-dtype=float16")
@@ -145,3 +149,42 @@ def test_parity_run_needs_a_component(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*TypeError: parity_run: name a component*"])
+
+
+def test_a_conftest_listing_the_plugin_and_a_thresholds_file_layered_on_the_harness(pytester, tmp_path):
+    """The plugin is already installed (entry point): listing it again is harmless. The flag's file
+    holds one component table and no defaults: it is layered on the harness's, not replacing them."""
+    pytester.makeconftest('pytest_plugins = ["parity.pytest_plugin"]\n')
+    pytester.makepyfile(PASSING)
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[components."rop*".float32.layers."helios/*"]\ncosine_min = 0.5\n')
+    reports = tmp_path / "reports"
+    result = pytester.runpytest(f"--parity-thresholds={mine}", f"--parity-report-dir={reports}")
+    result.assert_outcomes(passed=1)
+    report = json.loads(next(reports.glob("*/*/report.json")).read_text())
+    assert report["thresholds"] == [str(Path(__file__).resolve().parent.parent / "parity" / "thresholds.toml"), str(mine)]
+    limits = {row["layer"]: row["limits"] for row in report["layers"]}
+    assert limits["helios/q_rot"]["cosine_min"] == 0.5 and limits["helios/q_rot"]["atol"] == 1e-5  # glob + defaults
+    assert limits["wan/q_rot"]["cosine_min"] == 0.99999
+
+    mine.write_text('[components."rop*".float32.layers."nowhere/*"]\ncosine_min = 0.5\n')
+    result = pytester.runpytest(f"--parity-thresholds={mine}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*layer glob(s) matching no layer of rope float32: {mine}: *'nowhere/*'*"])
+
+
+def test_assert_parity_after_a_crash_names_the_missing_layer_not_a_perfect_one(pytester):
+    toys = Path(__file__).resolve().parent / "data" / "toy_components.py"
+    pytester.makepyfile("""
+        def test_crash(parity_run, assert_parity):
+            assert_parity(parity_run("toy_crash"))
+    """)
+    result = pytester.runpytest(f"--parity-component-module={toys}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "E * parity FAIL: toy_crash float32, 1/2 layers fail",
+        "E * first diverging layer: b",
+        "E * missing on the MLX side (MLX crashed after a)",
+        "E * crash: the MLX forward raised after a: ValueError: *cannot be broadcast",
+    ])
+    assert "worst layer: a" not in result.stdout.str()  # "a" matched perfectly

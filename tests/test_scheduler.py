@@ -8,6 +8,7 @@ import torch
 from diffusers import HeliosDMDScheduler as ReferenceScheduler
 
 from mlx_impl import scheduler as S
+from parity.components.scheduler import SCHEDULE as S_SCHEDULE
 from parity.runner import run_component
 
 THREE_STAGES = [0, 1 / 3, 2 / 3, 1]
@@ -106,13 +107,72 @@ def test_diffusers_scheduler_config_file(tmp_path):
     assert result.verdict == "PASS", result.first_divergence
 
 
+def sections(result):
+    return {section.name: section for section in result.sections}
+
+
 def test_drift_section():
     for dtype, series in (("float32", 2), ("bfloat16", 4)):
-        (drift,) = run(dtype).sections
-        assert drift.name == "drift" and drift.kind == "curves" and drift.passed is None
+        drift = sections(run(dtype))["drift"]
+        assert drift.kind == "curves" and drift.passed is None
         assert drift.data["x"][:3] == ["stage0/downsample", "stage0/step0", "stage0/step1"]
         assert drift.data["x"][-1] == "stage2/step1" and len(drift.data["series"]) == series
         assert all(len(v) == len(drift.data["x"]) and all(math.isfinite(x) for x in v) for v in drift.data["series"].values())
+
+
+def test_schedule_and_solver_sections_of_a_correct_port():
+    found = sections(run())
+    assert found["schedule"].passed is True and found["schedule"].note.startswith("schedule = convention 'diffusers'")
+    assert found["solver"].passed is True and found["solver"].note.startswith("9/9 layers pass")  # downsample, 2 transitions, 6 steps
+
+
+def test_reference_schedule_port_judges_the_math_only():
+    """The reference records and runs the port's own schedule: nothing of the schedule is judged, the
+    section says which convention the port's schedule is."""
+    result = run(reference_schedule="port")
+    assert result.verdict == "PASS", result.first_divergence
+    schedule = sections(result)["schedule"]
+    assert schedule.passed is None and "The port's schedule is convention 'diffusers'" in schedule.note
+    assert all(row[2] == "same" for row in schedule.data["rows"])
+
+
+def shift_inverted_in_set_timesteps(monkeypatch):
+    """A port whose stage schedules differ from diffusers' (another convention, or a bug in set_timesteps)."""
+    monkeypatch.setattr(S.HeliosDMDScheduler, "time_shift",
+                        lambda self, mu, sigma, t, tensor_order=True: inverse_shift(mu, sigma, t, None))
+    return {"scheduler": scheduler_config(3, use_dynamic_shifting=True)}
+
+
+def test_a_schedule_difference_is_not_a_solver_failure(monkeypatch):
+    """Teacher forcing of the schedule (the default): the schedule fails at its first layer, the math passes."""
+    result = run(**shift_inverted_in_set_timesteps(monkeypatch))
+    assert_first_divergence(result, "stage0/timesteps", ["construction/sigmas_per_stage", "time_shift/linear"])
+    found = sections(result)
+    assert found["schedule"].passed is False and found["schedule"].failing == "stage0/timesteps"
+    assert found["schedule"].note.startswith("schedule differs from convention 'diffusers'")
+    assert found["solver"].passed is True
+    assert all(layer.verdict == "PASS" for layer in result.layers if not S_SCHEDULE.fullmatch(layer.name))
+
+
+def test_without_schedule_forcing_the_schedule_difference_fails_the_steps(monkeypatch):
+    result = run(schedule_forcing=False, **shift_inverted_in_set_timesteps(monkeypatch))
+    assert_first_divergence(result, "stage0/timesteps")
+    solver = sections(result)["solver"]
+    assert solver.passed is False and solver.failing == "stage0/step0"
+
+
+def test_reference_schedule_port_passes_another_schedule_and_says_how_far(monkeypatch):
+    result = run(reference_schedule="port", **shift_inverted_in_set_timesteps(monkeypatch))
+    assert result.verdict == "PASS", result.first_divergence
+    note = sections(result)["schedule"].note
+    assert "none of the named conventions" in note and "from 'diffusers': max abs stage0/timesteps" in note
+
+
+def test_reference_schedule_port_still_fails_a_wrong_solver(monkeypatch):
+    monkeypatch.setattr(S.HeliosDMDScheduler, "step", renoise_at_current_timestep)
+    result = run(reference_schedule="port")
+    assert_first_divergence(result, "stage0/step0", ["stage0/sigmas"])
+    assert sections(result)["solver"].failing == "stage0/step0"
 
 
 # --- fault injection -------------------------------------------------------------------
@@ -209,12 +269,14 @@ def test_fault_block_noise_patch_interleave_dropped(monkeypatch):
 
 
 def test_fault_mu_from_upsampled_latents(monkeypatch):
-    """Later stages' mu from the upsampled latents (4x the tokens); the pipeline takes the previous stage's."""
+    """Later stages' mu from the upsampled latents (4x the tokens); the pipeline takes the previous stage's.
+    calculate_shift is called once per stage and sampling loop (the port's schedule run for the reference's
+    teacher forcing is one too), so every third call is a first stage's."""
     correct, calls = S.calculate_shift, []
 
     def after_upsample(image_seq_len):
         calls.append(image_seq_len)
-        return correct(image_seq_len * (4 if len(calls) > 1 else 1))
+        return correct(image_seq_len * (4 if (len(calls) - 1) % 3 else 1))
 
     monkeypatch.setattr(S, "calculate_shift", after_upsample)
     result = run()

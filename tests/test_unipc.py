@@ -1,13 +1,11 @@
 """UniPC (Wan2.2's scheduler) parity against the real diffusers UniPCMultistepScheduler, and its faults.
 
-Both sides run directly: the reference runner (reference_runners/unipc.py) and our MLX loop
-(mlx_impl.unipc.sample), with the same stand-in denoiser weights and the same numpy noise; every
-recorded layer is compared in execution order (tests/layer_compare.py) and the first differing
-one is named.
+Every comparison goes through the harness (``parity.runner.run_component("unipc_scheduler")``):
+the real scheduler driving the Wan denoising loop against our MLX port, with the same stand-in
+denoiser and noise. A few tests check the port's own functions directly (schedule values, the
+bf16 x0 conversion, refused options).
 """
-import copy
 import json
-import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,58 +15,22 @@ import torch
 from diffusers import UniPCMultistepScheduler as ReferenceScheduler
 
 from fixtures.inputs import normal
-from layer_compare import assert_match, compare, first_difference, precision_budget
 from mlx_impl import unipc as U
-from mlx_impl.stand_in import StandInDenoiser
-from parity.capture import Capture
-from parity.capture_mlx import record_taps
+from parity.components._diffusers import UniPCSchedulerConfig
+from parity.config import ConfigError
+from parity.runner import run_component
 from reference_runners import unipc as R
 
 CONFIG = json.loads((Path(__file__).parents[1] / "fixtures/configs/unipc_scheduler.json").read_text())
-MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DIFFUSERS = {k: v for k, v in CONFIG["scheduler"].items() if not k.startswith("_")}
 
 
-def config(steps=None, **scheduler):
-    out = copy.deepcopy(CONFIG)
-    out["scheduler"].update(scheduler)
-    if steps is not None:
-        out["steps"] = steps
-    return out
+def run(dtype="float32", seed=0, **overrides):
+    return run_component("unipc_scheduler", dtype, seed=seed, out_dir=None, overrides=overrides)
 
 
-def weights(cfg, seed=0):
-    c = cfg["channels"]
-    return {"proj.weight": normal(seed, "unipc/denoiser/proj.weight", (c, c), scale=1 / math.sqrt(c)),
-            "proj.bias": normal(seed, "unipc/denoiser/proj.bias", (c,), scale=0.1),
-            "time": normal(seed, "unipc/denoiser/time", (c,))}
-
-
-def latents(cfg, seed=0):
-    return normal(seed, "unipc/latents", (cfg["batch"], cfg["channels"], cfg["frames"], cfg["height"], cfg["width"]))
-
-
-def run_reference(cfg, dtype="float32", seed=0, schedule=None, forced=None):
-    capture = Capture("reference")
-    orders = R.run(R.build(cfg, weights(cfg, seed)), {"latents": latents(cfg, seed)}, TORCH_DTYPES[dtype], capture,
-                   schedule=schedule, forced=forced)
-    return capture, orders
-
-
-def ours(cfg, schedule=None):
-    scheduler = U.UniPCMultistepScheduler.from_config(cfg["scheduler"], schedule=schedule or cfg["schedule"])
-    scheduler.set_timesteps(cfg["steps"])
-    return scheduler
-
-
-def run_ours(cfg, dtype="float32", seed=0, scheduler=None, forced=None):
-    scheduler = scheduler or ours(cfg)
-    capture = Capture("mlx")
-    denoiser = StandInDenoiser.from_weights(weights(cfg, seed), MX_DTYPES[dtype])
-    with record_taps(capture):
-        mx.eval(U.sample(scheduler, mx.array(latents(cfg, seed).transpose(0, 2, 3, 4, 1)), denoiser,
-                         MX_DTYPES[dtype], forced))
-    return capture, scheduler
+def sections(result):
+    return {section.name: section for section in result.sections}
 
 
 def layer_names(steps, corrector_steps=None):
@@ -79,56 +41,27 @@ def layer_names(steps, corrector_steps=None):
     return names
 
 
-def teacher(capture, cfg, seed=0):
-    """Per step the reference's (latents entering it, scheduler.last_sample): its step{k-1}/sample and the
-    corrected sample of step k - 1 (its step{k-1}/corrector, or the latents entering step k - 1 if none ran)."""
-    x = [latents(cfg, seed).transpose(0, 2, 3, 4, 1)] + [capture[f"step{k}/sample"] for k in range(cfg["steps"] - 1)]
-    last = [None] + [capture[f"step{k}/corrector"] if f"step{k}/corrector" in capture else x[k]
-                     for k in range(cfg["steps"] - 1)]
-    return list(zip(x, last))
-
-
-def max_abs(ref, mine, name):
-    return float(np.abs(ref[name].astype(np.float64) - mine[name]).max())
+def assert_first_divergence(result, layer, still_passing=()):
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == layer
+    for name in still_passing:
+        assert result.layer(name).verdict == "PASS", name
 
 
 # --- float32 parity ------------------------------------------------------------------------
-@pytest.mark.parametrize("steps", [5, 8, 20])
+@pytest.mark.parametrize("steps", [5, 8, 20, 40])
 def test_float32_trajectory_matches_diffusers(steps):
-    cfg = config(steps)
-    ref, ref_orders = run_reference(cfg)
-    mine, scheduler = run_ours(cfg)
-    layers = assert_match(ref, mine)
-    assert [layer.name for layer in layers] == layer_names(steps)
-    # warm-up order 1, then solver_order 2, lower_order_final drops to 1 at the last step
-    assert ref_orders["predictor"] == scheduler.orders["predictor"] == [1] + [2] * (steps - 2) + [1]
-    assert ref_orders["corrector"] == scheduler.orders["corrector"] == [1] + [2] * (steps - 2)
+    result = run(steps=steps)
+    assert result.verdict == "PASS", result.first_divergence
+    assert [layer.name for layer in result.layers] == layer_names(steps)
     # Schedules: the same float64 NumPy ops on both sides, then float32 / int64 casts: exact.
-    np.testing.assert_array_equal(mine["sigmas"], ref["sigmas"])
-    np.testing.assert_array_equal(mine["timesteps"], ref["timesteps"])
-    assert mine.dtypes["timesteps"] == ref.dtypes["timesteps"] == "int64"
-    assert mine.dtypes["sigmas"] == ref.dtypes["sigmas"] == "float32"
-    assert all(mine.dtypes[n] == ref.dtypes[n] == "float32" for n in ref.order if n.startswith("step"))
-
-
-def test_layer_names_in_execution_order():
-    ref, _ = run_reference(config(5))
-    assert ref.order == [
-        "sigmas", "timesteps",
-        "step0/predictor", "step0/sample",
-        "step1/corrector", "step1/predictor", "step1/sample",
-        "step2/corrector", "step2/predictor", "step2/sample",
-        "step3/corrector", "step3/predictor", "step3/sample",
-        "step4/corrector", "step4/predictor", "step4/sample",
-    ]
-
-
-def test_final_step_lands_on_the_x0_prediction():
-    """Final sigma 0, order 1: the last predictor returns the x0 of the corrected last sample (h = inf handled)."""
-    cfg = config(5)
-    mine, scheduler = run_ours(cfg)
-    assert scheduler.sigmas[-1] == 0 and np.isfinite(mine["step4/sample"]).all()
-    np.testing.assert_allclose(mine["step4/sample"], np.array(scheduler.model_outputs[-1]), rtol=0, atol=1e-6)
+    assert result.layer("sigmas").metrics["max_abs"] == 0 == result.layer("timesteps").metrics["max_abs"]
+    assert result.layer("timesteps").dtype_ref == result.layer("timesteps").dtype_mlx == "int64"
+    assert result.layer("sigmas").dtype_ref == result.layer("sigmas").dtype_mlx == "float32"
+    assert all(l.dtype_ref == l.dtype_mlx == "float32" for l in result.layers if l.name.startswith("step"))
+    found = sections(result)
+    assert found["solver"].passed and found["schedule"].passed and found["teacher_forcing"].passed
+    assert found["schedule"].note.startswith("schedule = convention 'diffusers'")
 
 
 @pytest.mark.parametrize("variant", [
@@ -137,57 +70,59 @@ def test_final_step_lands_on_the_x0_prediction():
     {"disable_corrector": [0, 2]}, {"final_sigmas_type": "sigma_min"}, {"flow_shift": 1.0},
 ])
 def test_float32_variants(variant):
-    """Orders 3 (the rho solves of predictor and corrector), bh1, no lower-order final, disabled correctors,
+    """Order 3 (the rho solves of predictor and corrector), bh1, no lower-order final, disabled correctors,
     sigma_min (bh1 and order 2 at the end only with it: with a final sigma 0 the reference's last step is NaN)."""
-    cfg = config(8, **variant)
-    ref, ref_orders = run_reference(cfg)
-    mine, scheduler = run_ours(cfg)
-    assert_match(ref, mine)
-    assert ref_orders == scheduler.orders
+    result = run(scheduler=variant)
+    assert result.verdict == "PASS", result.first_divergence
+    names = [layer.name for layer in result.layers]
     if "disable_corrector" in variant:
-        assert "step1/corrector" not in ref and "step3/corrector" not in ref and "step2/corrector" in ref
-    if variant.get("solver_order") == 3:
-        assert max(ref_orders["predictor"]) == max(ref_orders["corrector"]) == 3
+        assert names == layer_names(8, corrector_steps=[2, 4, 5, 6, 7])
+    else:
+        assert names == layer_names(8)
 
 
 @pytest.mark.parametrize("variant", [{"solver_type": "bh1"}, {"lower_order_final": False}])
 def test_reference_nan_at_a_final_sigma_of_zero_is_reproduced(variant):
     """diffusers' last step with sigma 0 is NaN for bh1 (alpha_t * B_h * 0 with B_h = -inf) and for an order-2
-    last step (r_1 = 0, D1 = inf: +-inf): we mirror both, so the sides agree up to it and break at the same layer."""
-    cfg = config(8, **variant)
-    ref, mine = run_reference(cfg)[0], run_ours(cfg)[0]
-    first = first_difference(compare(ref, mine))
-    assert (first.name, first.reason) == ("step7/predictor", "NaN/Inf")
-    assert not np.isfinite(ref["step7/sample"]).any() and not np.isfinite(mine["step7/sample"]).any()
-    np.testing.assert_array_equal(np.isnan(ref["step7/sample"]), np.isnan(mine["step7/sample"]))
+    last step (r_1 = 0, D1 = inf: +-inf): we mirror both, so the sides agree up to it and break at the same
+    layer, non-finite where the reference is (such a layer always fails: the harness excuses no NaN/Inf)."""
+    result = run(scheduler=variant)
+    assert_first_divergence(result, "step7/predictor", ["step7/corrector"])
+    for name in ("step7/predictor", "step7/sample"):
+        m = result.layer(name).metrics
+        assert (m["nan_ref"], m["inf_ref"]) == (m["nan_mlx"], m["inf_mlx"]) and m["nan_ref"] + m["inf_ref"] > 0, name
+        ref, ours = result.context.ref[name], result.context.mlx[name]
+        np.testing.assert_array_equal(np.isnan(ref), np.isnan(ours))
+        np.testing.assert_array_equal(ref[np.isinf(ref)], ours[np.isinf(ref)])
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_float32_other_seeds(seed):
-    cfg = config(8)
-    assert_match(run_reference(cfg, seed=seed)[0], run_ours(cfg, seed=seed)[0])
+    result = run(seed=seed)
+    assert result.verdict == "PASS", result.first_divergence
+
+
+def test_final_step_lands_on_the_x0_prediction():
+    """Final sigma 0, order 1: the last predictor returns the x0 of the corrected last sample (h = inf handled)."""
+    result = run(steps=5)
+    scheduler = result.context.mlx_model.scheduler
+    assert scheduler.sigmas[-1] == 0 and np.isfinite(result.context.mlx["step4/sample"]).all()
+    np.testing.assert_allclose(result.context.mlx["step4/sample"], np.array(scheduler.model_outputs[-1]),
+                               rtol=0, atol=1e-6)
 
 
 # --- bf16 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [8, 20])
 def test_bfloat16_denoiser_within_precision_budget(steps):
-    """Denoiser in bf16, latents float32 (as the pipeline): finite, and per layer our error against a
-    float64 reference run at most 2x the reference's own bf16 error (or agreeing with its bf16 run)."""
-    cfg = config(steps)
-    ref, _ = run_reference(cfg, "bfloat16")
-    truth, _ = run_reference(cfg, "float64")
-    mine, _ = run_ours(cfg, "bfloat16")
-    assert mine.order == ref.order == truth.order
-    assert all(np.isfinite(mine[n]).all() for n in mine.order)
-    # x0 = sample - sigma * flow: the product in bf16, the rest float32, on both sides
-    assert all(mine.dtypes[n] == ref.dtypes[n] == "float32" for n in ref.order if n.startswith("step"))
-    rows = precision_budget(ref, mine, truth)
-    bad = [(r.name, r.ours, r.ref) for r in rows if not r.ok]
-    assert not bad, bad
-    last = rows[-1]
-    print(f"\nbf16 {steps} steps, {last.name}: rmse vs float64 ours {last.ours:.3g} ref {last.ref:.3g} "
-          f"(max abs {last.max_abs_ours:.3g} / {last.max_abs_ref:.3g}); worst ratio "
-          f"{max(r.ratio for r in rows if r.ref):.3g}")
+    """Denoiser in bf16, latents float32 (as the pipeline): per layer our error against a float64 reference
+    run at most 2x the reference's own bf16 error (parity.toml), the x0 products in bf16 on both sides."""
+    result = run("bfloat16", steps=steps)
+    assert result.verdict == "PASS", result.first_divergence
+    assert all(l.dtype_mlx == l.dtype_ref == "float32" for l in result.layers if l.name.startswith("step"))
+    ratios = [l.metrics["budget_ratio"] for l in result.layers if l.name.startswith("step")]
+    assert max(ratios) <= 2 and all(np.isfinite(ratios))
+    drift = sections(result)["drift"]
+    assert len(drift.data["series"]) == 4 and drift.data["x"] == [f"step{k}/sample" for k in range(steps)]
 
 
 def test_bfloat16_x0_conversion_is_the_references():
@@ -195,11 +130,10 @@ def test_bfloat16_x0_conversion_is_the_references():
     rounded to bf16 and the product is bf16 (a 0-d float32 tensor does not promote a bf16 tensor), the difference
     float32. Two IEEE-rounded elementwise ops, no reduction or BLAS, so exact equality is the right check.
     (The bf16 trajectories still differ by ~1 bf16 ulp: the stand-in's bf16 Linear rounds differently per side.)"""
-    cfg = config(8)
-    reference = R.build(cfg, weights(cfg)).scheduler
+    reference = ReferenceScheduler.from_config(DIFFUSERS)
     reference.set_timesteps(8)
     flow = normal(0, "unipc/flow", (1, 4, 3, 8, 8))
-    sample = latents(cfg)
+    sample = normal(0, "unipc/latents", (1, 4, 3, 8, 8))
     for k in range(8):
         reference._step_index = k
         expected = reference.convert_model_output(torch.from_numpy(flow).to(torch.bfloat16),
@@ -209,30 +143,21 @@ def test_bfloat16_x0_conversion_is_the_references():
         np.testing.assert_array_equal(np.array(got), expected)
 
 
-def test_bfloat16_teacher_forced_local_error():
-    """Teacher forced on the float64 trajectory: per-step local bf16 errors, ours within 2x the reference's."""
-    cfg = config(8)
-    truth, _ = run_reference(cfg, "float64")
-    forced = teacher(truth, cfg)
-    ref, _ = run_reference(cfg, "bfloat16", forced=forced)
-    truth_forced, _ = run_reference(cfg, "float64", forced=forced)
-    mine, _ = run_ours(cfg, "bfloat16", forced=forced)
-    rows = precision_budget(ref, mine, truth_forced)
-    assert all(r.ok for r in rows), [(r.name, r.ratio) for r in rows if not r.ok]
-    free, _ = run_reference(cfg, "bfloat16")
-    # local errors do not compound: the last step's error is below the free-running one
-    assert rows[-1].max_abs_ref < max_abs(truth, free, "step7/sample")
-
-
-# --- teacher forcing -------------------------------------------------------------------------
-def test_teacher_forced_trajectory_matches():
-    cfg = config(8)
-    free, _ = run_reference(cfg)
-    forced = teacher(free, cfg)
-    ref, _ = run_reference(cfg, forced=forced)
-    mine, _ = run_ours(cfg, forced=forced)
-    assert_match(ref, mine)
-    assert_match(free, ref)  # forcing the reference with its own states reproduces its free run
+# --- teacher forcing per step ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_teacher_forcing_section(dtype):
+    """Each step from the reference's own state: judged as layers are, and in bf16 the local error of the last
+    step below the free-running one (local errors do not compound)."""
+    found = sections(run(dtype))
+    forcing = found["teacher_forcing"]
+    assert forcing.passed is True and forcing.kind == "curves" and forcing.data["culprit"] is None
+    assert forcing.data["x"] == [f"step{k}" for k in range(8)]
+    series = forcing.data["series"]
+    free, local = series["inherited: relative error (free-running)"], series["local: relative error (teacher-forced)"]
+    assert len(free) == len(local) == 8 and free[0] == local[0]  # step 0 starts from the same noise either way
+    if dtype == "bfloat16":
+        assert local[-1] < free[-1]
+    assert [row[2] for row in found["teacher_forcing_steps"].data["rows"]] == ["PASS"] * 8
 
 
 def corrector_at_order_one_at_step(step):
@@ -244,36 +169,70 @@ def corrector_at_order_one_at_step(step):
     return corrector
 
 
-def test_teacher_forcing_localises_a_one_step_fault(monkeypatch):
-    """A corrector run at the wrong order at step 3 only: free running, every later layer differs;
-    teacher forced, only step 3's layers do."""
+def test_fault_corrector_at_the_wrong_order_is_local_under_teacher_forcing(monkeypatch):
+    """A corrector run at the wrong order at step 3 only: free running every later step differs; teacher forced
+    only step 3's layers do."""
     monkeypatch.setattr(U.UniPCMultistepScheduler, "corrector", corrector_at_order_one_at_step(3))
-    cfg = config(8)
-    free, _ = run_reference(cfg)
-    layers = compare(free, run_ours(cfg)[0])
-    assert first_difference(layers).name == "step3/corrector"
-    assert all(not layer.ok for layer in layers if layer.name.startswith(("step4/", "step7/")))
-    forced = teacher(free, cfg)
-    ref, _ = run_reference(cfg, forced=forced)
-    failing = [layer.name for layer in compare(ref, run_ours(cfg, forced=forced)[0]) if not layer.ok]
-    assert failing == ["step3/corrector", "step3/predictor", "step3/sample"]
+    result = run()
+    assert_first_divergence(result, "step3/corrector", ["step2/sample"])
+    assert all(result.layer(f"step{k}/sample").verdict == "FAIL" for k in range(3, 8))
+    found = sections(result)
+    forcing = found["teacher_forcing"]
+    assert forcing.passed is False and forcing.failing == "teacher_forcing/step3" and forcing.culprit == "step3"
+    assert "step3/corrector" in forcing.note  # the culprit's own first failing layer, with its reasons
+    local = {row[0]: row[2] for row in found["teacher_forcing_steps"].data["rows"]}
+    assert [step for step, verdict in local.items() if verdict == "FAIL"] == ["step3"]
 
 
-# --- schedule conventions --------------------------------------------------------------------
-def test_original_wan_schedule_differs_from_diffusers():
-    """Wan's FlowUniPCMultistepScheduler grid is diffusers' minus 0.001 before the shift (0.999 ... 0 vs
-    1 ... 1/1000, same spacing). After shift 5 its sigmas are lower by 2.0e-4 at the first step (0.99980 vs
-    1 - 1e-6) growing to the last: 2.2e-3 at 8 steps, 4.1e-3 at 40; timesteps by 0-2 (8 steps) / 0-4 (40)."""
-    for steps in (8, 40):
-        cfg = config(steps)
-        ref, _ = run_reference(cfg)
-        mine, _ = run_ours(cfg, scheduler=ours(cfg, "original"))
-        assert first_difference(compare(ref, mine)).name == "sigmas"
-        d_sigma = ref["sigmas"].astype(np.float64) - mine["sigmas"]
-        d_t = ref["timesteps"] - mine["timesteps"]
-        assert d_sigma.min() >= 0 and 1.9e-4 < d_sigma[0] < 2.1e-4 and d_sigma.max() < 5e-3, d_sigma
-        assert d_t.min() >= 0 and 1 <= d_t.max() <= 4 and d_t[0] == 0, d_t
-        print(f"\n{steps} steps, shift 5: sigmas differ by up to {d_sigma.max():.3g}, timesteps by up to {d_t.max()}")
+# --- schedule conventions: schedule vs solver math (issue 23.3) --------------------------------
+@pytest.mark.parametrize("steps", [8, 40])
+def test_original_schedule_against_diffusers_differs_but_the_math_passes(steps):
+    """A port on Wan's original schedule, judged against diffusers': the schedule layers fail ("schedule differs:
+    convention 'original'"), the solver math passes, run by teacher forcing of the schedule. Wan's grid is
+    diffusers' minus 0.001 before the shift (0.999 ... 0 vs 1 ... 1/1000): after shift 5 its sigmas are lower
+    by 2.0e-4 at the first step, growing to 2.2e-3 (8 steps) / 4.1e-3 (40); timesteps by 0-2 / 0-4."""
+    result = run(steps=steps, mlx_schedule="original")
+    assert_first_divergence(result, "sigmas")
+    assert result.layer("timesteps").verdict == "FAIL"
+    d_sigma = result.context.ref["sigmas"].astype(np.float64) - result.context.mlx["sigmas"]
+    d_t = result.context.ref["timesteps"] - result.context.mlx["timesteps"]
+    assert d_sigma.min() >= 0 and 1.9e-4 < d_sigma[0] < 2.1e-4 and d_sigma.max() < 5e-3, d_sigma
+    assert d_t.min() >= 0 and 1 <= d_t.max() <= 4 and d_t[0] == 0, d_t
+    assert all(l.verdict == "PASS" for l in result.layers if l.name.startswith("step"))
+    found = sections(result)
+    assert found["schedule"].passed is False and found["schedule"].failing == "sigmas"
+    assert found["schedule"].note.startswith("schedule differs: convention 'original', not 'diffusers'")
+    assert "from 'original': identical" in found["schedule"].note
+    assert found["solver"].passed is True and found["teacher_forcing"].passed is True
+
+
+def test_original_schedule_without_schedule_forcing_fails_the_math():
+    result = run(mlx_schedule="original", schedule_forcing=False)
+    assert_first_divergence(result, "sigmas")
+    solver = sections(result)["solver"]
+    assert solver.passed is False and solver.failing.startswith("step")
+    assert "schedule_forcing off" in solver.note
+
+
+def test_original_schedule_against_the_original_convention_passes():
+    """The reference's 'original' convention (diffusers' set_timesteps on Wan's grid) is our port's, exactly."""
+    result = run(mlx_schedule="original", reference_schedule="original", steps=20)
+    assert result.verdict == "PASS", result.first_divergence
+    assert result.layer("sigmas").metrics["max_abs"] == 0 == result.layer("timesteps").metrics["max_abs"]
+    assert sections(result)["schedule"].note.startswith("schedule = convention 'original'. Other conventions "
+                                                        "differ from 'diffusers': max abs sigmas")
+
+
+def test_reference_schedule_port_judges_the_math_only():
+    result = run(mlx_schedule="original", reference_schedule="port")
+    assert result.verdict == "PASS", result.first_divergence
+    schedule = sections(result)["schedule"]
+    assert schedule.passed is None and "The port's schedule is convention 'original'" in schedule.note
+
+
+def test_reference_schedule_port_still_fails_a_wrong_solver(monkeypatch):
+    monkeypatch.setattr(U.UniPCMultistepScheduler, "corrector", corrector_at_order_one_at_step(5))
+    assert_first_divergence(run(reference_schedule="port"), "step5/corrector", ["sigmas", "timesteps"])
 
 
 def test_original_schedule_values():
@@ -283,23 +242,13 @@ def test_original_schedule_values():
     np.testing.assert_array_equal(sigmas, np.append(5 * s / (1 + 4 * s), 0).astype(np.float32))
     np.testing.assert_array_equal(timesteps, (5 * s / (1 + 4 * s) * 1000).astype(np.int64))
     assert timesteps[0] == 999 and sigmas[0] < 1 - 1e-6
-
-
-def test_original_schedule_matches_when_the_reference_runs_on_its_sigmas():
-    """Teacher forcing of the schedule: the real diffusers solver on our 'original' sigmas/timesteps."""
-    for steps in (8, 20):
-        cfg = config(steps)
-        scheduler = ours(cfg, "original")
-        ref, ref_orders = run_reference(cfg, schedule=(scheduler.sigmas, scheduler.timesteps))
-        mine, scheduler = run_ours(cfg, scheduler=scheduler)
-        assert_match(ref, mine)
-        np.testing.assert_array_equal(ref["sigmas"], mine["sigmas"])
-        assert ref_orders == scheduler.orders
+    np.testing.assert_array_equal(R.original_grid(4, 1000), s)
 
 
 def test_set_timesteps_sigmas_shifts_the_given_sigmas_again():
-    """Why the runner assigns sigmas instead of set_timesteps(sigmas=...): diffusers 0.42.1 shifts them."""
-    reference = ReferenceScheduler.from_config({k: v for k, v in CONFIG["scheduler"].items() if k[0] != "_"})
+    """Why teacher forcing of the schedule assigns sigmas instead of set_timesteps(sigmas=...): diffusers 0.42.1
+    shifts them, which is also why the 'original' convention hands it Wan's unshifted grid."""
+    reference = ReferenceScheduler.from_config(DIFFUSERS)
     sigmas, _ = U.original_flow_sigmas(8, 1000, 5.0)
     reference.set_timesteps(sigmas=sigmas[:-1].astype(np.float64))  # a list (as annotated) fails: flow_shift * list
     twice = U.shift_sigmas(sigmas[:-1].astype(np.float64), 5.0).astype(np.float32)
@@ -309,14 +258,25 @@ def test_set_timesteps_sigmas_shifts_the_given_sigmas_again():
     np.testing.assert_array_equal(reference.sigmas.numpy(), U.diffusers_flow_sigmas(8, 1000, 5.0)[0])
 
 
+def test_original_convention_refuses_a_shift_where_diffusers_would_nudge():
+    """Beyond flow_shift ~1000 diffusers' -1e-6 nudge would fire on Wan's grid: not the original convention."""
+    assert R.original_unsupported({**DIFFUSERS, "flow_shift": 1000.0}) is None
+    assert "nudge" in R.original_unsupported({**DIFFUSERS, "flow_shift": 5000.0})
+    with pytest.raises(ConfigError, match="reference_schedule 'original': with flow_shift 5000.0 diffusers would nudge"):
+        run(reference_schedule="original", scheduler={"flow_shift": 5000.0})
+
+
 # --- faults ----------------------------------------------------------------------------------
 def test_fault_flow_shift_applied_twice(monkeypatch):
+    """Named at sigmas; the solver math on that schedule still passes (teacher forcing of the schedule)."""
     once = U.shift_sigmas
     monkeypatch.setattr(U, "shift_sigmas", lambda sigmas, shift: once(once(sigmas, shift), shift))
-    cfg = config(8)
-    layers = compare(run_reference(cfg)[0], run_ours(cfg)[0])
-    assert first_difference(layers).name == "sigmas"
-    assert not [layer for layer in layers if layer.name == "timesteps"][0].ok
+    result = run()
+    assert_first_divergence(result, "sigmas")
+    assert result.layer("timesteps").verdict == "FAIL"
+    found = sections(result)
+    assert found["schedule"].note.startswith("schedule differs: none of the named conventions (original)")
+    assert found["solver"].passed is True
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
@@ -327,45 +287,77 @@ def test_fault_corrector_skipped_at_the_last_step(monkeypatch, final):
     correct = U.UniPCMultistepScheduler.uses_corrector
     monkeypatch.setattr(U.UniPCMultistepScheduler, "uses_corrector",
                         lambda self, k: correct(self, k) and k < len(self.timesteps) - 1)
-    cfg = config(8, final_sigmas_type=final)
-    layers = compare(run_reference(cfg)[0], run_ours(cfg)[0])
-    first = first_difference(layers)
-    assert (first.name, first.reason) == ("step7/corrector", "missing on the MLX side")
-    assert all(layer.ok for layer in layers[: layers.index(first)])
-    assert [layer for layer in layers if layer.name == "step7/sample"][0].ok == (final == "zero")
+    result = run(scheduler={"final_sigmas_type": final})
+    assert_first_divergence(result, "step7/corrector", ["step6/sample"])
+    assert result.layer("step7/corrector").reasons == ["missing on the MLX side"]
+    assert (result.layer("step7/sample").verdict == "PASS") == (final == "zero")
 
 
 def test_fault_corrector_at_the_wrong_order_is_named(monkeypatch):
     monkeypatch.setattr(U.UniPCMultistepScheduler, "corrector", corrector_at_order_one_at_step(5))
-    cfg = config(8)
-    assert first_difference(compare(run_reference(cfg)[0], run_ours(cfg)[0])).name == "step5/corrector"
+    assert_first_divergence(run(), "step5/corrector", ["step4/sample"])
 
 
 # --- configuration ---------------------------------------------------------------------------
 def test_fixture_config_is_a_valid_diffusers_config():
     """Every key of the Wan2.2 scheduler config is one diffusers 0.42.1 knows, with the value we wrote."""
-    scheduler = {k: v for k, v in CONFIG["scheduler"].items() if not k.startswith("_")}
-    reference = ReferenceScheduler.from_config(scheduler)
-    assert {k: reference.config[k] for k in scheduler} == scheduler
+    reference = ReferenceScheduler.from_config(DIFFUSERS)
+    assert {k: reference.config[k] for k in DIFFUSERS} == DIFFUSERS
+
+
+def test_typed_config_defaults_are_diffusers():
+    import inspect
+
+    params = inspect.signature(ReferenceScheduler.__init__).parameters
+    for key, field in UniPCSchedulerConfig.model_fields.items():
+        if not field.is_required():
+            assert field.default == params[key].default, key
+    assert {k for k, f in UniPCSchedulerConfig.model_fields.items() if f.is_required()} == {"prediction_type",
+                                                                                           "use_flow_sigmas"}
+
+
+def test_diffusers_scheduler_config_file(tmp_path):
+    """`--config` takes a diffusers scheduler folder; its scheduler_config.json replaces the scheduler part."""
+    ReferenceScheduler.from_config({**DIFFUSERS, "flow_shift": 12.0, "solver_order": 3}).save_config(tmp_path)
+    result = run_component("unipc_scheduler", "float32", out_dir=None, config_path=tmp_path)
+    assert result.context.config.scheduler.flow_shift == 12.0 and result.context.config.scheduler.solver_order == 3
+    assert result.verdict == "PASS", result.first_divergence
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"scheduler": {"use_karras_sigmas": True}}, "scheduler.use_karras_sigmas"),
+    ({"scheduler": {"thresholding": True}}, "scheduler.thresholding"),
+    ({"scheduler": {"prediction_type": "epsilon"}}, "scheduler.prediction_type"),
+    ({"scheduler": {"solver_type": "midpoint"}}, "scheduler.solver_type"),
+    ({"scheduler": {"no_such_key": 1}}, "no_such_key"),
+    ({"reference_schedule": "karras"}, "reference_schedule"),
+    ({"mlx_schedule": "original", "scheduler": {"final_sigmas_type": "sigma_min"}}, "final sigma 0"),
+])
+def test_bad_configs_are_input_errors_naming_the_key(bad, key):
+    with pytest.raises(ConfigError, match=key):
+        run(**bad)
+
+
+def test_use_flow_sigmas_must_be_said(tmp_path):
+    """diffusers' default False is the VP schedule, not ported: a config without the key is refused."""
+    ReferenceScheduler(prediction_type="flow_prediction", flow_shift=5.0).save_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((tmp_path / "scheduler_config.json").read_text()).items() if k != "use_flow_sigmas"}))
+    with pytest.raises(ConfigError, match="use_flow_sigmas"):
+        run_component("unipc_scheduler", "float32", out_dir=None, config_path=tmp_path)
 
 
 @pytest.mark.parametrize("bad,error", [
-    ({"use_karras_sigmas": True}, ValueError), ({"thresholding": True}, ValueError),
-    ({"prediction_type": "epsilon"}, ValueError), ({"solver_type": "midpoint"}, ValueError),
-    ({"no_such_key": 1}, TypeError),
+    ({"use_karras_sigmas": True}, ValueError), ({"prediction_type": "epsilon"}, ValueError),
+    ({"solver_type": "midpoint"}, ValueError), ({"no_such_key": 1}, TypeError),
 ])
-def test_unported_options_are_refused(bad, error):
+def test_the_port_refuses_unported_options(bad, error):
     with pytest.raises(error):
-        U.UniPCMultistepScheduler(**{**CONFIG["scheduler"], **bad})
-
-
-def test_use_flow_sigmas_must_be_set():
-    with pytest.raises(ValueError, match="use_flow_sigmas"):
-        U.UniPCMultistepScheduler(prediction_type="flow_prediction")
+        U.UniPCMultistepScheduler(**{**DIFFUSERS, **bad})
 
 
 def test_explicit_schedule_checks_its_length():
-    scheduler = ours(config(5))
+    scheduler = U.UniPCMultistepScheduler(**DIFFUSERS)
     with pytest.raises(ValueError, match="timesteps"):
         scheduler.set_schedule(np.linspace(1, 0, 6), np.arange(3))
     scheduler.set_schedule(np.array([0.75, 0.5, 0.0]))

@@ -1,36 +1,23 @@
-"""Wan VAE decoder (and encode -> decode round trip) parity per block and per chunk against the real diffusers
-``AutoencoderKLWan``, and proof that the per-layer comparison localises realistic decoder porting faults.
+"""Wan VAE decoder through the harness (``parity.runner.run_component``): parity per block and per chunk in both
+dtypes against the real diffusers ``AutoencoderKLWan``, realistic porting faults failing at the layer where they
+are born, the loaders' errors, and ``parity video`` on the decoded frames the run dumps.
 
-Direct: reference runner + MLX model + captures, no harness runner. Tiny config (fixtures/configs/vae_decoder.json):
-base_dim 8, z_dim 4, 3 latent frames 4x4 -> 9 frames 32x32, random weights with RMS-norm gains perturbed.
-
-float32 tolerance per layer: ``max|mlx - ref| <= 1e-5 + 1e-5 * max|ref|`` (float32 rounding, ~1e-7 relative per
-op, accumulated over ~30 convs; measured <= 0.3 of it on every layer but ``norm_out``). ``norm_out`` gets 4x that:
-the RMS norm divides each pixel by its channel RMS, and pixels whose RMS is ~1/15 of the input's maximum amplify
-the input's rounding error; measured output / input error gain 3-5x, both MLX and torch float32 equally far
-(~2e-5) from a float64 run, i.e. <= 0.6 of the default limit. Real faults differ by 1e-1 or more.
+Tiny config (fixtures/configs/vae_decoder.json): base_dim 8, z_dim 4, 3 latent frames 4x4 -> 9 frames 32x32,
+random weights with RMS-norm gains perturbed. Thresholds: parity.toml (``norm_out`` has its own, with its reason).
 """
-import copy
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
-from fixtures.inputs import normal
-from fixtures.videos import video
 from mlx_impl import vae
-from mlx_impl.vae_decoder import WanVAEDecoder, convert, decoder_weights, roundtrip
-from parity.capture import Capture
-from parity.capture_mlx import record_taps
+from mlx_impl.vae_decoder import WanVAEDecoder, convert, decoder_weights
+from parity.commands import main
+from parity.config import ConfigError
+from parity.registry import get
+from parity.runner import run_component
 from parity.weights import WeightLoadError, strict_load
-from reference_runners import vae_decoder as reference
-
-CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
-ATOL = RTOL = 1e-5
-NORM_FACTOR = 4  # see the module docstring
 
 #: Decoder blocks of the tiny config in execution order (a block's tap after its sub-blocks').
 BLOCKS = ["conv_in", "mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1",
@@ -39,6 +26,7 @@ BLOCKS = ["conv_in", "mid_block.resnets.0", "mid_block.attentions.0", "mid_block
               *([f"up_blocks.{i}.upsamplers.0"] if i < 3 else []),
               f"up_blocks.{i}")],
           "norm_out", "conv_out"]
+FIRST_UPSAMPLE3D = "up_blocks.0.upsamplers.0"
 
 
 def layer_names(latent_frames, prefix=""):
@@ -46,305 +34,254 @@ def layer_names(latent_frames, prefix=""):
     return [f"{prefix}post_quant_conv", *chunks, f"{prefix}frames"]
 
 
-# --- helpers -----------------------------------------------------------------------------------
-
-def limit(name, ref):
-    base = ATOL + RTOL * float(np.abs(ref).max())
-    return NORM_FACTOR * base if name.endswith("norm_out") else base
+def chunk_layers(result, chunk, prefix=""):
+    return [l for l in result.layers if l.name.startswith(f"{prefix}chunk{chunk}/")]
 
 
-def differs(ref, ours, name):
-    """True when layer ``name`` is missing on our side, has another shape, holds NaN/Inf or is out of tolerance."""
-    if name not in ours or ours.shapes[name] != ref.shapes[name]:
-        return True
-    a, b = ref[name], ours[name]
-    return not np.isfinite(b).all() or float(np.abs(a - b).max()) > limit(name, a)
+def sections(result):
+    return {s.name: s for s in result.sections}
 
 
-def first_difference(ref, ours):
-    """The first layer, in the reference's execution order, where we differ; then any layer only we have; else None."""
-    for name in ref.order:
-        if differs(ref, ours, name):
-            return name
-    return next((name for name in ours.order if name not in ref), None)
-
-
-def chunk_layers(capture, chunk):
-    return [n for n in capture.order if n.startswith(f"chunk{chunk}/")]
-
-
-def frame_rmse(ref, ours):
-    """RMSE per frame of two (N, C, T, H, W) videos."""
-    return np.sqrt(np.mean((ours.astype(np.float64) - ref) ** 2, axis=(0, 1, 3, 4)))
+def heat_row(result, block, name="block_chunk_error"):
+    heat = sections(result)[name].data
+    return np.array(heat["values"][heat["rows"].index(block)])
 
 
 @pytest.fixture(scope="module")
-def config():
-    return json.loads((CONFIGS / "vae_decoder.json").read_text())
+def correct(tmp_path_factory):
+    """The float32 run, written (its dumps hold the decoded frames ``parity video`` reads)."""
+    return run_component("vae_decoder", "float32", out_dir=tmp_path_factory.mktemp("reports"))
 
 
 @pytest.fixture(scope="module")
-def model(config):
-    return reference.build(config["vae"], seed=0)
-
-
-@pytest.fixture(scope="module")
-def weights(model):
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def make_latents(config, seed=0, **overrides):
-    c = {**config, **overrides}
-    return normal(seed, "vae_decoder/latents", (c["batch"], config["vae"]["z_dim"], c["latent_frames"],
-                                                c["latent_height"], c["latent_width"]))
-
-
-def run_reference(model, latents, dtype=torch.float32):
-    capture = Capture("ref")
-    with torch.no_grad():
-        reference.run(model, {"latents": latents}, dtype, capture)
-    return capture
-
-
-def build_mlx(config, weights, dtype="float32"):
-    decoder = WanVAEDecoder.from_config(config["vae"])
-    strict_load(decoder, decoder_weights(weights), convert=convert, dtype=getattr(mx, dtype))
-    return decoder
-
-
-def run_mlx(decoder, latents, dtype="float32", chunked=None):
-    """Our decode of channels-first ``latents``; the capture of every tap."""
-    capture = Capture("mlx")
-    x = mx.array(np.ascontiguousarray(latents.transpose(0, 2, 3, 4, 1))).astype(getattr(mx, dtype))
-    with record_taps(capture):
-        mx.eval(decoder.decode(x, chunked=chunked))
-    return capture
-
-
-@pytest.fixture(scope="module")
-def latents(config):
-    return make_latents(config)
-
-
-@pytest.fixture(scope="module")
-def ref_capture(model, latents):
-    return run_reference(model, latents)
-
-
-@pytest.fixture(scope="module")
-def mlx_float32(config, weights):
-    return build_mlx(config, weights)
+def one_shot_five():
+    """Our one-shot decode of 5 latent frames (17 frames), correct."""
+    return run_component("vae_decoder", "float32", out_dir=None, overrides={"mlx_decoding": "one_shot", "latent_frames": 5})
 
 
 # --- parity ------------------------------------------------------------------------------------
 
-def test_float32_parity_every_layer(ref_capture, mlx_float32, latents):
-    ours = run_mlx(mlx_float32, latents)
-    assert ref_capture.order == layer_names(3)
-    assert ours.order == ref_capture.order
-    assert first_difference(ref_capture, ours) is None
-    assert ours.shapes["frames"] == (1, 3, 9, 32, 32)
-    # first latent frame -> 1 frame, every later one -> 4 (two upsample3d)
-    assert [ours.shapes[f"chunk{c}/conv_out"][2] for c in range(3)] == [1, 4, 4]
+def test_float32_parity_per_block_and_chunk(correct):
+    assert correct.verdict == "PASS", correct.first_divergence
+    assert [l.name for l in correct.layers] == layer_names(3)
+    assert correct.layer("frames").shape_ref == (1, 3, 9, 32, 32)
+    # latent frame 0 -> 1 frame, every later one -> 4 (two upsample3d)
+    assert [correct.layer(f"chunk{c}/conv_out").shape_ref[2] for c in range(3)] == [1, 4, 4]
+    assert set(sections(correct)) == {"block_chunk_error", "frame_error", "chunk_error", "seams", "periodicity",
+                                      "frame_stats"}
+    assert correct.layer("chunk0/norm_out").limits["atol"] == 4e-5  # parity.toml, see its reason there
+    assert (correct.report_dir / "report.json").exists()
 
 
 @pytest.mark.parametrize("overrides, frames_shape", [
     ({"latent_frames": 1}, (1, 3, 1, 32, 32)),
-    ({"latent_frames": 2, "latent_height": 3, "latent_width": 5}, (1, 3, 5, 24, 40)),
-    ({"latent_frames": 4, "batch": 2, "latent_height": 2, "latent_width": 2}, (2, 3, 13, 16, 16)),
+    ({"latent_frames": 2, "latent_height": 3, "latent_width": 5, "batch": 2}, (2, 3, 5, 24, 40)),
 ])
-def test_float32_parity_frame_counts_and_sizes(config, model, mlx_float32, overrides, frames_shape):
-    latents = make_latents(config, seed=1, **overrides)
-    ref, ours = run_reference(model, latents), run_mlx(mlx_float32, latents)
-    assert ref.order == layer_names(frames_shape[2] // 4 + 1)
-    assert first_difference(ref, ours) is None
-    assert ours.shapes["frames"] == frames_shape
+def test_float32_parity_frame_counts_and_sizes(overrides, frames_shape):
+    result = run_component("vae_decoder", "float32", out_dir=None, overrides=overrides)
+    assert result.verdict == "PASS", result.first_divergence
+    assert [l.name for l in result.layers] == layer_names(overrides["latent_frames"])
+    assert result.layer("frames").shape_ref == frames_shape
 
 
-def test_one_shot_decoding_equals_the_chunked_reference(ref_capture, mlx_float32, latents):
-    """Causal convs carrying 2 frames and upsample3d's first-chunk rule make per-frame decoding exact."""
-    ours = run_mlx(mlx_float32, latents, chunked=False)
-    assert sorted(ours.order) == sorted(ref_capture.order)  # one-shot taps layer by layer, each layer's chunks together
-    assert first_difference(ref_capture, ours) is None
+def test_bfloat16_parity():
+    result = run_component("vae_decoder", "bfloat16", out_dir=None)
+    assert result.verdict == "PASS", result.first_divergence
+    assert all("budget_ratio" in l.metrics for l in result.layers)
+    rows = sections(result)["frame_error"].data["rows"]
+    assert rows[-2:] == ["MLX vs float64", "reference vs float64"]
 
 
-def test_frames_are_clamped_as_diffusers(ref_capture, mlx_float32, latents):
-    """``_decode`` clamps to [-1, 1] after concatenating the chunks; conv_out taps are unclamped."""
-    ours = run_mlx(mlx_float32, latents)
-    conv_out = np.concatenate([ref_capture[f"chunk{c}/conv_out"] for c in range(3)], axis=2)
+def test_one_shot_decoding_equals_the_chunked_reference(one_shot_five):
+    """Causal convs carrying 2 frames and upsample3d's first-chunk rule make one-shot decoding exact."""
+    assert one_shot_five.verdict == "PASS", one_shot_five.first_divergence
+    assert [l.name for l in one_shot_five.layers] == layer_names(5)
+
+
+def test_frames_are_clamped_as_diffusers(correct):
+    """``_decode`` clamps to [-1, 1] after concatenating the chunks; the conv_out taps are unclamped."""
+    ref, mlx = correct.context.ref, correct.context.mlx
+    conv_out = np.concatenate([ref[f"chunk{c}/conv_out"] for c in range(3)], axis=2)
     assert np.abs(conv_out).max() > 1  # the clamp does something on this input
-    np.testing.assert_array_equal(ref_capture["frames"], np.clip(conv_out, -1, 1))
-    assert np.abs(ours["frames"]).max() <= 1
+    np.testing.assert_array_equal(ref["frames"], np.clip(conv_out, -1, 1))
+    assert np.abs(mlx["frames"]).max() <= 1
 
 
-def test_capture_does_not_change_results(mlx_float32, latents):
-    x = mx.array(latents.transpose(0, 2, 3, 4, 1))
-    plain = mlx_float32.decode(x)
+def test_capture_does_not_change_results():
+    from parity.capture import Capture
+    from parity.capture_mlx import record_taps
+
+    component = get("vae_decoder")
+    config = component.load_config()
+    model = component.build_mlx(config, component.reference_weights(component.build_reference(config, 0)), "float32")
+    latents = mx.array(component.make_inputs(config, 0)["latents"].transpose(0, 2, 3, 4, 1))
+    plain = model.decode(latents)
     with record_taps(Capture("mlx")):
-        recorded = mlx_float32.decode(x)
+        recorded = model.decode(latents)
     assert mx.array_equal(plain, recorded).item()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_bfloat16_sanity_and_precision_budget(config, model, weights, seed):
-    """bf16 runs, is finite, keeps every layer, and stays within the harness' precision budget: per layer,
-    RMSE against a float64 reference at most 2x the reference's own bf16 RMSE (measured <= 1.25x)."""
-    latents = make_latents(config, seed=seed)
-    ours = run_mlx(build_mlx(config, weights, "bfloat16"), latents, "bfloat16")
-    assert ours.order == layer_names(3)
-    assert all(ours.dtypes[n] == "bfloat16" and np.isfinite(ours[n]).all() for n in ours.order)
-    ref_bf16 = run_reference(copy.deepcopy(model).to(torch.bfloat16), latents, torch.bfloat16)
-    truth = run_reference(copy.deepcopy(model).double(), latents.astype(np.float64), torch.float64)
+# --- fault injection: the first diverging layer names the fault ----------------------------------
 
-    def rmse(a, b):
-        return float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2)))
-
-    ratios = {n: rmse(ours[n], truth[n]) / rmse(ref_bf16[n], truth[n]) for n in ours.order}
-    assert max(ratios.values()) <= 2, {n: r for n, r in ratios.items() if r > 2}
-
-
-# --- weights -----------------------------------------------------------------------------------
-
-def test_full_checkpoint_splits_into_strict_encoder_and_decoder_loads(config, weights):
-    encoder_keys = {k for k in weights if k.startswith(("encoder.", "quant_conv."))}
-    assert set(decoder_weights(weights)) == set(weights) - encoder_keys
-    build_mlx(config, weights)  # decoder.* + post_quant_conv.*, every key used, every parameter filled
-    encoder = vae.WanVAEEncoder.from_config(config["vae"])
-    strict_load(encoder, {k: weights[k] for k in encoder_keys}, convert=convert)
-
-
-def test_decoder_missing_and_stray_keys_fail_loudly(config, weights):
-    missing = {k: v for k, v in weights.items() if k != "decoder.up_blocks.0.upsamplers.0.time_conv.weight"}
-    with pytest.raises(WeightLoadError, match=r"missing keys \['decoder\.up_blocks\.0\.upsamplers\.0\.time_conv\.weight'\]"):
-        build_mlx(config, missing)
-    stray = {**weights, "decoder.extra.weight": np.zeros(3, np.float32)}
-    with pytest.raises(WeightLoadError, match=r"missing keys none; unused keys \['decoder\.extra\.weight'\]"):
-        build_mlx(config, stray)
-
-
-def test_temporal_upsample_order_is_the_reversed_downsample_order(config, weights):
-    """[False, True, True] downsampling -> upsample3d in up blocks 0 and 1; a decoder built with the
-    order not reversed puts time_conv on blocks 1 and 2, which the strict loader refuses."""
-    wrong = WanVAEDecoder.from_config({**config["vae"], "temperal_downsample": [True, True, False]})
-    with pytest.raises(WeightLoadError, match=r"missing keys \['decoder\.up_blocks\.2\.upsamplers\.0\.time_conv"):
-        strict_load(wrong, decoder_weights(weights), convert=convert)
-
-
-# --- fault injection: the first differing layer names the fault ---------------------------------
-
-def test_fault_latents_not_denormalised(monkeypatch, ref_capture, config, weights, latents):
+def test_fault_latents_not_denormalised(monkeypatch):
     monkeypatch.setattr(WanVAEDecoder, "denormalise", lambda self, x: x)
-    assert first_difference(ref_capture, run_mlx(build_mlx(config, weights), latents)) == "post_quant_conv"
+    result = run_component("vae_decoder", "float32", out_dir=None)
+    assert result.verdict == "FAIL" and result.first_divergence == "post_quant_conv"
 
 
-@pytest.mark.parametrize("fault", ["zeros", "fresh_cache_per_chunk"])
-def test_fault_feature_cache_not_carried_across_chunks(monkeypatch, ref_capture, mlx_float32, latents, fault):
-    """(a) Cached frames replaced by zeros, or a new cache per chunk (then upsample3d also treats every chunk
-    as the first: 1 frame each): chunk 0 is exact, chunk 1's first causal conv is the first to differ."""
+def lose_cache(monkeypatch, fault):
+    """Cached frames replaced by zeros, or a new cache per chunk (then upsample3d also takes every chunk for the first)."""
     if fault == "zeros":
         monkeypatch.setattr(vae.FeatureCache, "get", lambda self, layer: (
             None if self._frames.get(id(layer)) is None else mx.zeros_like(self._frames[id(layer)])))
     else:
         monkeypatch.setattr(vae.FeatureCache, "get", lambda self, layer: None)
         monkeypatch.setattr(vae.FeatureCache, "first_call", lambda self, layer: True)
-    ours = run_mlx(mlx_float32, latents)
-    assert first_difference(ref_capture, ours) == "chunk1/conv_in"
-    assert not any(differs(ref_capture, ours, n) for n in chunk_layers(ref_capture, 0))
+
+
+@pytest.mark.parametrize("fault, dtype", [("zeros", "float32"), ("zeros", "bfloat16"), ("fresh_cache_per_chunk", "float32")])
+def test_fault_feature_cache_not_carried_across_chunks(monkeypatch, fault, dtype):
+    """Chunk 0 is exact; chunk 1's first causal conv is the first layer to differ."""
+    lose_cache(monkeypatch, fault)
+    result = run_component("vae_decoder", dtype, out_dir=None)
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == "chunk1/conv_in"
+    assert all(l.verdict == "PASS" for l in chunk_layers(result, 0))
     if fault == "fresh_cache_per_chunk":
-        assert ours.shapes["chunk1/up_blocks.0.upsamplers.0"] == (1, 16, 1, 8, 8)  # reference: 2 frames
-        assert ours.shapes["frames"] == (1, 3, 3, 32, 32)  # reference: 9
+        assert result.layer(f"chunk1/{FIRST_UPSAMPLE3D}").shape_mlx == (1, 16, 1, 8, 8)  # reference: 2 frames
+        assert result.layer("frames").shape_mlx == (1, 3, 3, 32, 32)  # reference: 9
 
 
 def one_sequence_time_upsample(self, x):
-    """A one-shot port's upsample3d: frame 0 passes through, but time_conv runs over the whole sequence, so
-    latent frames 1 and 2 see frame 0 as causal context (the reference restarts time_conv after chunk 0)."""
+    """A one-shot port's upsample3d: frame 0 passes through, but time_conv runs over the whole sequence, so the
+    latent frames after it see frame 0 as causal context (the reference restarts time_conv after chunk 0)."""
     if x.shape[1] == 1:
         return x
     return mx.concatenate([x[:, :1], vae.interleave_frames(self.time_conv(x))[:, 2:]], axis=1)
 
 
-def test_fault_all_latent_frames_decoded_as_one_sequence(monkeypatch, config, model, mlx_float32):
-    """(b) Catalog bug 11: decoding all latent frames as one sequence instead of chunk by chunk.
+def jump_ratio_gap(result):
+    """Largest relative difference between our and the reference's seam / inside-chunk jump ratios of the decoded video."""
+    row = next(r for r in sections(result)["seams"].data["rows"] if r[0] == "frames (pixel space)")
+    return max(abs(mlx - ref) / ref for ref, mlx in zip(row[1:7:2], row[2:7:2]))
 
-    The divergence is born at the seam between chunk 0 and chunk 1: in the first upsample3d, and there only
-    in chunks 1 and 2 (time_conv's 3-frame window reaches back 2 latent frames to frame 0); chunks 0, 3, 4
-    of that layer agree. Later causal convs carry it on, so every frame after the first differs."""
-    latents = make_latents(config, latent_frames=5)
-    ref = run_reference(model, latents)
-    assert first_difference(ref, run_mlx(mlx_float32, latents, chunked=False)) is None  # the exact one-shot
+
+def test_fault_all_latent_frames_decoded_as_one_sequence(monkeypatch, one_shot_five):
+    """Catalog bug 11: all latent frames decoded as one sequence where the reference decodes chunk by chunk.
+
+    Same layers, same shapes: only values show it. The divergence is born at the first seam, in the first
+    upsample3d, and there only in chunks 1 and 2 (time_conv's 3-frame window reaches back across the seam to
+    frame 0); chunks 0, 3 and 4 of that layer agree. Later causal convs carry it on, so every frame after the
+    first differs, and the decoded video's seams no longer read like the reference's."""
     monkeypatch.setattr(vae.Resample, "time_upsample_whole", one_sequence_time_upsample)
-    ours = run_mlx(mlx_float32, latents, chunked=False)
-    assert sorted(ours.order) == sorted(ref.order)
-    assert all(ours.shapes[n] == ref.shapes[n] for n in ref.order)  # same layers, same shapes: only values show it
-    assert first_difference(ref, ours) == "chunk1/up_blocks.0.upsamplers.0"
-    born = [differs(ref, ours, f"chunk{c}/up_blocks.0.upsamplers.0") for c in range(5)]
-    assert born == [False, True, True, False, False]
-    assert not any(differs(ref, ours, n) for n in chunk_layers(ref, 0))
-    errors = frame_rmse(ref["frames"], ours["frames"])
-    assert errors[0] < 1e-5 and (errors[1:] > 1e-2).all()
+    result = run_component("vae_decoder", "float32", out_dir=None,
+                           overrides={"mlx_decoding": "one_shot", "latent_frames": 5})
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == f"chunk1/{FIRST_UPSAMPLE3D}"
+    assert all(l.shape_mlx == l.shape_ref for l in result.layers)
+    assert all(l.verdict == "PASS" for l in chunk_layers(result, 0))
+    assert [result.layer(f"chunk{c}/{FIRST_UPSAMPLE3D}").verdict for c in range(5)] == ["PASS", "FAIL", "FAIL", "PASS", "PASS"]
+    born = heat_row(result, FIRST_UPSAMPLE3D)
+    assert (born[[1, 2]] > 1e-2).all() and (born[[0, 3, 4]] < 1e-6).all()
+    frames = np.array(sections(result)["frame_error"].data["values"][0])
+    assert frames[0] < 1e-6 and (frames[1:] > 1e-2).all()
+    assert jump_ratio_gap(one_shot_five) < 1e-4 < 1e-2 < jump_ratio_gap(result)
 
 
 @pytest.mark.parametrize("keep", ["last_frame", "both_frames"])
-def test_fault_time_conv_on_the_first_chunk(monkeypatch, ref_capture, mlx_float32, latents, keep):
-    """(c) upsample3d without the first-chunk rule: chunk 0's frame goes through time_conv (zero history);
-    keeping the last of the two frames (a Wan2.2 DupUp3D-style trim) hides it in the shapes, keeping both
-    changes them. Either way the first upsample3d of chunk 0 is the first layer to differ."""
-    correct = vae.Resample.time_upsample
+def test_fault_time_conv_on_the_first_chunk(monkeypatch, keep):
+    """upsample3d without the first-chunk rule: chunk 0's frame goes through time_conv (zero history); keeping
+    the last of the two frames (a Wan2.2 DupUp3D-style trim) hides it in the shapes, keeping both changes them."""
+    correct_upsample = vae.Resample.time_upsample
 
     def time_conv_first(self, x, cache):
         if cache is not None and cache.first_call(self):
             y = vae.interleave_frames(self.time_conv(x, cache))
             return y[:, -1:] if keep == "last_frame" else y
-        return correct(self, x, cache)
+        return correct_upsample(self, x, cache)
 
     monkeypatch.setattr(vae.Resample, "time_upsample", time_conv_first)
-    ours = run_mlx(mlx_float32, latents)
-    assert first_difference(ref_capture, ours) == "chunk0/up_blocks.0.upsamplers.0"
-    assert not differs(ref_capture, ours, "chunk0/up_blocks.0.resnets.2")
-    expected = (1, 16, 1, 8, 8) if keep == "last_frame" else (1, 16, 2, 8, 8)
-    assert ours.shapes["chunk0/up_blocks.0.upsamplers.0"] == expected
+    result = run_component("vae_decoder", "float32", out_dir=None)
+    assert result.verdict == "FAIL"
+    assert result.first_divergence == f"chunk0/{FIRST_UPSAMPLE3D}"
+    assert result.layer("chunk0/up_blocks.0.resnets.2").verdict == "PASS"
+    assert result.layer(f"chunk0/{FIRST_UPSAMPLE3D}").shape_mlx == (1, 16, 1 if keep == "last_frame" else 2, 8, 8)
 
 
-# --- bad input ---------------------------------------------------------------------------------
+# --- parity video on the decoded frames ---------------------------------------------------------
 
-def test_wrong_latent_layout_is_an_error(mlx_float32):
+def parity_video(report_dir, out, capsys):
+    code = main(["video", str(report_dir / "ref" / "frames.npy"), str(report_dir / "mlx" / "frames.npy"),
+                 "--boundaries", "1,5", "--out", str(out), "--quiet"])
+    return code, json.loads((out / "video.json").read_text()), capsys.readouterr().out
+
+
+def test_parity_video_reads_the_decoder_dumps(correct, tmp_path, capsys):
+    code, result, printed = parity_video(correct.report_dir, tmp_path, capsys)
+    assert code == 0 and result["verdict"] == "PASS" and printed.startswith("PASS")
+    assert result["frames"] == 9 and result["boundaries"] == [0, 1, 5]
+    assert result["inputs"]["ours"]["layout"] == "(N, C, T, H, W)" and result["inputs"]["ours"]["range"] == "[-1, 1]"
+    assert (tmp_path / "video.html").exists()
+
+
+def test_parity_video_flags_a_lost_cache_after_the_first_chunk(monkeypatch, tmp_path, capsys):
+    lose_cache(monkeypatch, "zeros")
+    run = run_component("vae_decoder", "float32", out_dir=tmp_path / "reports")
+    code, result, printed = parity_video(run.report_dir, tmp_path / "video", capsys)
+    assert code == 1 and printed.startswith("FAIL")
+    flagged = result["summary"]["flagged_frames"]
+    assert flagged and 0 not in flagged  # frame 0 (chunk 0) is exact
+
+
+# --- weights and bad input -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights():
+    component = get("vae_decoder")
+    return component.reference_weights(component.build_reference(component.load_config(), 0))
+
+
+def test_full_checkpoint_splits_into_strict_encoder_and_decoder_loads(weights):
+    component = get("vae_decoder")
+    encoder_keys = {k for k in weights if k.startswith(("encoder.", "quant_conv."))}
+    assert encoder_keys and set(decoder_weights(weights)) == set(weights) - encoder_keys
+    config = component.load_config()
+    component.build_mlx(config, weights, "float32")  # decoder.* + post_quant_conv.*, every key used
+    encoder = vae.WanVAEEncoder.from_config(config.vae.to_dict())
+    strict_load(encoder, {k: weights[k] for k in encoder_keys}, convert=convert)
+
+
+def test_decoder_missing_and_stray_keys_fail_loudly(weights):
+    component = get("vae_decoder")
+    config = component.load_config()
+    missing = {k: v for k, v in weights.items() if k != f"decoder.{FIRST_UPSAMPLE3D}.time_conv.weight"}
+    with pytest.raises(WeightLoadError, match=r"missing keys \['decoder\.up_blocks\.0\.upsamplers\.0\.time_conv\.weight'\]"):
+        component.build_mlx(config, missing, "float32")
+    stray = {**weights, "decoder.extra.weight": np.zeros(3, np.float32)}
+    with pytest.raises(WeightLoadError, match=r"missing keys none; unused keys \['decoder\.extra\.weight'\]"):
+        component.build_mlx(config, stray, "float32")
+
+
+def test_temporal_upsample_order_is_the_reversed_downsample_order(weights):
+    """[False, True, True] downsampling -> upsample3d in up blocks 0 and 1; a decoder built with the order not
+    reversed puts time_conv on blocks 1 and 2, which the strict loader refuses."""
+    config = get("vae_decoder").load_config().vae.to_dict()
+    wrong = WanVAEDecoder.from_config({**config, "temperal_downsample": [True, True, False]})
+    with pytest.raises(WeightLoadError, match=r"missing keys \['decoder\.up_blocks\.2\.upsamplers\.0\.time_conv"):
+        strict_load(wrong, decoder_weights(weights), convert=convert)
+
+
+def test_wrong_latent_layout_is_an_error(weights):
+    component = get("vae_decoder")
+    model = component.build_mlx(component.load_config(), weights, "float32")
     with pytest.raises(ValueError, match=r"expected channels-last latents \(N, T, h, w, 4\), got shape \(1, 4, 3, 4, 8\)"):
-        mlx_float32.decode(mx.zeros((1, 4, 3, 4, 8)))
+        model.decode(mx.zeros((1, 4, 3, 4, 8)))
     with pytest.raises(ValueError, match=r"expected channels-last latents .* got shape \(1, 3, 4, 4\)"):
-        mlx_float32.decode(mx.zeros((1, 3, 4, 4)))
+        model.decode(mx.zeros((1, 3, 4, 4)))
 
 
-def test_wan22_layouts_are_refused(config):
+def test_wan22_layouts_are_refused():
+    with pytest.raises(ConfigError, match=r"is_residual"):
+        get("vae_decoder").load_config(overrides={"vae": {"is_residual": True}})
     with pytest.raises(ValueError, match=r"WanVAEDecoder supports the Wan2\.1 VAE .* config sets \{'is_residual': True\}"):
-        WanVAEDecoder.from_config({**config["vae"], "is_residual": True})
-
-
-# --- round trip --------------------------------------------------------------------------------
-
-def test_roundtrip_matches_the_reference_per_layer():
-    """encode -> normalised latents -> denormalise -> decode, on both sides; each compared per layer,
-    and both equally far from the input video (random weights: far, but the same)."""
-    config = json.loads((CONFIGS / "vae_roundtrip.json").read_text())
-    model = reference.build(config["vae"], seed=2)
-    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    clip = video(config["kind"], config["frames"], config["height"], config["width"], config["batch"], seed=2)
-    ref = Capture("ref")
-    with torch.no_grad():
-        reference.run_roundtrip(model, {"video": clip}, torch.float32, ref)
-
-    encoder = vae.WanVAEEncoder.from_config(config["vae"])
-    strict_load(encoder, {k: v for k, v in weights.items() if k.startswith(("encoder.", "quant_conv."))}, convert=convert)
-    decoder = build_mlx(config, weights)
-    ours = Capture("mlx")
-    with record_taps(ours):
-        out = roundtrip(encoder, decoder, mx.array(clip.transpose(0, 2, 3, 4, 1)))
-    mx.eval(out)
-
-    encode_layers = [n for n in ref.order if n.startswith("encode/")]
-    assert encode_layers[-2:] == ["encode/quant_conv", "encode/latents"]
-    assert ref.order == [*encode_layers, *layer_names(3, "decode/")]
-    assert ours.order == ref.order
-    assert first_difference(ref, ours) is None
-    assert tuple(out.shape) == (1, 9, 32, 32, 3)
-    to_input = {side: float(np.sqrt(np.mean((c["decode/frames"] - clip) ** 2))) for side, c in (("ref", ref), ("mlx", ours))}
-    assert abs(to_input["mlx"] - to_input["ref"]) <= 1e-5 * to_input["ref"]
+        WanVAEDecoder.from_config({**get("vae_decoder").load_config().vae.to_dict(), "is_residual": True})

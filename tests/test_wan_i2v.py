@@ -1,84 +1,48 @@
 """Wan I2V conditioning parity against the real WanImageToVideoPipeline.prepare_latents, and its faults.
 
-Both sides run directly: the pipeline's own ``prepare_latents`` (compiled from the installed source)
-on a real ``AutoencoderKLWan``, and ``mlx_impl.wan_i2v.prepare_conditioning`` on our VAE encoder
-loaded with the same weights; layers ``mask``, ``image_latents``, ``conditioning`` in execution order.
+Every comparison goes through the harness (``parity.runner.run_component("wan_i2v_conditioning")``):
+the pipeline's own ``prepare_latents`` (compiled from the installed source) on a real
+``AutoencoderKLWan`` against ``mlx_impl.wan_i2v.prepare_conditioning`` on our VAE encoder
+loaded with its weights; layers ``mask``, ``image_latents``, ``conditioning``.
 """
-import copy
-import json
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
-from fixtures.inputs import normal
-from fixtures.videos import video
-from layer_compare import assert_match, compare, first_difference
 from mlx_impl import wan_i2v as W
-from mlx_impl.vae import WanVAEEncoder, convert
-from parity.capture import Capture
-from parity.capture_mlx import record_taps
+from mlx_impl.vae import WanVAEEncoder
+from parity import registry
+from parity.config import ConfigError
+from parity.runner import run_component
 from reference_runners import wan_i2v as R
 
-CONFIG = json.loads((Path(__file__).parents[1] / "fixtures/configs/wan_i2v_conditioning.json").read_text())
+LAYERS = ["mask", "image_latents", "conditioning"]
 
 
-def config(**overrides):
-    return {**copy.deepcopy(CONFIG), **overrides}
+def run(dtype="float32", seed=0, **overrides):
+    return run_component("wan_i2v_conditioning", dtype, seed=seed, out_dir=None, overrides=overrides)
 
 
-@pytest.fixture(scope="module")
-def vaes():
-    """The reference VAE and our encoder with its weights (strict: every parameter filled, no key left over)."""
-    reference = R.build_vae(CONFIG["vae"], 0)
-    ours = WanVAEEncoder.from_config(CONFIG["vae"])
-    ours.load_weights([(k, mx.array(v)) for k, v in (convert(k, v) for k, v in R.encoder_state(reference).items())],
-                      strict=True)
-    return reference, ours
-
-
-def inputs(cfg, seed=0):
-    b, t = cfg["batch"], cfg["vae"]["scale_factor_temporal"]
-    s, z = cfg["vae"]["scale_factor_spatial"], cfg["vae"]["z_dim"]
-    frames = (cfg["num_frames"] - 1) // t + 1
-    return {"image": video(cfg["image_kind"], 1, cfg["height"], cfg["width"], b, seed=seed)[:, :, 0],
-            "latents": normal(seed, "wan_i2v/latents", (b, z, frames, cfg["height"] // s, cfg["width"] // s))}
-
-
-def run_both(vaes, cfg=None, dtype="float32", seed=0):
-    cfg = cfg or CONFIG
-    reference, ours = vaes
-    data = inputs(cfg, seed)
-    ref = Capture("reference")
-    R.run(reference, data, cfg["num_frames"], {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], ref)
-    mine = Capture("mlx")
-    with record_taps(mine):
-        mx.eval(W.prepare_conditioning(
-            ours, mx.array(data["image"].transpose(0, 2, 3, 1)), mx.array(data["latents"].transpose(0, 2, 3, 4, 1)),
-            cfg["num_frames"], getattr(mx, dtype), cfg["vae"]["scale_factor_temporal"],
-            cfg["vae"]["scale_factor_spatial"]))
-    return ref, mine
+def verdicts(result):
+    return [layer.verdict for layer in result.layers]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_float32_conditioning_matches_the_pipeline(vaes, seed):
-    ref, mine = run_both(vaes, seed=seed)
-    layers = assert_match(ref, mine)
-    assert [layer.name for layer in layers] == ["mask", "image_latents", "conditioning"]
-    np.testing.assert_array_equal(mine["mask"], ref["mask"])  # 0/1 values, no arithmetic: exact
+def test_float32_conditioning_matches_the_pipeline(seed):
+    result = run(seed=seed)
+    assert result.verdict == "PASS", result.first_divergence
+    assert [layer.name for layer in result.layers] == LAYERS
+    assert result.layer("mask").metrics["max_abs"] == 0  # 0/1 values, no arithmetic: exact
     # in_dim: z_dim noise + 4 mask + z_dim image latents = 4 + 4 + 4 (Wan2.2 A14B: 16 + 4 + 16 = 36)
-    assert ref.shapes["conditioning"] == mine.shapes["conditioning"] == (1, 3, 4, 4, 12)
-    assert all(mine.dtypes[n] == ref.dtypes[n] == "float32" for n in ref.order)
+    assert result.layer("conditioning").shape_ref == result.layer("conditioning").shape_mlx == (1, 2, 2, 2, 12)
+    assert all(l.dtype_ref == l.dtype_mlx == "float32" for l in result.layers)
 
 
 @pytest.mark.parametrize("num_frames", [1, 5, 13])
-def test_frame_counts(vaes, num_frames):
-    cfg = config(num_frames=num_frames, height=16, width=24)
-    ref, mine = run_both(vaes, cfg)
-    assert_match(ref, mine)
-    mask = ref["mask"]
+def test_frame_counts(num_frames):
+    result = run(num_frames=num_frames, height=16, width=24)
+    assert result.verdict == "PASS", result.first_divergence
+    mask = result.context.ref["mask"]
     assert mask.shape == (1, (num_frames - 1) // 4 + 1, 2, 3, 4)
     assert (mask[:, 0] == 1).all() and (mask[:, 1:] == 0).all()  # the first latent frame, all 4 channels
 
@@ -91,14 +55,25 @@ def test_mask_is_the_pipelines_fold_of_pixel_frames():
     np.testing.assert_array_equal(mask[0, :, 0, 0, :], frames.reshape(3, 4))
 
 
-def test_bfloat16_transformer_dtype_casts_the_conditioning_only(vaes):
-    """The pipeline casts the concatenated input to the transformer's dtype; the VAE and mask stay float32."""
-    ref, mine = run_both(vaes, dtype="bfloat16")
-    assert ref.dtypes["conditioning"] == mine.dtypes["conditioning"] == "bfloat16"
-    assert ref.dtypes["image_latents"] == mine.dtypes["image_latents"] == "float32"
-    # bf16 keeps 8 significant bits: a float32 difference of a few ulps can flip the rounding of a value
-    # near a tie, by one bf16 ulp = 2^-8 relative
-    assert_match(ref, mine, atol=0, rtol=2.0**-8)
+def test_bfloat16_casts_the_conditioning_only():
+    """The run's dtype is the transformer's: the pipeline casts the concatenated input to it; the VAE (float32,
+    as the Wan I2V pipelines load it) and the mask stay float32, on both sides."""
+    result = run("bfloat16")
+    assert result.verdict == "PASS", result.first_divergence
+    assert [(l.dtype_ref, l.dtype_mlx) for l in result.layers] == [("float32", "float32")] * 2 + [("bfloat16",) * 2]
+    assert result.layer("image_latents").metrics["max_abs"] < 1e-5  # a float32 VAE on both sides
+
+
+def test_diffusers_vae_config_file(tmp_path):
+    """`--config` takes a diffusers VAE folder; its config.json replaces the vae part."""
+    from diffusers import AutoencoderKLWan
+
+    tiny = registry.get("wan_i2v_conditioning").load_config().vae.to_dict()
+    AutoencoderKLWan.from_config({**tiny, "z_dim": 2, "latents_mean": [0.1, -0.2], "latents_std": [1.5, 2.0]}
+                                 ).save_config(tmp_path)
+    result = run_component("wan_i2v_conditioning", "float32", out_dir=None, config_path=tmp_path)
+    assert result.verdict == "PASS", result.first_divergence
+    assert result.layer("conditioning").shape_ref == (1, 2, 2, 2, 2 + 4 + 2)
 
 
 def test_reference_is_the_installed_pipeline_source():
@@ -124,46 +99,50 @@ def clear_first_folded_frame(mask):
 
 
 @pytest.mark.parametrize("clear", [clear_latent_frame_0, clear_first_folded_frame])
-def test_fault_mask_first_temporal_position_cleared(vaes, monkeypatch, clear):
+def test_fault_mask_first_temporal_position_cleared(monkeypatch, clear):
     """The first latent frame's mask cleared (no frame conditioned), or only the first of its 4 folded pixel frames."""
     correct = W.first_frame_mask
     monkeypatch.setattr(W, "first_frame_mask", lambda *args, **kwargs: clear(correct(*args, **kwargs)))
-    layers = compare(*run_both(vaes))
-    assert first_difference(layers).name == "mask"
-    assert [layer.ok for layer in layers] == [False, True, False]
+    result = run()
+    assert result.verdict == "FAIL" and result.first_divergence == "mask"
+    assert verdicts(result) == ["FAIL", "PASS", "FAIL"]
 
 
-def test_fault_mask_and_image_latents_concatenated_in_the_wrong_order(vaes, monkeypatch):
+def test_fault_mask_and_image_latents_concatenated_in_the_wrong_order(monkeypatch):
     """[latents, image latents, mask]: same shape (both 4 channels here), different values."""
     monkeypatch.setattr(W, "conditioning", lambda latents, mask, image_latents, dtype: mx.concatenate(
         [latents, image_latents, mask], axis=-1).astype(dtype))
-    layers = compare(*run_both(vaes))
-    assert first_difference(layers).name == "conditioning"
-    assert [layer.ok for layer in layers] == [True, True, False]
+    result = run()
+    assert result.verdict == "FAIL" and result.first_divergence == "conditioning"
+    assert verdicts(result) == ["PASS", "PASS", "FAIL"]
 
 
-def test_fault_image_latents_not_normalised(vaes, monkeypatch):
+def test_fault_image_latents_not_normalised(monkeypatch):
     """The raw posterior mode instead of (mode - mean) / std: named at image_latents."""
     monkeypatch.setattr(WanVAEEncoder, "normalise", lambda self, mu: mu)
-    assert first_difference(compare(*run_both(vaes))).name == "image_latents"
+    result = run()
+    assert result.verdict == "FAIL" and result.first_divergence == "image_latents"
 
 
 # --- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad,key", [
+    ({"num_frames": 8}, "1 \\+ 4k"), ({"height": 20}, "multiples of 8"),
+    ({"vae": {"scale_factor_temporal": 2}}, "scale factors"), ({"image_kind": "noise"}, "image_kind"),
+])
+def test_bad_configs_are_input_errors_naming_the_key(bad, key):
+    with pytest.raises(ConfigError, match=key):
+        run(**bad)
+
+
 def test_frame_count_must_be_one_plus_a_multiple_of_four():
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         W.first_frame_mask(1, 8, 2, 2)
 
 
-def test_latents_shape_is_checked(vaes):
-    _, ours = vaes
+def test_the_port_checks_the_latents_shape_and_refuses_a_bfloat16_vae():
+    vae = WanVAEEncoder.from_config(registry.get("wan_i2v_conditioning").load_config().vae.to_dict())
     with pytest.raises(ValueError, match="latents"):
-        W.prepare_conditioning(ours, mx.zeros((1, 32, 32, 3)), mx.zeros((1, 2, 4, 4, 4)), 9)
-
-
-def test_a_bfloat16_vae_is_refused(vaes):
-    _, ours = vaes
-    bf16 = WanVAEEncoder.from_config(CONFIG["vae"])
-    bf16.update(ours.parameters())
-    bf16.set_dtype(mx.bfloat16)
+        W.prepare_conditioning(vae, mx.zeros((1, 32, 32, 3)), mx.zeros((1, 2, 4, 4, 4)), 9)
+    vae.set_dtype(mx.bfloat16)
     with pytest.raises(NotImplementedError, match="float32"):
-        W.image_latents(bf16, mx.zeros((1, 32, 32, 3)), 9)
+        W.image_latents(vae, mx.zeros((1, 32, 32, 3)), 9)

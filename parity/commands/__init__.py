@@ -21,7 +21,8 @@ from parity.progress import Progress
 from parity.vocab import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, InputError
 
 #: Modules of this package that add subcommands, in ``--help`` order.
-COMMANDS = ("list", "run", "report", "gate", "baseline", "bisect", "bundle", "clean")
+COMMANDS = ("list", "run", "report", "attention", "gate", "baseline", "calibrate", "bisect", "bundle", "video",
+            "clean")
 
 
 def positive_int(text: str) -> int:

@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     if args.junit:
         writable_file(args.junit, "--junit")
     result = gate.run_gate(args.component, dtypes(args.dtype), load_thresholds(args), args.baselines, args.junit,
-                           args.out, args.require_baselines, max_rows=args.max_rows, progress=progress(args))
+                           args.out, args.require_baselines, max_rows=args.max_rows, progress=progress(args),
+                           coverage=not args.no_coverage)
     write_html(args, result.run_dir)
     return result.exit_code
 
@@ -34,5 +35,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("reports"), help="where run folders go (default reports/)")
     p.add_argument("--max-rows", type=positive_int, default=gate.MAX_ROWS,
                    help=f"failed checks shown per component run (default {gate.MAX_ROWS})")
+    p.add_argument("--no-coverage", action="store_true",
+                   help="skip the components' coverage cells (config variants run in float32)")
     html_option(p)
     p.set_defaults(func=run)

@@ -17,12 +17,20 @@ def run(args: argparse.Namespace) -> int:
     names = registry.select(args.components)
     if (args.config or args.weights) and len(names) != 1:
         raise UsageError("--config/--weights apply to one component; name exactly one")
+    overrides = None
+    if args.attention_maps:
+        without = [n for n in names if "attention_maps" not in registry.get(n).config_model.model_fields]
+        if without:
+            raise UsageError(f"--attention-maps: {', '.join(without)} capture(s) no attention maps; name components "
+                             "that do (config key attention_maps)")
+        overrides = {"attention_maps": True}
     writable_folder(args.out, "--out")
     limits = load_thresholds(args)
     chosen = dtypes(args.dtype)
     results = run_many(names, chosen, out_dir=args.out, seed=args.seed, config_path=args.config,
                        weights_path=args.weights, streaming=args.streaming, stats_only=args.stats_only,
-                       thresholds=limits, keep_tensors=args.keep_tensors, progress=progress(args))
+                       thresholds=limits, keep_tensors=args.keep_tensors, progress=progress(args),
+                       overrides=overrides, coverage=args.coverage)
     failed = [f"{r.report.get('variant') or r.comparison.component} {r.comparison.dtype} "
               f"(first divergence: {r.first_divergence})" for r in results if r.verdict != "PASS"]
     print(f"\n{len(results) - len(failed)}/{len(results)} component runs pass" + (":" if failed else ""))
@@ -51,6 +59,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="keep only statistics and a small sample of layers matching GLOB (repeatable; implies --streaming)")
     p.add_argument("--keep-tensors", choices=KEEP_TENSORS, default="all",
                    help="which .npy dumps the report folder keeps (default all; failing: those of failing layers)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also run each component's coverage cells (config variants, float32), as the gate does")
+    p.add_argument("--attention-maps", action="store_true",
+                   help="record and judge attention probability maps per head even at large token counts "
+                        "(config attention_maps true; default \"auto\": only while a map holds at most 2^24 probabilities)")
     html_option(p)
     thresholds_option(p)
     p.set_defaults(func=run)

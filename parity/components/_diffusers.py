@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from parity.config import Bool, DiffusersConfig, NonNegativeFloat, PositiveFloat, PositiveInt, Triple
+from parity.config import Bool, DiffusersConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Triple
 
 NOT_PORTED = "not ported: the harness's MLX implementation does not have it"
 
@@ -113,3 +113,34 @@ class HeliosDMDSchedulerConfig(DiffusersConfig):
         if self.use_dynamic_shifting and self.shift != 1.0:
             raise ValueError(f"use_dynamic_shifting needs shift 1.0, got {self.shift}")
         return self
+
+
+class UniPCSchedulerConfig(DiffusersConfig):
+    """diffusers' ``UniPCMultistepScheduler`` on the flow-matching path the Wan pipelines use (the only one ported).
+
+    ``prediction_type`` and ``use_flow_sigmas`` have no default: diffusers' defaults ("epsilon",
+    False: the VP schedule) are not ported, so a config must say flow matching. The VP keys
+    (betas, thresholding values, ``steps_offset``, ``time_shift_type``) are accepted and unused.
+    """
+
+    diffusers_class = "diffusers:UniPCMultistepScheduler"
+    num_train_timesteps: PositiveInt = 1000
+    solver_order: PositiveInt = 2
+    prediction_type: Literal["flow_prediction"]
+    use_flow_sigmas: Literal[True]
+    flow_shift: PositiveFloat = 1.0
+    predict_x0: Literal[True] = True
+    solver_type: Literal["bh1", "bh2"] = "bh2"
+    lower_order_final: Bool = True
+    disable_corrector: list[NonNegativeInt] = []
+    timestep_spacing: Literal["linspace", "leading", "trailing"] = "linspace"
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+    thresholding: Literal[False] = False  # not ported
+    use_karras_sigmas: Literal[False] = False  # not ported
+    use_exponential_sigmas: Literal[False] = False  # not ported
+    use_beta_sigmas: Literal[False] = False  # not ported
+    use_dynamic_shifting: Literal[False] = False  # not ported
+    solver_p: None = None  # not ported
+    sigma_min: None = None  # only read by the Karras/exponential/beta sigmas
+    sigma_max: None = None
+    shift_terminal: None = None  # not ported

@@ -16,9 +16,16 @@ config (what ``make parity COMPONENT=block`` runs) stays ``"model"``, diffusers'
 ``fixtures/configs/block_mixed.json`` (``parity run block --dtype bfloat16 --config
 fixtures/configs/block_mixed.json``) is the mixed-precision run, with ``stream_scale`` 4 (see
 :meth:`BlockComponent.stream_grid`); ``wan_block`` takes the same keys as overrides.
+
+Config key ``attention_maps`` (``"auto"``, true, false; ``parity run --attention-maps``): both
+sides record each attention call's probabilities as ``attn1/probs`` / ``attn2/probs``, judged per
+head (:mod:`parity.attention`); ``"auto"`` records them while a map holds at most
+``parity.attention.AUTO_MAX_ELEMENTS`` probabilities (every fixture config, the 14B one included).
+Helios' ``history_attention: "restricted"``: history tokens attend to history keys only.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -29,13 +36,14 @@ from pydantic import Field
 from fixtures.inputs import normal
 from mlx_impl import block as mlx_block
 from mlx_impl import rope as mlx_rope
-from mlx_impl.taps import muted
-from parity import drift
+from mlx_impl.taps import muted, requesting
+from parity import attention, drift
 from parity.capture import Capture
 from parity.component import Component, RunContext, Section
 from parity.components._diffusers import HeliosTransformerConfig
-from parity.config import ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt
+from parity.config import Bool, ComponentConfig, NonNegativeInt, PositiveFloat, PositiveInt
 from parity.weights import strict_load
+from reference_runners.layers import BLOCK_LAYERS
 
 
 def bf16_exact(x: np.ndarray) -> np.ndarray:
@@ -45,19 +53,6 @@ def bf16_exact(x: np.ndarray) -> np.ndarray:
     measures arithmetic alone, not the rounding of the inputs (which would mask small faults).
     """
     return np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
-
-
-def _block_layers() -> dict[str, str]:
-    layers = {"norm1": "norm1"}
-    for attn in ("attn1", "attn2"):
-        layers.update({f"{attn}.to_q": f"{attn}/q", f"{attn}.to_k": f"{attn}/k", f"{attn}.to_v": f"{attn}/v",
-                       f"{attn}.norm_q": f"{attn}/q_norm", f"{attn}.norm_k": f"{attn}/k_norm", attn: f"{attn}/out"})
-    layers.update({"norm2": "norm2", "norm3": "norm3", "ffn.net.0": "ffn/hidden", "ffn": "ffn/out"})
-    return layers
-
-
-#: Submodules of a diffusers transformer block whose outputs the reference records, and their layer names.
-BLOCK_LAYERS = _block_layers()
 
 
 @dataclass
@@ -82,16 +77,22 @@ class GridConfig(ComponentConfig):
     #: How a bfloat16 run is computed (see the module docstring).
     stream: Literal["model", "float32"] = "model"
     stream_scale: PositiveFloat = 1.0
+    #: Record and judge attention probability maps (see the module docstring).
+    attention_maps: Literal["auto"] | Bool = "auto"
 
 
 class BlockConfig(GridConfig):
     transformer: HeliosTransformerConfig
     history_frames: NonNegativeInt = 1
+    #: ``"restricted"``: history tokens attend to history keys only (main tokens to all).
+    history_attention: Literal["full", "restricted"] = "full"
 
 
 class BlockComponent(Component):
     name = "block"
     description = "HeliosTransformerBlock: modulation, self-attention with RoPE and history tokens, text cross-attention, FFN"
+    #: history off; more history than frames; an odd grid
+    coverage = ({"history_frames": 0}, {"history_frames": 3, "frames": 1}, {"height": 5, "width": 7})
     config_model = BlockConfig
     reference_layers = BLOCK_LAYERS
     diffusers_config_key = "transformer"
@@ -123,6 +124,20 @@ class BlockComponent(Component):
 
     def dim(self, config: Any) -> int:
         return config.transformer.num_attention_heads * config.transformer.attention_head_dim
+
+    def history_len(self, config: Any) -> int:
+        """History tokens before the main ones (Helios; none in Wan)."""
+        return getattr(config, "history_frames", 0) * config.height * config.width
+
+    def maps_on(self, config: Any) -> bool:
+        """Whether both sides record attention maps (config ``attention_maps``; the largest is the self-attention's)."""
+        tokens = self.history_len(config) + config.frames * config.height * config.width
+        return attention.enabled(config.attention_maps, config.batch * config.transformer.num_attention_heads * tokens ** 2)
+
+    def attention_groups(self, config: Any) -> dict[str, dict[str, tuple[int, int]]]:
+        """The self-attention's history keys (Helios); cross-attention keys are all text."""
+        history = self.history_len(config)
+        return {"attn1/probs": {"history": (0, history)}} if history else {}
 
     def make_inputs(self, config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         """Token grids with smooth and near-Nyquist content, text tokens, timestep projections; all bf16-exact."""
@@ -165,7 +180,8 @@ class BlockComponent(Component):
 
         from reference_runners import block as ref_runner
 
-        ref_runner.run_helios(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture)
+        ref_runner.run_helios(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture,
+                              maps=self.maps_on(reference.config))
 
     # --- MLX -----------------------------------------------------------------------------------
     def build_mlx(self, config: BlockConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
@@ -173,7 +189,7 @@ class BlockComponent(Component):
         block = mlx_block.HeliosTransformerBlock(
             self.dim(config), t.ffn_dim, t.num_attention_heads, t.cross_attn_norm, t.eps,
             guidance_cross_attn=t.guidance_cross_attn, is_amplify_history=t.is_amplify_history,
-            history_scale_mode=t.history_scale_mode)
+            history_scale_mode=t.history_scale_mode, restrict_history=config.history_attention == "restricted")
         return self.load_mlx(block, config, weights, dtype)
 
     def load_mlx(self, block: Any, config: Any, weights: dict[str, np.ndarray], dtype: str) -> MlxBlock:
@@ -191,14 +207,16 @@ class BlockComponent(Component):
         cos, sin = (mx.concatenate(parts, axis=1) for parts in zip(*[
             mlx_rope.helios_rotary_emb(mx.array(inputs[k]), height, width, t.rope_dim, t.rope_theta)
             for k in ("history_indices", "frame_indices")]))
-        tokens = [mx.array(inputs[k]).reshape(batch, -1, dim) for k in ("history", "hidden")]
+        tokens = [mx.array(inputs[k]).reshape(batch, n, dim) for k, n in (("history", history_len), ("hidden", main_len))]
         temb = mlx_block.helios_timestep_proj(mx.array(inputs["timestep_proj"]).astype(mx_dtype),
                                               mx.array(inputs["timestep_proj_t0"]).astype(mx_dtype), history_len, main_len)
         return {"x": mx.concatenate(tokens, axis=1).astype(mx_dtype), "context": mx.array(inputs["text"]).astype(mx_dtype),
                 "temb": temb, "rope": (cos, sin), "history_len": history_len}
 
     def run_mlx(self, model: Any, inputs: dict, dtype: str) -> None:
-        mx.eval(self.mlx_apply(model, inputs, dtype))
+        maps = isinstance(model, MlxBlock) and self.maps_on(model.config)  # a port's model is its own
+        with requesting(mlx_block.ATTENTION_MAPS) if maps else nullcontext():
+            mx.eval(self.mlx_apply(model, inputs, dtype))
 
     def mlx_apply(self, model: Any, inputs: dict, dtype: str, x: mx.array | None = None) -> mx.array:
         """One application of the block to the tokens ``x`` ``(batch, history + main, dim)`` (default: the

@@ -14,6 +14,8 @@ from parity.components.block import BlockComponent
 class MixedPrecisionBlockComponent(BlockComponent):
     name = "block_mixed"
     description = "HeliosTransformerBlock in mixed precision: float32 residual stream, bf16 matmuls (reference under autocast)"
+    #: none: in float32 the mixed-precision block is the block, whose cells cover it
+    coverage = ()
 
 
 COMPONENT = MixedPrecisionBlockComponent()

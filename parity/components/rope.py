@@ -39,6 +39,9 @@ class RopeConfig(ComponentConfig):
 class RopeComponent(Component):
     name = "rope"
     description = "Helios HeliosRotaryPosEmbed and Wan WanRotaryPosEmbed: frequencies, cos/sin, rotated q/k"
+    #: one frame; positions from 0; an odd grid; Wan's table used to its last position
+    coverage = ({"num_frames": 1}, {"frame_start": 0}, {"height": 3, "width": 7},
+                {"num_frames": 10, "wan_max_seq_len": 10})
     config_model = RopeConfig
     reference_runner = "rope"
 
@@ -51,6 +54,12 @@ class RopeComponent(Component):
             **{f"{model}_{name}": normal(seed, f"rope/{model}_{name}", shape)
                for model in ("helios", "wan") for name in ("q", "k")},
         }
+
+    def second_inputs(self, config: RopeConfig, seed: int) -> dict[str, np.ndarray]:
+        """Other q/k, and the frames after the first call's (a table cached at the first call shows)."""
+        inputs = self.make_inputs(config, seed + 1)
+        inputs["frame_indices"] = inputs["frame_indices"] + config.num_frames
+        return inputs
 
     def build_reference(self, config: RopeConfig, seed: int) -> Any:
         from reference_runners import rope as reference

@@ -40,6 +40,8 @@ class TimeEmbeddingConfig(ComponentConfig):
 class TimeEmbeddingComponent(Component):
     name = "time_embedding"
     description = "HeliosTimeTextEmbedding inside HeliosTransformer3DModel: timestep, t=0 history and text embeddings"
+    #: t = 0 alone; the two ends of the training range
+    coverage = ({"timesteps": [0.0]}, {"timesteps": [1000.0, 1.0]})
     config_model = TimeEmbeddingConfig
     reference_runner = "time_embedding"
     reference_submodule = "condition_embedder"
@@ -56,6 +58,12 @@ class TimeEmbeddingComponent(Component):
             "text": normal(seed, "time_embedding/text", (batch, config.text_len, t.text_dim)),
             "latents": normal(seed, "time_embedding/latents", latent_shape),
         }
+
+    def second_inputs(self, config: TimeEmbeddingConfig, seed: int) -> dict[str, np.ndarray]:
+        """Other text and latents, and the timesteps mirrored (1000 - t): an embedding cached at the first call shows."""
+        inputs = self.make_inputs(config, seed + 1)
+        inputs["timesteps"] = (1000.0 - inputs["timesteps"]).astype(np.float32)
+        return inputs
 
     def build_reference(self, config: TimeEmbeddingConfig, seed: int) -> Any:
         from reference_runners import time_embedding as reference

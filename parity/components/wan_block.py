@@ -20,6 +20,8 @@ class WanBlockConfig(GridConfig):
 class WanBlockComponent(BlockComponent):
     name = "wan_block"
     description = "WanTransformerBlock: modulation, self-attention with RoPE, text cross-attention, FFN"
+    #: one frame; an odd grid
+    coverage = ({"frames": 1}, {"height": 5, "width": 7})
     config_model = WanBlockConfig
     keep_fp32 = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     autocast_fp32 = (*keep_fp32, "norm_q", "norm_k")
@@ -52,7 +54,8 @@ class WanBlockComponent(BlockComponent):
 
         from reference_runners import block as ref_runner
 
-        ref_runner.run_wan(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture)
+        ref_runner.run_wan(reference, inputs, getattr(torch, self.stream_dtype(reference.config, dtype)), capture,
+                           maps=self.maps_on(reference.config))
 
     def build_mlx(self, config: WanBlockConfig, weights: dict[str, np.ndarray], dtype: str) -> Any:
         t = config.transformer
