@@ -6,6 +6,7 @@
 #   scripts/mutation_check.sh                 a fresh full run (removes mutants/ first)
 #   MUTATION_KEEP=1 scripts/mutation_check.sh  reuse mutants/: only new or changed mutants run
 #   scripts/mutation_check.sh 'parity.gate.*'  (re)run the mutants matching these names
+#   MUTATION_CHILDREN=1 ...                    at most this many mutants at once (default: one per CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MUTMUT=${MUTMUT:-mutmut}
@@ -13,16 +14,26 @@ if [ "${MUTATION_KEEP:-0}" != 1 ] && [ $# -eq 0 ]; then
     rm -rf mutants
 fi
 started=$(date +%s)
-"$MUTMUT" run "$@" || true  # its exit status says nothing about the score; the summary below does
+"$MUTMUT" run ${MUTATION_CHILDREN:+--max-children "$MUTATION_CHILDREN"} "$@" || true  # its exit status says nothing about the score; the summary below does
 echo "wall time: $(( $(date +%s) - started ))s"
-"$MUTMUT" export-cicd-stats >/dev/null
-python3 - <<'PY'
-import json
-s = json.load(open("mutants/mutmut-cicd-stats.json"))
-detected = s["killed"] + s["timeout"]
-print(f"mutants {s['total']}: killed {s['killed']}, timeout {s['timeout']}, survived {s['survived']}, "
-      f"no tests {s['no_tests']}, suspicious {s['suspicious']}, segfault {s['segfault']}")
-print(f"score (killed + timeout) / total: {100 * detected / max(s['total'], 1):.1f}%")
-PY
+"$MUTMUT" results --all true | python3 -c '
+import collections, sys
+# "    parity.compare.x_f__mutmut_3: killed" -> per module: status counts
+counts = collections.defaultdict(collections.Counter)
+for line in sys.stdin:
+    name, _, status = line.strip().rpartition(": ")
+    if name.startswith("parity."):
+        counts[name.split(".")[1]][status] += 1
+total = collections.Counter()
+for module, c in sorted(counts.items()):
+    total.update(c)
+def score(c):
+    checked = sum(c.values()) - c["not checked"] - c["skipped"]
+    return checked, c["killed"] + c["timeout"], 100 * (c["killed"] + c["timeout"]) / max(checked, 1)
+for module, c in sorted(counts.items()) + [("total", total)]:
+    checked, detected, pct = score(c)
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("killed", "timeout"))
+    print(f"{module:12} {detected}/{checked} killed or timed out ({pct:.1f}%){'; ' + rest if rest else ''}")
+'
 echo "survivors (mutmut show NAME for the diff):"
 "$MUTMUT" results | grep -v ": killed$" || true

@@ -8,11 +8,12 @@ tests run from). The fork server loads this plugin before it forks, so the refer
 the components the tests run (and the diffusers modules they import) are imported once there,
 not again in every mutant's process. Used only by the mutation check (``pytest_add_cli_args``).
 """
+import importlib
 import json
 from pathlib import Path
 
-import reference_runners.rope  # noqa: F401  (see above)
-import reference_runners.time_embedding  # noqa: F401
+for module in ("reference_runners.rope", "reference_runners.time_embedding"):  # see above
+    importlib.import_module(module)
 
 
 def pytest_collection_modifyitems(items):

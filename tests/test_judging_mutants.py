@@ -304,6 +304,14 @@ def test_rmse_and_rms_over_the_finite_elements():
     assert all(math.isnan(v) for v in rmse_and_rms(np.array([np.nan]), np.array([1.0])))
 
 
+def test_rmse_of_an_overflowing_difference_is_inf_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rmse_and_rms(np.array([-1e308]), np.array([1e308])) == (math.inf, math.inf)
+
+
 # --- gate: what a recorded verdict and a baseline make of a report -----------------------------------
 
 GATE_LIMITS = "[defaults.float32]\natol = 1e-5\nbaseline_factor = 2.0\n"
@@ -662,7 +670,9 @@ def test_a_tolerance_merges_key_by_key_and_reports_only_what_is_set():
     ("[defaults.float32]\natol = '1'\n", "{path}: [defaults.float32].atol: expected a non-negative number, got '1'"),
     ("[defaults.float32]\nbaseline_factor = 0.5\n", "{path}: [defaults.float32].baseline_factor: must be at least 1, got 0.5"),
     ("[defaults.float32]\nbogus = 1\n", "{path}: [defaults.float32]: unknown key 'bogus'; expected one of "
-     "['atol', 'baseline_factor', 'budget_ratio', 'cosine_min', 'drift_ratio', 'max_rel', 'rounding_excess', 'rtol']"),
+     "['atol', 'attn_dropped', 'attn_entropy_diff', 'attn_js_max', 'attn_js_mean', 'attn_mass_diff', "
+     "'attn_sparsity_diff', 'attn_topk_min', 'baseline_factor', 'budget_ratio', 'cosine_min', 'drift_ratio', "
+     "'max_rel', 'rounding_excess', 'rtol']"),
     ("[defaults]\nfloat32 = 1\n", "{path}: [defaults.float32]: expected a table, got 1"),
     ("defaults = 1\n", "{path}: [defaults]: expected a table, got 1"),
     ("[defaults.float16]\natol = 1\n", "{path}: [defaults.float16]: unknown dtype 'float16'; expected one of ('float32', 'bfloat16')"),
@@ -1775,3 +1785,447 @@ def test_an_unreadable_safetensors_file_is_named_with_the_reader_s_error(tmp_pat
     with pytest.raises(WeightLoadError) as err:
         read_checkpoint(bad)
     assert str(err.value) == f"checkpoint {bad} could not be read: {reason}"
+
+
+# --- calibration: per-layer limits from the noise of the correct implementation ---------------------
+
+def test_a_row_s_noise_is_its_relative_max_abs_in_float32_and_its_budget_ratio_in_bf16():
+    from parity.calibration import noise
+
+    assert noise({"verdict": "PASS", "max_abs": 3.0, "ref_max_abs": 4.0}, "float32") == 0.75
+    assert noise({"verdict": "PASS", "max_abs": 1, "ref_max_abs": 4}, "float32") == 0.25
+    assert noise({"verdict": "PASS", "max_abs": 0.25, "ref_max_abs": 0.5}, "float32") == 0.5
+    assert noise({"verdict": "FAIL", "max_abs": 1.0, "ref_max_abs": 4.0}, "float32") is None
+    assert noise({"max_abs": 1.0, "ref_max_abs": 4.0}, "float32") is None
+    for scale in (0.0, -1.0, None, "4"):
+        assert noise({"verdict": "PASS", "max_abs": 1.0, "ref_max_abs": scale}, "float32") is None
+    assert noise({"verdict": "PASS", "max_abs": None, "ref_max_abs": 1.0}, "float32") is None
+    assert noise({"verdict": "PASS", "max_abs": math.inf, "ref_max_abs": 1.0}, "float32") is None
+    assert noise({"verdict": "PASS", "budget_ratio": 2, "max_abs": 1.0, "ref_max_abs": 4.0}, "bfloat16") == 2.0
+    assert isinstance(noise({"verdict": "PASS", "budget_ratio": 2}, "bfloat16"), float)
+    for ratio in (math.nan, math.inf, None, "1"):
+        assert noise({"verdict": "PASS", "budget_ratio": ratio}, "bfloat16") is None
+
+
+def test_the_calibrated_limit_takes_the_larger_of_the_worst_seed_and_four_sigmas():
+    from parity import calibration
+
+    outlier = [0.0] * 19 + [1.0]  # mean + 4 std = 0.92 < max 1
+    assert calibration.limit(outlier, "float32") == 2.0
+    assert calibration.limit([1.0] * 19 + [3.0], "bfloat16") == 3.0 + 0.1
+    values = [1.0, 1.5]  # mean + 4 std = 1.25 + 1 = 2.25 > max
+    assert calibration.limit(values, "bfloat16") == 2.25 + 0.1
+    assert calibration.limit(values, "float32") == 4.5
+    assert calibration.limit([0.5, 0.5], "bfloat16") == 1.0 + 0.1  # never below the reference's own error
+    assert calibration.limit([1e-7, 1e-7], "float32") == 4 * 2.0**-23  # never below 4 float32 ulps
+    assert calibration.limit([3e-7, 3e-7], "float32") == 6e-7
+    single = np.array([0.1, 0.2, 0.7, 1e-3, 0.33], np.float32)  # statistics in float64 whatever the values' type
+    assert calibration.limit(single, "bfloat16") == calibration.limit([float(v) for v in single], "bfloat16")
+    assert calibration.RULE == {"bfloat16": "max(max, mean + 4 std, 1) + 0.1",
+                                "float32": "2 * max(max, mean + 4 std), at least 4.77e-07"}
+
+
+def test_a_calibration_summary_keeps_the_layers_measured_in_every_seed_with_their_statistics():
+    from parity.calibration import limit, summarise
+
+    seeds = ([{"layer": "a", "verdict": "PASS", "budget_ratio": 1.0}, {"layer": "b", "verdict": "PASS", "budget_ratio": 1.5}],
+             [{"layer": "b", "verdict": "PASS", "budget_ratio": 2.0}, {"layer": "a", "verdict": "FAIL", "budget_ratio": 1.0},
+              {"layer": "c", "verdict": "PASS", "budget_ratio": 1.0}])
+    assert summarise(iter(seeds), "bfloat16") == {
+        "b": {"n": 2, "mean": 1.75, "std": 0.25, "max": 2.0, "limit": limit([1.5, 2.0], "bfloat16")}}
+    assert summarise([], "bfloat16") == {}
+    f32 = summarise([[{"layer": "x", "verdict": "PASS", "max_abs": 2e-7, "ref_max_abs": 4.0, "budget_ratio": 3.0}]],
+                    "float32")
+    assert f32 == {"x": {"n": 1, "mean": 5e-8, "std": 0.0, "max": 5e-8, "limit": 4 * 2.0**-23}}
+
+
+def test_calibrate_writes_what_the_passing_seeds_measured_and_refuses_a_failing_seed(tmp_path):
+    import re
+    from datetime import datetime, timezone
+
+    from parity import calibration
+
+    def run(seed):
+        return {"verdict": "PASS", "config": {"dim": 4}, "layers": [{"layer": "a", "verdict": "PASS", "budget_ratio": seed}],
+                "versions": {"mlx": "1", "torch": "2", "diffusers": "3", "numpy": "4", "platform": "p", "mlx_blas": "b",
+                             "python": "x"}}
+
+    seen = []
+    path = calibration.calibrate("c", "bfloat16", [1, 2], run, tmp_path / "cal", on_seed=lambda s, r: seen.append(s))
+    assert path == tmp_path / "cal" / "c-bfloat16.json" == calibration.path_for(tmp_path / "cal", "c", "bfloat16")
+    assert seen == [1, 2]
+    data = json.loads(path.read_text())
+    created = data.pop("created")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", created)
+    assert abs((datetime.now(timezone.utc) - datetime.fromisoformat(created)).total_seconds()) < 600
+    assert data == {"schema": 1, "component": "c", "dtype": "bfloat16", "config": {"dim": 4}, "seeds": [1, 2],
+                    "metric": "budget_ratio", "rule": "max(max, mean + 4 std, 1) + 0.1",
+                    "versions": {"mlx": "1", "torch": "2", "diffusers": "3", "numpy": "4", "platform": "p", "mlx_blas": "b"},
+                    "layers": calibration.summarise([run(1)["layers"], run(2)["layers"]], "bfloat16")}
+    assert json.loads(calibration.calibrate("c", "float32", [1], lambda s: {"verdict": "PASS", "layers": []},
+                                            tmp_path).read_text())["metric"] == "max_abs_rel"
+
+    with pytest.raises(calibration.CalibrationFailed) as err:
+        calibration.calibrate("c", "bfloat16", [1, 2], lambda s: {**run(s), "verdict": "FAIL" if s == 2 else "PASS",
+                                                                  "first_divergence": "x"}, tmp_path / "no",
+                              on_seed=lambda s, r: seen.append(s))
+    assert str(err.value) == "c bfloat16 seed 2: FAIL (first divergence x); calibrate the correct implementation only"
+    assert seen == [1, 2, 1, 2] and not (tmp_path / "no").exists()
+    with pytest.raises(InputError) as err:
+        calibration.calibrate("c", "float16", [1], run, tmp_path)
+    assert str(err.value) == "calibrate: dtype 'float16' has no noise metric; expected one of ['bfloat16', 'float32']"
+
+
+def _calibration_file(tmp_path, **changes):
+    data = {"schema": 1, "component": "c", "dtype": "float32", "config": {"a": 1, "b": 2}, "seeds": [1],
+            "layers": {"x": {"limit": 2e-6}, "y": {"limit": 1}}, **changes}
+    path = tmp_path / "c-float32.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"schema": "1"}, "key 'schema': expected int"),
+    ({"component": None}, "key 'component': expected str"),
+    ({"dtype": 1}, "key 'dtype': expected str"),
+    ({"config": []}, "key 'config': expected dict"),
+    ({"seeds": 1}, "key 'seeds': expected list"),
+    ({"layers": []}, "key 'layers': expected dict"),
+    ({"schema": 2}, "schema 2, this harness reads schema 1"),
+    ({"dtype": "float16"}, "dtype 'float16': expected one of ['bfloat16', 'float32']"),
+    ({"layers": {"x": {"limit": 0}}}, "layers.x.limit: expected a positive number"),
+    ({"layers": {"x": {"limit": -1.0}}}, "layers.x.limit: expected a positive number"),
+    ({"layers": {"x": {"limit": True}}}, "layers.x.limit: expected a positive number"),
+    ({"layers": {"x": {"limit": "1"}}}, "layers.x.limit: expected a positive number"),
+    ({"layers": {"x": {}}}, "layers.x.limit: expected a positive number"),
+    ({"layers": {"x": 1.0}}, "layers.x.limit: expected a positive number"),
+])
+def test_a_malformed_calibration_file_names_the_file_and_key(tmp_path, changes, message):
+    from parity.calibration import CalibrationError, load
+
+    with pytest.raises(CalibrationError) as err:
+        load(_calibration_file(tmp_path, **changes))
+    assert str(err.value) == f"{tmp_path / 'c-float32.json'}: {message}"
+
+
+def test_a_calibration_file_that_is_not_an_object_or_has_an_infinite_limit_is_refused(tmp_path):
+    from parity.calibration import CalibrationError, load
+
+    path = tmp_path / "c.json"
+    path.write_text("[1]")
+    with pytest.raises(CalibrationError) as err:
+        load(path)
+    assert str(err.value) == f"{path}: expected a JSON object"
+    path.write_text('{"schema": 1, "component": "c", "dtype": "float32", "config": {}, "seeds": [], '
+                    '"layers": {"x": {"limit": Infinity}}}')
+    with pytest.raises(CalibrationError, match="layers.x.limit: expected a positive number"):
+        load(path)
+
+
+def test_a_calibration_is_used_only_for_its_own_config_and_dtype(tmp_path):
+    from parity import calibration
+
+    path = _calibration_file(tmp_path)
+    cal = calibration.load(path)
+    assert (cal.component, cal.dtype, cal.config, cal.seeds, cal.path) == ("c", "float32", {"a": 1, "b": 2}, [1], path)
+    assert cal.limits() == {"x": {"calibrated_rel": 2e-6}, "y": {"calibrated_rel": 1}}
+    assert calibration.Calibration("c", "bfloat16", {}, [], {"x": {"limit": 1.2}}, path).limits() == {
+        "x": {"calibrated_budget": 1.2}}
+    assert cal.mismatch({"b": 2, "a": 1}) is None
+    assert cal.mismatch({"a": 1}) == f"{path}: recorded for a different config (run `parity calibrate c` again)"
+    used, note = calibration.for_run("c", "float32", {"a": 1, "b": 2}, tmp_path)
+    assert (used.path, used.layers, note) == (path, {"x": {"limit": 2e-6}, "y": {"limit": 1}}, None)
+    assert calibration.for_run("c", "float32", {"a": 2, "b": 2}, tmp_path) == (None, cal.mismatch({}))
+    assert calibration.for_run("c", "float32", {"a": 1, "b": 2}, None) == (None, None)
+    assert calibration.for_run("c", "bfloat16", {"a": 1, "b": 2}, tmp_path) == (None, None)  # no file
+    (tmp_path / "c-float16.json").write_text("not json")
+    assert calibration.for_run("c", "float16", {}, tmp_path) == (None, None)  # no noise metric: not even read
+    (tmp_path / "c-bfloat16.json").mkdir()
+    assert calibration.for_run("c", "bfloat16", {"a": 1, "b": 2}, tmp_path) == (None, None)  # not a file
+
+
+def test_a_calibrated_limit_is_the_tighter_one_and_is_named_in_the_failure():
+    from parity.compare import Judge, apply_rules
+    from parity.thresholds import Thresholds, Tolerance
+
+    tol = Tolerance(atol=1e-5, rtol=0.0)
+    assert Tolerance().abs_limit(2.0) is None and Tolerance(calibrated_rel=0.5).abs_limit(2.0) == 1.0
+    assert replace_tol(tol, calibrated_rel=1e-6).abs_limit(2.0) == 2e-6
+    assert replace_tol(tol, calibrated_rel=1e-5).abs_limit(2.0) == 1e-5
+    assert replace_tol(tol, calibrated_rel=1e-6).global_abs_limit(2.0) == 1e-5
+    assert Tolerance().budget_limit() is None and Tolerance(calibrated_budget=1.2).budget_limit() == 1.2
+    assert Tolerance(budget_ratio=1.1, calibrated_budget=1.2).budget_limit() == 1.1
+
+    result = apply_rules(_layer({"max_abs": 3e-6}), replace_tol(tol, calibrated_rel=1e-6))
+    assert (result.limits["abs_limit"], result.limits["calibrated"]) == (2e-6, ["abs_limit"])
+    assert _failures(result) == [("absolute", "max_abs", 3e-6, 2e-6, "max abs 3e-06 > 2e-06 (calibrated on this layer's noise)")]
+    assert "calibrated" not in apply_rules(_layer({"max_abs": 3e-6}), replace_tol(tol, calibrated_rel=1.0)).limits
+
+    bf16 = {"max_abs": 0.1, "budget_ratio": 1.5, "err_vs_truth": 0.3, "ref_err_vs_truth": 0.2}
+    result = apply_rules(_layer(bf16, dtype_mlx="bfloat16"),
+                         Tolerance(atol=1.0, calibrated_rel=0.01, budget_ratio=2.0, calibrated_budget=1.2),
+                         Tolerance(atol=0.05))
+    assert [result.limits[k] for k in ("abs_limit", "calibrated", "budget_ratio")] == [0.02, ["abs_limit", "budget_ratio"], 1.2]
+    assert [f.message for f in result.failures][1] == (
+        "precision budget 1.5 > 1.2 (calibrated) (ours bfloat16, reference float32): our error vs float64 0.3, "
+        "the reference's 0.2")
+    excused = apply_rules(_layer(bf16, dtype_mlx="bfloat16"), Tolerance(budget_ratio=2.0, calibrated_budget=1.2),
+                          Tolerance(atol=0.1, calibrated_rel=0.001))  # excused on the float32 limit, not a calibrated one
+    assert excused.verdict == "PASS" and excused.metrics["budget_excused"] is True
+    assert "calibrated" not in apply_rules(_layer(bf16, dtype_mlx="bfloat16"), Tolerance(budget_ratio=2.0)).limits
+
+    judge = Judge(["c"], "float32", Thresholds(Tolerance(), {"float32": tol}), calibrated={"x": {"calibrated_rel": 1e-6}})
+    assert judge.tolerances("x") == (replace_tol(tol, calibrated_rel=1e-6), None)
+    assert judge.tolerances("y") == (tol, None)
+
+
+def replace_tol(tol, **changes):
+    from dataclasses import replace
+
+    return replace(tol, **changes)
+
+
+def test_calibrated_limits_are_not_keys_of_a_thresholds_file_and_a_top_k_share_is_at_most_one(tmp_path):
+    from parity import thresholds
+
+    with pytest.raises(thresholds.ThresholdsError, match=r"unknown key 'calibrated_rel'"):
+        thresholds.load(_toml(tmp_path, "[defaults.float32]\ncalibrated_rel = 1\n"), base=False)
+    assert "calibrated_budget" not in thresholds.KEYS and "attn_topk_min" in thresholds.KEYS
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        thresholds.load(_toml(tmp_path, "[defaults.float32]\nattn_topk_min = 1.5\n"), base=False)
+    assert str(err.value).endswith("[defaults.float32].attn_topk_min: must be at most 1, got 1.5")
+    loaded = thresholds.load(_toml(tmp_path, "[defaults.float32]\nattn_topk_min = 1\nattn_js_max = 2\n"), base=False)
+    assert loaded.for_layer(["c"], "float32", "x").attn_topk_min == 1.0
+
+
+def test_harness_tables_may_name_unregistered_components_a_user_s_may_not(tmp_path):
+    from parity import thresholds
+
+    harness = thresholds.load()
+    harness.check_components([])  # a trimmed install: the harness's own tables name components it lacks
+    user = _toml(tmp_path, "[components.nope.float32]\natol = 1\n")
+    with pytest.raises(thresholds.ThresholdsError) as err:
+        thresholds.load(user).check_components(["rope"])
+    assert str(err.value) == f"{user.resolve()}: [components.nope] names an unknown component; registered: ['rope']"
+    thresholds.load(user).check_components(["nope"])
+
+
+# --- attention maps: per-head metrics and their limits -----------------------------------------------
+
+def test_attention_maps_are_named_probs_and_computed_when_asked_or_small():
+    from parity import attention
+
+    assert attention.is_map("probs") and attention.is_map("blocks.0/attn1/probs")
+    assert not attention.is_map("attn1/probs_x") and not attention.is_map("xprobs") and not attention.is_map("probs/x")
+    assert attention.enabled("auto", 1 << 24) and not attention.enabled("auto", (1 << 24) + 1)
+    assert attention.enabled(True, 1 << 40) and not attention.enabled(False, 0)
+    assert [attention.topk_count(k) for k in (0, 4, 7, 8, 63, 64, 65, 1000)] == [1, 1, 1, 2, 15, 16, 16, 16]
+    groups = {"a/*": {"history": (0, 2)}, "a/attn1/*": {"other": (1, 2)}, "*": {"x": (0, 1)}}
+    assert attention.groups_for("a/attn1/probs", groups) == {"history": (0, 2)}  # the first matching glob
+    assert attention.groups_for("b/probs", groups) == {"x": (0, 1)}
+    assert attention.groups_for("b/probs", {"a/*": {"h": (0, 1)}}) == {}
+    assert attention.mass_groups({"attn_groups": {"first": [0, 1], "history": [1, 3]}}) == ["sink", "first", "history"]
+    assert attention.mass_groups({}) == ["sink"]
+
+
+def _expected_head_metrics(ref, ours, groups, k):
+    """The module docstring's definitions, row by row in plain Python (natural logs, then bits)."""
+    out = {}
+    for h in range(ref.shape[1]):
+        rows = [(list(ref[b, h, i]), list(ours[b, h, i])) for b in range(ref.shape[0]) for i in range(ref.shape[2])]
+        keys = len(rows[0][0])
+
+        def kl(p, m):
+            return sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0)
+
+        def entropy(p):
+            return -sum(a * math.log(a) for a in p if a > 0) / math.log(keys)
+
+        def sparsity(p):
+            ordered, total, n = sorted(p, reverse=True), sum(p), 0
+            while sum(ordered[:n]) < 0.9 * total:
+                n += 1
+            return n / keys
+
+        def top(p):
+            return set(sorted(range(keys), key=lambda j: -p[j])[:k])
+
+        js = [0.5 * (kl(p, [(a + b) / 2 for a, b in zip(p, q)]) + kl(q, [(a + b) / 2 for a, b in zip(p, q)])) / math.log(2)
+              for p, q in rows]
+        columns = [[sum(r[side][j] for r in rows) for j in range(keys)] for side in (0, 1)]
+        sink = max(range(keys), key=lambda j: columns[0][j])
+        values = {"attn_js_mean": sum(js) / len(rows), "attn_js_max": max(js),
+                  "attn_topk_overlap": sum(len(top(p) & top(q)) / k for p, q in rows) / len(rows)}
+        for i, side in enumerate(("ref", "mlx")):
+            values[f"attn_entropy_{side}"] = sum(entropy(r[i]) for r in rows) / len(rows)
+            values[f"attn_sparsity_{side}"] = sum(sparsity(r[i]) for r in rows) / len(rows)
+        values["attn_sink_key_ref"] = sink
+        values["attn_sink_key_mlx"] = max(range(keys), key=lambda j: columns[1][j])
+        for group, (start, stop) in {"sink": (sink, sink + 1), **groups}.items():
+            for i, side in enumerate(("ref", "mlx")):
+                values[f"attn_mass_{group}_{side}"] = sum(sum(r[i][start:stop]) for r in rows) / len(rows)
+        values["attn_dropped"] = sum(sum(a for a, b in zip(p, q) if b == 0) for p, q in rows) / len(rows)
+        for name, value in values.items():
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def _maps():
+    ref = np.array([[[[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5], [0.0625, 0.0625, 0.375, 0.5]],
+                     [[0.125, 0.5, 0.25, 0.125], [0.25, 0.375, 0.25, 0.125], [0.0, 0.0, 0.625, 0.375]]]])
+    ours = np.array([[[[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5], [0.0625, 0.0625, 0.375, 0.5]],
+                      [[0.5, 0.125, 0.25, 0.125], [0.0, 0.25, 0.25, 0.5], [0.0, 0.0, 0.875, 0.125]]]])
+    ref = np.concatenate([ref, ref[:, :, ::-1]])  # batch 2
+    ours = np.concatenate([ours, ours[:, :, ::-1]])
+    return ref.astype(np.float32), ours.astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 4, 8])
+def test_head_metrics_follow_their_definitions_per_head_in_any_chunking(monkeypatch, chunk):
+    from parity import attention
+
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)
+    ref, ours = _maps()
+    groups = {"history": (1, 3)}
+    got = attention.head_metrics(ref, ours, groups, "a/probs")
+    expected = _expected_head_metrics(ref.astype(np.float64), ours.astype(np.float64), {"first": (0, 1), **groups}, 1)
+    assert list(got) == ["attn_heads", "attn_topk", "attn_groups", "attn_js_mean", "attn_js_max", "attn_topk_overlap",
+                         "attn_entropy_ref", "attn_entropy_mlx", "attn_sparsity_ref", "attn_sparsity_mlx",
+                         "attn_sink_key_ref", "attn_sink_key_mlx", "attn_mass_sink_ref", "attn_mass_sink_mlx",
+                         "attn_mass_first_ref", "attn_mass_first_mlx", "attn_mass_history_ref",
+                         "attn_mass_history_mlx", "attn_dropped"]
+    assert (got["attn_heads"], got["attn_topk"], got["attn_groups"]) == (2, 1, {"first": [0, 1], "history": [1, 3]})
+    for name, values in expected.items():
+        assert got[name] == pytest.approx(values, rel=1e-12, abs=1e-15), name
+    assert got["attn_js_mean"][0] == got["attn_js_max"][0] == 0.0 and got["attn_dropped"][1] > 0
+    assert got["attn_sink_key_ref"] == [3, 2] and got["attn_sink_key_mlx"] == [3, 2]
+
+
+def test_head_metrics_top_k_keys_and_a_map_of_one_key():
+    from parity import attention
+
+    ref = np.array([[[[0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0]]]])
+    ours = np.array([[[[0.4, 0.0, 0.3, 0.1, 0.2, 0.0, 0.0, 0.0]]]])  # top 2: {0, 1} against {0, 2}
+    got = attention.head_metrics(ref, ours)
+    assert got["attn_topk"] == 2 and got["attn_topk_overlap"] == [0.5] and got["attn_dropped"] == [pytest.approx(0.3)]
+    assert got["attn_groups"] == {"first": [0, 1]}
+    single = attention.head_metrics(np.ones((1, 1, 2, 1)), np.ones((1, 1, 2, 1)))
+    assert single["attn_entropy_ref"] == [0.0] and single["attn_sparsity_ref"] == [1.0] and single["attn_js_max"] == [0.0]
+
+
+def test_a_key_group_outside_its_map_names_the_layer():
+    from parity import attention
+
+    ref = np.full((1, 1, 1, 4), 0.25)
+    attention.head_metrics(ref, ref, {"all": (0, 4), "last": (3, 4)})
+    for bounds in ((0, 0), (-1, 2), (2, 5), (3, 2)):
+        with pytest.raises(InputError) as err:
+            attention.head_metrics(ref, ref, {"g": bounds}, "b/probs")
+        assert str(err.value) == (f"b/probs: key group 'g' {bounds} is outside the map's 4 keys "
+                                  "(the component's attention_groups)")
+
+
+def _attention_layer(**metrics):
+    base = {"attn_js_mean": [0.0, 0.0, 0.0], "attn_js_max": [0.0, 0.0, 0.0], "attn_topk_overlap": [1.0, 1.0, 1.0],
+            "attn_entropy_ref": [0.5, 0.5, 0.5], "attn_entropy_mlx": [0.5, 0.5, 0.5],
+            "attn_sparsity_ref": [0.5, 0.5, 0.5], "attn_sparsity_mlx": [0.5, 0.5, 0.5],
+            "attn_mass_sink_ref": [0.5, 0.5, 0.5], "attn_mass_sink_mlx": [0.5, 0.5, 0.5],
+            "attn_mass_first_ref": [0.5, 0.5, 0.5], "attn_mass_first_mlx": [0.5, 0.5, 0.5],
+            "attn_dropped": [0.0, 0.0, 0.0], "attn_groups": {"first": [0, 1]}}
+    return _layer({**base, **metrics})
+
+
+def test_each_attention_limit_fails_the_heads_that_break_it_naming_the_worst():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    limits = dict(attn_js_mean=0.1, attn_js_max=0.2, attn_topk_min=0.5, attn_entropy_diff=0.125,
+                  attn_sparsity_diff=0.125, attn_mass_diff=0.125, attn_dropped=0.05)
+    at_limit = apply_rules(_attention_layer(
+        attn_js_mean=[0.1, 0.0, 0.0], attn_js_max=[0.2, 0.0, 0.0], attn_topk_overlap=[0.5, 1.0, 1.0],
+        attn_entropy_mlx=[0.625, 0.375, 0.5], attn_sparsity_mlx=[0.625, 0.5, 0.5], attn_mass_sink_mlx=[0.375, 0.5, 0.5],
+        attn_mass_first_mlx=[0.5, 0.625, 0.5], attn_dropped=[0.05, 0.0, 0.0]), Tolerance(**limits))
+    assert at_limit.verdict == "PASS" and {k: at_limit.limits[k] for k in limits} == limits
+    result = apply_rules(_attention_layer(
+        attn_js_mean=[0.3, 0.0, 0.2], attn_js_max=[0.0, 0.5, 0.0], attn_topk_overlap=[0.25, 1.0, 0.0],
+        attn_entropy_mlx=[0.5, 0.75, 0.25], attn_sparsity_mlx=[0.5, 0.5, 0.75], attn_mass_sink_ref=[1.0, 0.5, 0.5],
+        attn_mass_first_mlx=[0.5, 0.25, 0.5], attn_dropped=[0.0, 0.0, 0.125]), Tolerance(**limits))
+    assert [(f.kind, f.metric, f.value, f.limit, f.heads) for f in result.failures] == [
+        ("attention", "attn_js_mean", 0.3, 0.1, [0, 2]), ("attention", "attn_js_max", 0.5, 0.2, [1]),
+        ("attention", "attn_topk_overlap", 0.0, 0.5, [0, 2]), ("attention", "attn_entropy", 0.25, 0.125, [1, 2]),
+        ("attention", "attn_sparsity", 0.25, 0.125, [2]), ("attention", "attn_mass_sink", 0.5, 0.125, [0]),
+        ("attention", "attn_mass_first", 0.25, 0.125, [1]), ("attention", "attn_dropped", 0.125, 0.05, [2])]
+    assert result.reasons == [
+        "attention JS divergence (bits), mean query row 0.3 > 0.1 in head(s) 0, 2 (worst: head 0)",
+        "attention JS divergence (bits), worst query row 0.5 > 0.2 in head(s) 1 (worst: head 1)",
+        "attention top-k key overlap 0 < 0.5 in head(s) 0, 2 (worst: head 2)",
+        "attention |entropy difference| (normalised) 0.25 > 0.125 in head(s) 1, 2 (worst: head 1)",
+        "attention |difference of the share of keys holding 90% of the mass| 0.25 > 0.125 in head(s) 2 (worst: head 2)",
+        "attention |mass difference| on sink keys 0.5 > 0.125 in head(s) 0 (worst: head 0)",
+        "attention |mass difference| on first keys 0.25 > 0.125 in head(s) 1 (worst: head 1)",
+        "attention reference mass on keys we give zero 0.125 > 0.05 in head(s) 2 (worst: head 2)"]
+    row = result.row()
+    assert row["failures"][0]["heads"] == [0, 2]
+    assert "heads" not in apply_rules(_layer({"max_abs": 1.0}), Tolerance(atol=0.0)).row()["failures"][0]
+    unlimited = apply_rules(_attention_layer(attn_js_mean=[1.0, 1.0, 1.0]), Tolerance(attn_js_max=0.2))
+    assert unlimited.verdict == "PASS" and "attn_js_mean" not in unlimited.limits
+
+
+def test_only_finite_four_dimensional_maps_get_head_metrics_with_their_layer_s_key_groups(tmp_path):
+    from parity.compare import compare, judge_tensors
+    from parity.thresholds import Tolerance
+
+    ref, ours = _maps()
+    tol = Tolerance(atol=1.0)
+    judged = judge_tensors("a/probs", "a/probs", ref, ours, None, tol, None, "float32", "float32",
+                           key_groups={"history": (1, 3)})
+    assert judged.metrics["attn_heads"] == 2 and "attn_mass_history_ref" in judged.metrics
+    assert "attn_heads" not in judge_tensors("a/out", "a/out", ref, ours, None, tol, None, "float32", "float32").metrics
+    assert "attn_heads" not in judge_tensors("a/probs", "a/probs", ref[0], ours[0], None, tol, None, "float32",
+                                             "float32").metrics
+    for bad in ("nan", "inf"):
+        broken = ref.copy()
+        broken[0, 0, 0, 0] = float(bad)
+        for a, b in ((broken, ours), (ref, broken)):
+            assert "attn_heads" not in judge_tensors("a/probs", "a/probs", a, b, None, tol, None, "float32",
+                                                     "float32").metrics
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1\n")
+    refs, mine = Capture("ref"), Capture("mlx")
+    for capture, value in ((refs, ref), (mine, ours)):
+        capture.add("a/probs", value)
+        capture.add("b/probs", value)
+    result = compare("c", "float32", refs, mine, rules, key_groups={"a/*": {"history": (1, 3)}})
+    metrics = {l.name: l.metrics for l in result.layers}
+    assert metrics["a/probs"]["attn_groups"] == {"first": [0, 1], "history": [1, 3]}
+    assert metrics["b/probs"]["attn_groups"] == {"first": [0, 1]}
+
+
+def test_a_partial_run_need_not_match_every_layer_glob(tmp_path):
+    from parity.compare import compare
+    from parity.thresholds import ThresholdsError
+
+    rules = _rules(tmp_path, "[defaults.float32]\natol = 1\n[components.c.float32.layers]\n'zz*' = {atol = 2}\n")
+    ref, ours = Capture("ref"), Capture("mlx")
+    ref.add("a", np.ones(2, np.float32))
+    ours.add("a", np.ones(2, np.float32))
+    assert compare("c", "float32", ref, ours, rules, partial=True).verdict == "PASS"
+    with pytest.raises(ThresholdsError):
+        compare("c", "float32", ref, ours, rules)
+
+
+def test_a_coverage_cell_is_gated_without_a_baseline_and_counted_apart(tmp_path):
+    from parity import gate
+    from parity.outcome import GateResult, Outcome
+
+    report = _report(_row("a", max_abs=1e-6), variant="c[dim=8]", lineage=None)
+    cell = gate.evaluate(report, _rules(tmp_path), None, no_baseline=gate.COVERAGE_NOTE)
+    assert (cell.component, cell.notes, cell.passed) == ("c[dim=8]", [gate.COVERAGE_NOTE], True)
+    other = gate.evaluate(_report(_row("a", max_abs=1e-6)), _rules(tmp_path), None, no_baseline="why")
+    assert (other.component, other.notes) == ("c", ["no baseline (why): gated on absolute thresholds only"])
+    known = _baseline(tmp_path, _row("a", max_abs=1e-6))
+    inherited = gate.evaluate(_report(_row("a", max_abs=1.5e-6), variant="c[x=1]"),
+                              _rules(tmp_path, GATE_LIMITS + "[components.c.float32]\nbaseline_factor = 1.0\n"), known)
+    assert [f.metric for f in inherited.failures] == ["max_abs"]  # a variant's limits are its component's
+    passing = Outcome("d", "float32", ["x"], baseline_path="baselines/d-float32.json")
+    text = gate.summary(GateResult([passing, cell, Outcome("e", "float32", ["y"])], None, 1.0))
+    assert text.splitlines()[-2] == "gate PASS: 3/3 component runs pass (3 layers; baselines for 1/2; 1 coverage cells)"
