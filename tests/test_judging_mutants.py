@@ -2169,6 +2169,9 @@ def test_each_attention_limit_fails_the_heads_that_break_it_naming_the_worst():
     assert "heads" not in apply_rules(_layer({"max_abs": 1.0}), Tolerance(atol=0.0)).row()["failures"][0]
     unlimited = apply_rules(_attention_layer(attn_js_mean=[1.0, 1.0, 1.0]), Tolerance(attn_js_max=0.2))
     assert unlimited.verdict == "PASS" and "attn_js_mean" not in unlimited.limits
+    assert unlimited.limits["attn_js_max"] == 0.2  # a limit not set skips its rule only, not the ones after it
+    first_only = apply_rules(_attention_layer(attn_mass_first_mlx=[0.5, 0.0, 0.5]), Tolerance(attn_mass_diff=0.125))
+    assert [(f.metric, f.heads) for f in first_only.failures] == [("attn_mass_first", [1])]  # after a passing sink
 
 
 def test_only_finite_four_dimensional_maps_get_head_metrics_with_their_layer_s_key_groups(tmp_path):
@@ -2229,3 +2232,47 @@ def test_a_coverage_cell_is_gated_without_a_baseline_and_counted_apart(tmp_path)
     passing = Outcome("d", "float32", ["x"], baseline_path="baselines/d-float32.json")
     text = gate.summary(GateResult([passing, cell, Outcome("e", "float32", ["y"])], None, 1.0))
     assert text.splitlines()[-2] == "gate PASS: 3/3 component runs pass (3 layers; baselines for 1/2; 1 coverage cells)"
+
+
+def test_the_sample_s_budget_is_excused_on_the_sample_s_own_error():
+    from parity.compare import _check_budget
+    from parity.thresholds import Tolerance
+
+    def judged(**metrics):
+        result = _layer({"max_abs": 1.0, "sample_budget_ratio": 3.0, **metrics}, dtype_mlx="bfloat16")
+        _check_budget(result, Tolerance(budget_ratio=2.0), Tolerance(atol=0.01), prefix="sample_")
+        return result
+
+    small = judged(sample_max_abs=0.001)  # the whole tensor's error is large, the sample's within float32 limits
+    assert small.verdict == "PASS" and small.metrics["sample_budget_excused"] is True
+    assert judged(sample_max_abs=0.5).verdict == "FAIL"
+    assert judged(max_abs=0.001).verdict == "PASS"  # no sample error recorded: the tensor's
+    for scale in (0.0, None):  # no reference extent: the float32 limit is atol alone
+        zero = _layer({"max_abs": 0.05, "budget_ratio": 3.0, "ref_max_abs": scale}, dtype_mlx="bfloat16")
+        _check_budget(zero, Tolerance(budget_ratio=2.0), Tolerance(atol=0.01, rtol=0.1))
+        assert zero.verdict == "FAIL"
+
+
+def test_each_statistic_of_a_stats_only_layer_fails_past_the_abs_limit_only():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    limit = 0.5 + 0.25 * 2.0  # atol + rtol * max|ref|
+    stats = {"stats_only": True, "sample_max_abs": 0.0, "sample_cosine": 1.0, "sample_max_rel": 0.0,
+             "diff_mean": limit, "diff_std": 0.0, "diff_max": 2.0, "diff_rms": None}
+    result = apply_rules(_layer(stats), Tolerance(atol=0.5, rtol=0.25))
+    assert _failures(result) == [("absolute", "max", 2.0, limit, "max differs by 2 > 1")]  # mean at the limit passes
+
+
+def test_a_stats_only_sample_is_judged_on_its_own_max_rel_and_budget_and_a_zero_extent_on_atol():
+    from parity.compare import apply_rules
+    from parity.thresholds import Tolerance
+
+    sample = {"stats_only": True, "sample_max_abs": 0.001, "sample_cosine": 1.0, "sample_max_rel": 0.5}
+    result = apply_rules(_layer(sample), Tolerance(max_rel=0.01))
+    assert result.reasons == ["sample max rel 0.5 > 0.01"]
+    bf16 = apply_rules(_layer({**sample, "sample_max_rel": 0.0, "sample_budget_ratio": 3.0}, dtype_mlx="bfloat16"),
+                       Tolerance(budget_ratio=2.0), Tolerance(atol=0.01))
+    assert bf16.verdict == "PASS" and bf16.metrics["sample_budget_excused"] is True  # within the float32 limits
+    for scale in (0.0, None):  # no reference extent: the abs limit is atol alone
+        assert apply_rules(_layer({"max_abs": 0.05, "ref_max_abs": scale}), Tolerance(atol=0.01, rtol=0.1)).verdict == "FAIL"
