@@ -436,6 +436,17 @@ def _stats(capture: Capture, name: str) -> dict[str, Any]:
     return tensor_stats(np.asarray(capture[name]), capture.dtypes[name])
 
 
+#: Why a reference attention map is excluded when the MLX side records none (a port without map taps).
+NO_MAPS = "the MLX side records no attention maps (a diagnostic, recomputed from q and k: see README, Attention maps)"
+
+
+def _maps_not_recorded(ref: Capture, mlx: Capture, alignment: Alignment) -> bool:
+    """The reference recorded attention maps and the MLX side none of them: a port that has no way to
+    record maps is not judged on them; one that records some is judged on all."""
+    maps = [name for name in ref.order if attention.is_map(name)]
+    return bool(maps) and not any(alignment.target(name)[0] in mlx for name in maps)
+
+
 def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: Thresholds,
             alignment: Alignment | Mapping[str, Any] | None = None, truth: Capture | None = None,
             judged: Mapping[str, LayerResult] | None = None, crash: Crash | None = None,
@@ -459,11 +470,12 @@ def compare(component: str, dtype: str, ref: Capture, mlx: Capture, thresholds: 
     alignment = judge.alignment
     alignment.check_exclusions(ref.order, mlx.order)
     missing_note = f" ({crash.label})" if crash else ""
+    no_maps = _maps_not_recorded(ref, mlx, alignment) if crash is None else False
     layers = []
     matched = set()
     for name in ref.order:
         mlx_name, adapter = alignment.target(name)
-        reason = alignment.excluded(name, "ref")
+        reason = NO_MAPS if no_maps and attention.is_map(name) else alignment.excluded(name, "ref")
         if reason is not None:
             layers.append(LayerResult(name, mlx_name, EXCLUDED, [], {}, ref.shapes[name], None, ref.dtypes[name],
                                       excluded=reason))

@@ -27,17 +27,20 @@ INCOMPLETE = "INCOMPLETE"
 
 
 def writable_folder(path: str | Path, option: str) -> Path:
-    """``path`` as a folder we can write into (created if need be), or an :class:`InputError` naming ``option``.
+    """``path`` as a folder we can write into, or an :class:`InputError` naming ``option``.
 
-    Checked before anything runs (by writing and removing a probe file), so a bad ``--out`` costs
-    nothing and leaves no run folder behind.
+    Checked before anything runs, and without creating anything (a probe file is written and removed
+    in the nearest existing folder on the way to it): a bad ``--out``, or any input error found after
+    this check, costs nothing and leaves no folder behind. Writers create the folder when they write.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{option} {path}: is a file, expected a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, expected a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".parity-probe-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".parity-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:

@@ -27,6 +27,12 @@ def _budget(result: LayerResult | None) -> float | None:
     return result.metrics.get("budget_ratio") if result is not None else None
 
 
+def _failure(label: str, result: LayerResult) -> str:
+    """A local failure's reasons, led by its own layer's name when the unit's label does not say it."""
+    reasons = "; ".join(result.reasons)
+    return reasons if result.name in (label, f"teacher_forcing/{label}") else f"{result.name}: {reasons}"
+
+
 def sections(labels: Sequence[str], local: Sequence[LayerResult], inherited: Sequence[LayerResult | None],
              diverged: Sequence[bool], dtype: str, unit: str = "block") -> list[Section]:
     """``teacher_forcing`` (curves of both errors per unit; fails with the culprit) and ``teacher_forcing_{unit}s`` (a table).
@@ -43,7 +49,7 @@ def sections(labels: Sequence[str], local: Sequence[LayerResult], inherited: Seq
     culprit_index = next((i for i, r in enumerate(local) if r.verdict == FAIL), None)
     culprit = labels[culprit_index] if culprit_index is not None else None
     crossing = next((labels[i] for i, bad in enumerate(diverged) if bad), None)
-    why = f" ({'; '.join(local[culprit_index].reasons)})" if culprit_index is not None else ""
+    why = f" ({_failure(labels[culprit_index], local[culprit_index])})" if culprit_index is not None else ""
     note = (f"culprit (first {unit} whose own, teacher-forced error breaks its limit): {culprit or 'none'}{why}; "
             f"free-running error first crosses at: {crossing or 'none'}. Each {unit} of ours runs on the reference's "
             f"input to it and is judged against the reference's output by the layers' rules"

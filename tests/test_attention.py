@@ -283,7 +283,8 @@ def test_attention_command_and_html(monkeypatch, tmp_path, capsys):
     assert main(["report", str(report_dir), "--no-index", "--quiet"]) == 0
     html = (report_dir / "report.html").read_text()
     section = html[html.index('<h2 id="attention">'):html.index("<h2>Tensors</h2>")]
-    assert section.count("<img") == 4  # entropy and mass curves, one grid per map layer
+    assert section.count("<img") == 2 + 4  # entropy and mass curves, one grid per map layer (of both calls)
+    assert 'alt="reference, MLX and difference attention maps of call2/attn2/probs"' in section
     assert "Worst heads of <code>attn1/probs</code>" in section and 'badge FAIL' in section
 
     report = json.loads((report_dir / "report.json").read_text())  # names are escaped

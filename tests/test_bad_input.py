@@ -218,7 +218,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_incomplete(tmp_path):
         if "toy_sleep: ready" in line:
             break
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]

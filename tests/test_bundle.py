@@ -25,7 +25,7 @@ def _without_torch(tmp_path: Path) -> dict:
 
 
 def _run(args, env, cwd):
-    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def _metrics(rows):

@@ -226,7 +226,7 @@ def test_screenshot(rendered, tmp_path):
     out = tmp_path / "shot.png"
     env = {**os.environ, "HOME": str(tmp_path)}
     subprocess.run([str(REPO / "scripts" / "screenshot_report.sh"), str(report_dir / "report.html"), str(out),
-                    "1200x1400"], check=True, timeout=120, env=env, capture_output=True)
+                    "1200x1400"], check=True, timeout=600, env=env, capture_output=True)
     pixels = matplotlib.image.imread(out)
     assert pixels.shape[:2] == (1400, 1200)
     assert pixels[..., :3].std() > 0.05  # not a blank page

@@ -54,7 +54,7 @@ def test_failing_run_names_first_diverging_layer(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "E * parity FAIL: rope float32, 4/13 layers fail",
+        "E * parity FAIL: rope float32, 8/26 layers fail",
         "E * first diverging layer: helios/q_rot",
         "E * max abs * > *; cosine * < 0.99999 (1 - cos = *)",
         "E * worst layer: helios/k_rot  cosine *",

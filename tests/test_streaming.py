@@ -32,13 +32,18 @@ class _FaultyRope(RopeComponent):
         return record_taps(_Scaling(capture, self.layer, self.scale))
 
 
+def first_call(result):
+    """A run's report rows without the second call's (a streaming run makes none)."""
+    return [row for row in result.report["layers"] if not row["layer"].startswith("call2/")]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streaming_gives_the_in_memory_rows(tmp_path, dtype):
     memory = run_component("rope", dtype, out_dir=tmp_path / "memory")
     streamed = run_component("rope", dtype, out_dir=tmp_path / "stream", streaming=True)
     no_report = run_component("rope", dtype, out_dir=None, streaming=True)
     assert memory.verdict == streamed.verdict == no_report.verdict == "PASS"
-    assert memory.report["layers"] == streamed.report["layers"] == no_report.report["layers"]
+    assert first_call(memory) == streamed.report["layers"] == no_report.report["layers"]
     assert memory.report["summary"] == streamed.report["summary"]
     # the dumps are the same files, described by the same manifest
     manifest = json.loads((streamed.report_dir / "manifest.json").read_text())
@@ -64,7 +69,7 @@ def test_streaming_finds_the_same_first_divergence(tmp_path):
     memory = run_component(faulty, out_dir=None)
     streamed = run_component(faulty, out_dir=None, streaming=True)
     assert memory.first_divergence == streamed.first_divergence == "wan/cos"
-    assert memory.report["layers"] == streamed.report["layers"]
+    assert first_call(memory) == streamed.report["layers"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

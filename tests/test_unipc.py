@@ -34,11 +34,12 @@ def sections(result):
 
 
 def layer_names(steps, corrector_steps=None):
+    """A float32 run's layers: the trajectory, then the same again from the second call (``call2/``)."""
     corrector_steps = range(1, steps) if corrector_steps is None else corrector_steps
     names = ["sigmas", "timesteps"]
     for k in range(steps):
         names += [f"step{k}/corrector"] * (k in corrector_steps) + [f"step{k}/predictor", f"step{k}/sample"]
-    return names
+    return names + [f"call2/{name}" for name in names]
 
 
 def assert_first_divergence(result, layer, still_passing=()):
@@ -103,11 +104,12 @@ def test_float32_other_seeds(seed):
 
 
 def test_final_step_lands_on_the_x0_prediction():
-    """Final sigma 0, order 1: the last predictor returns the x0 of the corrected last sample (h = inf handled)."""
+    """Final sigma 0, order 1: the last predictor returns the x0 of the corrected last sample (h = inf handled).
+    The scheduler object holds the state of the run's last trajectory: the second call's."""
     result = run(steps=5)
     scheduler = result.context.mlx_model.scheduler
-    assert scheduler.sigmas[-1] == 0 and np.isfinite(result.context.mlx["step4/sample"]).all()
-    np.testing.assert_allclose(result.context.mlx["step4/sample"], np.array(scheduler.model_outputs[-1]),
+    assert scheduler.sigmas[-1] == 0 and np.isfinite(result.context.mlx["call2/step4/sample"]).all()
+    np.testing.assert_allclose(result.context.mlx["call2/step4/sample"], np.array(scheduler.model_outputs[-1]),
                                rtol=0, atol=1e-6)
 
 

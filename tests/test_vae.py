@@ -13,7 +13,9 @@ BLOCKS = ["conv_in", *[f"down_blocks.{i}" for i in range(11)],
 
 
 def layer_names(chunks):
-    return [f"chunk{i}/{b}" for i in range(chunks) for b in BLOCKS] + ["quant_conv", "latents"]
+    """A float32 run's layers: the encoding, then the same again from the second call (``call2/``)."""
+    first = [f"chunk{i}/{b}" for i in range(chunks) for b in BLOCKS] + ["quant_conv", "latents"]
+    return first + [f"call2/{name}" for name in first]
 
 
 def chunk_layers(result, chunk):

@@ -15,7 +15,8 @@ ENCODER_BLOCKS = ["conv_in", *[f"down_blocks.{i}" for i in range(11)],
 def layer_names(chunks):
     encode = [f"encode/chunk{c}/{b}" for c in range(chunks) for b in ENCODER_BLOCKS] + ["encode/quant_conv", "encode/latents"]
     decode = [f"decode/chunk{c}/{b}" for c in range(chunks) for b in DECODER_BLOCKS]
-    return [*encode, "decode/post_quant_conv", *decode, "decode/frames"]
+    first = [*encode, "decode/post_quant_conv", *decode, "decode/frames"]
+    return first + [f"call2/{name}" for name in first]  # the second call
 
 
 def vs_input(result):
