@@ -16,24 +16,26 @@ fi
 started=$(date +%s)
 "$MUTMUT" run ${MUTATION_CHILDREN:+--max-children "$MUTATION_CHILDREN"} "$@" || true  # its exit status says nothing about the score; the summary below does
 echo "wall time: $(( $(date +%s) - started ))s"
-"$MUTMUT" results --all true | python3 -c '
-import collections, sys
+"$MUTMUT" results --all true > mutants/results.txt
+python3 - <<'PY'
+import collections
 # "    parity.compare.x_f__mutmut_3: killed" -> per module: status counts
 counts = collections.defaultdict(collections.Counter)
-for line in sys.stdin:
+for line in open("mutants/results.txt"):
     name, _, status = line.strip().rpartition(": ")
     if name.startswith("parity."):
         counts[name.split(".")[1]][status] += 1
 total = collections.Counter()
-for module, c in sorted(counts.items()):
+for c in counts.values():
     total.update(c)
-def score(c):
-    checked = sum(c.values()) - c["not checked"] - c["skipped"]
-    return checked, c["killed"] + c["timeout"], 100 * (c["killed"] + c["timeout"]) / max(checked, 1)
 for module, c in sorted(counts.items()) + [("total", total)]:
-    checked, detected, pct = score(c)
-    rest = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("killed", "timeout"))
-    print(f"{module:12} {detected}/{checked} killed or timed out ({pct:.1f}%){'; ' + rest if rest else ''}")
-'
+    checked = sum(c.values()) - c["not checked"] - c["skipped"]
+    if not checked:
+        continue
+    detected = c["killed"] + c["timeout"]
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("killed", "timeout", "not checked"))
+    print(f"{module:12} {detected}/{checked} killed or timed out ({100 * detected / checked:.1f}%)"
+          + (f"; {rest}" if rest else ""))
+PY
 echo "survivors (mutmut show NAME for the diff):"
 "$MUTMUT" results | grep -v ": killed$\|: not checked$" || true

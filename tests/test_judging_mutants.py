@@ -198,17 +198,21 @@ def test_a_run_is_incomplete_until_marked_complete_and_says_why(tmp_path):
 
 
 def test_output_folders_and_files_are_probed_before_anything_runs(tmp_path):
-    made = dumps.writable_folder(tmp_path / "a" / "b", "--out")
-    assert made.is_dir() and list(made.iterdir()) == []  # the probe file is removed
+    assert dumps.writable_folder(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # nothing created, the probe file removed
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError) as err:
         dumps.writable_folder(tmp_path / "f", "--out")
     assert str(err.value) == f"--out {tmp_path / 'f'}: is a file, expected a folder"
     with pytest.raises(InputError) as err:
+        dumps.writable_folder(tmp_path / "f" / "sub", "--out")
+    assert str(err.value) == f"--out {tmp_path / 'f' / 'sub'}: {tmp_path / 'f'} is a file, expected a folder"
+    (tmp_path / "a").mkdir()
+    with pytest.raises(InputError) as err:
         dumps.writable_file(tmp_path / "a", "--junit")
     assert str(err.value) == f"--junit {tmp_path / 'a'}: is a folder, expected a file"
     assert dumps.writable_file(tmp_path / "new" / "j.xml", "--junit") == tmp_path / "new" / "j.xml"
-    assert (tmp_path / "new").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "f"]
 
 
 def test_files_are_written_with_the_permissions_of_ordinary_files(tmp_path):
