@@ -10,7 +10,7 @@ endif
 PY := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.parity-installed
 
-.PHONY: setup parity test gate screenshots clean-reports
+.PHONY: setup parity test gate mutation screenshots clean-reports
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 # The gate alone, from the command line, with JUnit XML for CI dashboards.
 gate: $(STAMP)
 	$(PY) -m parity gate --dtype all --require-baselines --junit reports/junit.xml
+
+# The mutation check of the judging core (hours on 2 cores; not part of `make test`). docs/mutation.md
+mutation: $(STAMP)
+	@test -x $(ENV_DIR)/bin/mutmut || $(PY) -m pip install --quiet --disable-pip-version-check "mutmut>=3.8,<4"
+	PATH=$(ENV_DIR)/bin:$$PATH MUTMUT=$(ENV_DIR)/bin/mutmut bash scripts/mutation_check.sh
 
 # Redraws the README's screenshots (docs/screenshots) in headless Chromium; commit what it writes.
 screenshots: $(STAMP)
