@@ -211,9 +211,11 @@ def test_a_bug_is_an_internal_error_with_its_traceback(tmp_path):
 
 
 def test_ctrl_c_exits_130_and_marks_the_run_incomplete(tmp_path):
+    # SIGINT back to its default in the child: a shell running these tests in the background ignores it
     process = subprocess.Popen([sys.executable, "-m", "parity", "run", "toy", "toy_sleep", "--component-module", TOYS,
                                 "--dtype", "float32", "--out", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stderr:
         if "toy_sleep: ready" in line:
             break
