@@ -40,8 +40,8 @@ from parity.compare import Comparison, Judge, compare
 from parity.component import Component, RunContext, Section
 from parity.dumps import new_run_dir, write_json, write_npy, writable_folder
 from parity.progress import SILENT, Progress
-from parity.runner import (check_dtype, finish_run, git_commit, judge_for, prepare, run_meta, run_reference,
-                           run_sides, sections, versions)
+from parity.runner import (check_dtype, explanation, finish_run, git_commit, judge_for, prepare, run_meta,
+                           run_reference, run_sides, sections, versions)
 from parity.streaming import StreamCapture, spool_dir, stats_predicate
 from parity.vocab import InputError, canonical_json, inside, load_json, load_npy
 from parity.weights import read_checkpoint, select_prefix
@@ -344,6 +344,7 @@ def compare_bundle(
         run = run_against(opened, thresholds, spool, tmp, keep_mlx=report_dir is not None, progress=progress)
         meta = run_meta(run.setup, thresholds, run.sides.crashes, run.calibrated)
         meta["second_call"] = "not made: a reference bundle holds the reference's first call only"
+        meta["explanation"] = explanation(run.setup, run.judge, run.comparison, run.context, progress)  # tensor hypotheses
         manifest = opened.manifest
         meta["ref_bundle"] = {"path": str(opened.path), "created": manifest.get("created"),
                               "versions": manifest.get("versions"), "git_commit": manifest.get("git_commit")}

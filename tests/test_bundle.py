@@ -166,3 +166,17 @@ def test_not_a_bundle(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(json.dumps({"component": "rope"}))
     assert cli.main(["compare", "rope", "--ref-bundle", str(tmp_path)]) == 2
     assert "is not a reference bundle" in capsys.readouterr().err
+
+
+def test_a_failing_bundle_run_is_explained_from_its_tensors(tmp_path, monkeypatch):
+    """No reference to re-run against a bundle: the explanation tests the tensor hypotheses and says so."""
+    from mlx_impl import rope
+
+    bundle = dump_reference("rope", tmp_path / "rope")
+    correct = rope.apply_rotary_emb
+    monkeypatch.setattr(rope, "apply_rotary_emb", lambda x, cos, sin: correct(x, sin, cos))
+    result = compare_bundle("rope", bundle, out_dir=tmp_path / "reports")
+    assert result.verdict == "FAIL" and result.first_divergence == "helios/q_rot"
+    (entry,) = result.report["explanation"]["layers"]
+    assert entry["layer"] == "helios/q_rot" and entry["tested"] > 0
+    assert any("no reference to re-run" in note for note in entry["notes"])

@@ -50,7 +50,7 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--hypotheses-module", action="append", default=[], metavar="FILE", type=Path,
                         help="a Python file defining HYPOTHESIS/HYPOTHESES: your own entries of the catalog of "
                              "porting mistakes parity explain tests (repeatable)")
-    common.add_argument("--threads", type=positive_int, metavar="N",
+    common.add_argument("--threads", metavar="N",
                         help="threads for torch and BLAS (default: PARITY_THREADS, else one for a small reference "
                              "and the cores this process may use for a big one)")
     common.add_argument("--quiet", action="store_true", help="no progress output")
