@@ -314,3 +314,24 @@ def test_screenshots(site, browser, tmp_path):
         assert png.stat().st_size < MAX_BYTES
         record[shot["file"]] = template_hash(shot["template"])
     (out / "templates.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def test_video_page_of_the_pipelines_frames(browser, tmp_path):
+    """``parity video`` on the frames ``helios_pipeline`` writes (the reference's and ours, 3 chunks of 5
+    frames): the page loads without errors or requests, draws every plot, lists both seams, and shoots."""
+    run_dir = run_component("helios_pipeline", "float32", out_dir=tmp_path, analyses=False).report_dir
+    out = tmp_path / "video"
+    frames = [str(run_dir / side / "video.npy") for side in ("ref", "mlx")]
+    assert cli.main(["video", *frames, "--chunk-frames", "5", "--out", str(out), "--quiet"]) == 0
+    seen = chromium.visit(browser, out / "video.html")
+    try:
+        problems = chromium.error_problems(seen) + chromium.network_problems(seen) + chromium.plot_problems(seen)
+        assert not problems, problems
+        assert len(chromium.plots(seen)) >= 3  # per-frame curves, filmstrip, seams
+        text = seen.page.inner_text("body")
+        assert "4 → 5" in text and "9 → 10" in text  # the seams table: the frames either side of each seam
+        shot = tmp_path / "video.png"
+        seen.page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000  # a drawn page, not a blank one
+    finally:
+        seen.close()
