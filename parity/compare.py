@@ -14,6 +14,9 @@ How a layer is judged (``parity/thresholds.toml`` holds the numbers and their re
 - bfloat16: our RMSE against the float64 truth at most ``budget_ratio`` times the reference's own
   (:func:`parity.metrics.precision_budget`), unless we agree with the reference to the float32
   limits anyway (``budget_excused``: no precision is lost on our side); plus any limits set for it;
+- a float tensor in a wider dtype than the reference's fails (float32 where the reference holds
+  bfloat16: a rounding the reference makes is skipped, which no error budget can flag), unless the
+  layer allows it (``allow_wider_dtype``); a narrower one is judged by the limits above;
 - a tensor with NaN/Inf fails, and its metrics (computed over finite elements) are not shown as
   if they meant anything: cosine and errors are ``None`` ("not available");
 - an attention map (``<attention>/probs``, :mod:`parity.attention`) also has per-head limits
@@ -44,8 +47,8 @@ FINITE_ONLY = ("cosine", "max_abs", "max_rel", "mean_abs", "rmse", "snr_db", "bu
 class Failure:
     """One broken rule of one layer."""
 
-    kind: str      # structure (missing, shape, empty, no truth) | absolute (a limit, NaN/Inf, the budget)
-    metric: str    # presence, shape, numel, truth, nan/inf, max_abs, cosine, max_rel, budget_ratio, sample_max_abs, ...
+    kind: str      # structure (missing, shape, a wider dtype, empty, no truth) | absolute (a limit, NaN/Inf, the budget)
+    metric: str    # presence, shape, dtype, numel, truth, nan/inf, max_abs, cosine, max_rel, budget_ratio, sample_max_abs, ...
     value: Any
     limit: Any     # the bound or the expected value
     message: str
@@ -270,6 +273,23 @@ def _check_attention(result: LayerResult, tol: Tolerance) -> None:
                         f"{', '.join(map(str, heads))} (worst: head {worst})", heads)
 
 
+#: Bits of the float dtypes, to tell a wider one (float16 and bfloat16 are the same width, neither wider).
+FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def _check_dtype(result: LayerResult, tol: Tolerance) -> None:
+    """Fail ``result`` when ours is a wider float dtype than the reference's, unless ``tol.allow_wider_dtype``."""
+    ours, ref = FLOAT_BITS.get(result.dtype_mlx or ""), FLOAT_BITS.get(result.dtype_ref or "")
+    if ours is None or ref is None or ours <= ref:
+        return
+    if tol.allow_wider_dtype:
+        result.limits["allow_wider_dtype"] = True
+        return
+    result.fail("structure", "dtype", result.dtype_mlx, result.dtype_ref,
+                f"dtype {result.dtype_mlx} where the reference holds {result.dtype_ref} "
+                f"(a rounding the reference makes is skipped)")
+
+
 def _check_structure(result: LayerResult, adapter: str | None = None) -> None:
     if result.shape_ref is not None and result.shape_mlx is not None and result.shape_ref != result.shape_mlx:
         adapted = f" after adapter {adapter!r}" if adapter else ""
@@ -282,7 +302,7 @@ def _check_structure(result: LayerResult, adapter: str | None = None) -> None:
 def apply_rules(result: LayerResult, tol: Tolerance, exact: Tolerance | None = None) -> LayerResult:
     """The verdict of one layer from its shapes and computed metrics: every rule, in one place.
 
-    Structure (shapes, emptiness) first; then NaN/Inf (whose metrics, computed over finite
+    Structure (shapes, emptiness) first; then the dtype (never wider than the reference's); then NaN/Inf (whose metrics, computed over finite
     elements, become ``None``: not available); then the limits of ``tol`` and, with a float64
     truth, the precision budget. ``exact`` (reduced-precision runs: the layer's float32
     tolerance) excuses the budget when we agree with the reference to float32 limits anyway.
@@ -292,6 +312,7 @@ def apply_rules(result: LayerResult, tol: Tolerance, exact: Tolerance | None = N
         return result
     m = result.metrics
     result.limits.update({k: v for k, v in tol.applied().items() if k in ("atol", "rtol", "cosine_min", "max_rel")})
+    _check_dtype(result, tol)
     if _check_nonfinite(result, m):
         for key in FINITE_ONLY:
             if key in m:

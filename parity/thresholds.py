@@ -53,6 +53,8 @@ class Tolerance:
     attn_sparsity_diff: float | None = None
     attn_mass_diff: float | None = None
     attn_dropped: float | None = None
+    #: A layer may hold a wider float dtype than the reference's (judged in parity.compare._check_dtype).
+    allow_wider_dtype: bool | None = None
     #: Per-layer limits from ``parity calibrate`` (never set in a file): max abs <= this x max|ref|
     #: (float32), budget ratio <= this (bf16); they only ever tighten the limits above.
     calibrated_rel: float | None = None
@@ -87,6 +89,8 @@ KEYS = tuple(k for k in Tolerance.__dataclass_fields__ if not k.startswith("cali
 MINIMUM = {"baseline_factor": 1.0}
 #: Keys with an upper bound: a top-k overlap (a share) above 1 could never be met.
 MAXIMUM = {"attn_topk_min": 1.0}
+#: Keys that take true or false.
+BOOLEAN = ("allow_wider_dtype",)
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,11 @@ def _tolerance(table: dict[str, Any], where: str, allow: Iterable[str] = ()) -> 
             continue
         if key not in KEYS:
             raise ThresholdsError(f"{where}: unknown key {key!r}; expected one of {sorted(KEYS)}")
+        if key in BOOLEAN:
+            if not isinstance(value, bool):
+                raise ThresholdsError(f"{where}.{key}: expected true or false, got {value!r}")
+            values[key] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ThresholdsError(f"{where}.{key}: expected a non-negative number, got {value!r}")
         if value < MINIMUM.get(key, 0):

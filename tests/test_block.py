@@ -279,6 +279,21 @@ def test_fault_bf16_residual_adds_in_mixed_precision(monkeypatch, name, override
 
 
 @pytest.mark.parametrize("name", BLOCKS)
+def test_fault_residual_not_cast_back_caught_by_the_dtype_rule(monkeypatch, name):
+    """The gated residual sum kept in float32 (the cast back to the stream's bf16 dropped): more precise than
+    diffusers, which rounds it, so the precision budget passes it; the dtype rule fails it at residual1."""
+    monkeypatch.setattr(block.TransformerBlock, "gated_residual",
+                        staticmethod(lambda x, u, g: x.astype(mx.float32) + u.astype(mx.float32) * g))
+    result = run_component(name, "bfloat16", out_dir=None)
+    assert result.verdict == "FAIL" and result.first_divergence == "residual1"
+    assert all(l.verdict == "PASS" for l in result.layers[:HELIOS_LAYERS.index("residual1")])
+    residual1 = result.layer("residual1")
+    assert (residual1.dtype_ref, residual1.dtype_mlx) == ("bfloat16", "float32")
+    assert [f.metric for f in residual1.failures] == ["dtype"]  # within the budget: only the dtype rule sees it
+    assert residual1.reasons == ["dtype float32 where the reference holds bfloat16 (a rounding the reference makes is skipped)"]
+
+
+@pytest.mark.parametrize("name", BLOCKS)
 def test_fault_bf16_residual_stream_caught_by_drift_only(monkeypatch, name):
     """A float32 model whose residual stream is rounded to bf16 between blocks (e.g. a bf16 activation cache).
 

@@ -113,6 +113,12 @@ def residual_bf16(mp):  # twin: test_block.py::test_fault_bf16_residual_adds_in_
     return "block_mixed", "bfloat16", FAST_BLOCK
 
 
+def residual_not_cast_back(mp):  # twin: test_block.py::test_fault_residual_not_cast_back_caught_by_the_dtype_rule
+    mp.setattr(block.TransformerBlock, "gated_residual",
+               staticmethod(lambda x, u, g: x.astype(mx.float32) + u.astype(mx.float32) * g))
+    return "block", "bfloat16", FAST_BLOCK
+
+
 def t0_zeros(mp):  # twin: test_time_embedding.py::test_fault_t0_embedding_taken_as_zeros (catalog bug 5)
     def zeros_t0(self, dtype):
         sinusoid = time_embedding.tap("timesteps_proj", mx.zeros((1, self.time_freq_dim)))
@@ -351,6 +357,7 @@ EXPLAINED = [
     (qk_norm_missing, "attn1/q_norm", "missing_norm"),
     (modulation_bf16, "modulation/shift_msa", "bf16_arithmetic"),
     (residual_bf16, "residual1", "residual_bf16"),
+    (residual_not_cast_back, "residual1", "cast_back_missing"),
     (t0_zeros, "t0/timesteps_proj", "zeroed_region"),
     (sin_cos_flipped, "t0/timesteps_proj", "chunk_order"),
     (time_embedder_bf16, "t0/time_embedder", "sublayer_bf16"),

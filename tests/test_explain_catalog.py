@@ -130,6 +130,21 @@ def test_bf16_arithmetic_against_the_float64_truth_in_a_bf16_run():
     assert entry["top"] == "bf16_arithmetic" and "float64" in entry["summary"], entry["summary"]
 
 
+def test_a_missing_cast_back_is_named_and_nothing_else_explains_a_wider_dtype():
+    """A residual sum the reference rounds to bf16, kept in float32 by the port: the dtype rule fails it; only the
+    missing cast back explains it (every other candidate is still a float32 tensor where the reference holds bf16)."""
+    x = bf16(A)
+    truth = x.astype(np.float64) + B.astype(np.float64) * C.astype(np.float64)
+    ours = x + B * C
+    ev = evidence(bf16(ours), ours, "residual1", BF16, "bfloat16", "float32", truth, "bfloat16")
+    assert ev.row["verdict"] == "FAIL" and [f["metric"] for f in ev.row["failures"]] == ["dtype"]
+    entry = top(ev)
+    assert entry["top"] == "cast_back_missing", entry["summary"]
+    assert "the cast back to bfloat16 left out (ours kept in float32)" in entry["summary"]
+    others = top(ev, [h for h in CATALOG if h.name != "cast_back_missing"])
+    assert others["top"] is None and not any(h["explained"] for h in others["hypotheses"])
+
+
 @pytest.mark.parametrize("ours", [TOKENS + normal(*TOKENS.shape, seed=9) * 0.1, np.tanh(TOKENS), TOKENS ** 3],
                          ids=["noise", "tanh", "cube"])
 def test_a_mistake_outside_the_catalog_is_not_a_wrong_guess(ours):

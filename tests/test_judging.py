@@ -154,6 +154,48 @@ def test_budget_ratio_and_its_excusal():
     assert exact.verdict == PASS and exact.metrics.get("budget_excused") is True
 
 
+@pytest.mark.parametrize("ref_dtype", ["bfloat16", "float16"])
+def test_a_layer_wider_than_the_reference_fails_however_precise(ref_dtype):
+    """A port that skips a cast back (float32 where the reference rounds to bf16) is more precise than the
+    reference: no error budget can flag it, the dtype rule does."""
+    truth = RNG.standard_normal(4096)
+    ref = round_to(truth, ref_dtype).astype(np.float32)
+    result = judge_tensors("x", "x", ref, truth.astype(np.float32), truth, BF16, F32, ref_dtype, "float32")
+    assert result.metrics["budget_ratio"] < 0.01  # within the budget: far more precise than the reference
+    assert [(f.kind, f.metric, f.value, f.limit) for f in result.failures] == [("structure", "dtype", "float32", ref_dtype)]
+    assert result.reasons == [f"dtype float32 where the reference holds {ref_dtype} "
+                              "(a rounding the reference makes is skipped)"]
+    assert result.row()["failures"][0]["metric"] == "dtype"  # what the gate and the HTML read
+
+
+@pytest.mark.parametrize("ref_dtype, mlx_dtype", [("float32", "bfloat16"), ("float32", "float32"), ("bfloat16", "float16"),
+                                                  ("float16", "bfloat16"), ("int32", "int64"), ("bool", "float32"),
+                                                  ("float64", "float32")])
+def test_a_narrower_equal_or_non_float_dtype_is_judged_on_its_values(ref_dtype, mlx_dtype):
+    ref = RNG.standard_normal(64).astype(np.float32)
+    result = judge_tensors("x", "x", ref, ref.copy(), None, F32, None, ref_dtype, mlx_dtype)
+    assert result.verdict == PASS, result.reasons
+
+
+def test_a_layer_glob_may_allow_a_wider_dtype(tmp_path):
+    rules = limits('[defaults.float32]\natol = 1e-5\n[defaults.bfloat16]\nbudget_ratio = 2\n[components.c.bfloat16.layers."mod*"]\n'
+                   'allow_wider_dtype = true\n', tmp_path)
+    ref_values = np.linspace(-2, 2, 64)
+    ref, ours = captures({"mod/out": ref_values.astype(np.float16), "out": ref_values.astype(np.float16)},
+                         {"mod/out": ref_values.astype(np.float32), "out": ref_values.astype(np.float32)})
+    layers = {layer.name: layer for layer in compare("c", "bfloat16", ref, ours, rules).layers}
+    assert layers["mod/out"].verdict == PASS and layers["mod/out"].limits["allow_wider_dtype"] is True
+    assert [f.metric for f in layers["out"].failures] == ["dtype"]
+    assert rules.for_layer("c", "bfloat16", "mod/out").allow_wider_dtype is True
+    assert rules.for_layer("c", "bfloat16", "out").allow_wider_dtype is None
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", '"yes"'])
+def test_allow_wider_dtype_takes_true_or_false(tmp_path, value):
+    with pytest.raises(thresholds.ThresholdsError, match=r"layers\.'x\*'\.allow_wider_dtype: expected true or false"):
+        limits(f'[components.c.bfloat16.layers."x*"]\nallow_wider_dtype = {value}\n', tmp_path)
+
+
 def test_round_to_bfloat16_is_round_to_nearest_even():
     x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -1 - 2**-9, 1 + 2**-7 + 2**-9], np.float32)
     assert round_to(x, "bfloat16").tolist() == [1.0, 1.0, 1 + 2**-6, -1.0, 1 + 2**-7]  # ties to even

@@ -674,7 +674,7 @@ def test_a_tolerance_merges_key_by_key_and_reports_only_what_is_set():
     ("[defaults.float32]\natol = '1'\n", "{path}: [defaults.float32].atol: expected a non-negative number, got '1'"),
     ("[defaults.float32]\nbaseline_factor = 0.5\n", "{path}: [defaults.float32].baseline_factor: must be at least 1, got 0.5"),
     ("[defaults.float32]\nbogus = 1\n", "{path}: [defaults.float32]: unknown key 'bogus'; expected one of "
-     "['atol', 'attn_dropped', 'attn_entropy_diff', 'attn_js_max', 'attn_js_mean', 'attn_mass_diff', "
+     "['allow_wider_dtype', 'atol', 'attn_dropped', 'attn_entropy_diff', 'attn_js_max', 'attn_js_mean', 'attn_mass_diff', "
      "'attn_sparsity_diff', 'attn_topk_min', 'baseline_factor', 'budget_ratio', 'cosine_min', 'drift_ratio', "
      "'max_rel', 'rounding_excess', 'rtol']"),
     ("[defaults]\nfloat32 = 1\n", "{path}: [defaults.float32]: expected a table, got 1"),
@@ -685,6 +685,8 @@ def test_a_tolerance_merges_key_by_key_and_reports_only_what_is_set():
     ("[components.c.float32]\nlayers = 1\n", "{path}: [components.c.float32].layers: expected a table of glob = {...}"),
     ("[components.c.float32.layers]\n'a*' = {atol = -2}\n",
      "{path}: [components.c.float32].layers.'a*'.atol: expected a non-negative number, got -2"),
+    ("[components.c.bfloat16.layers]\n'a*' = {allow_wider_dtype = 1}\n",
+     "{path}: [components.c.bfloat16].layers.'a*'.allow_wider_dtype: expected true or false, got 1"),
     ("[other]\nx = 1\n", "{path}: unknown top-level table [other]; expected defaults or components"),
 ])
 def test_a_malformed_thresholds_file_names_the_file_table_and_key(tmp_path, text, message):

@@ -96,6 +96,7 @@ CATALOG: tuple[Hypothesis, ...] = (
       schedule.linspace_endpoint, SCHEDULE, SCHEDULE_LAYERS),
     # precision
     H("float32_schedule", "computed in float32 where the reference computes in float64", precision.float32_schedule),
+    H("cast_back_missing", "a cast back to the reference's dtype left out (a wider dtype kept)", precision.cast_back_missing),
     H("rounded_once", "rounded once to bf16 / fp16 where the reference keeps more precision", precision.rounded_once),
     H("sublayer_bf16", "computed in bf16 where the reference keeps float32 (softmax, accumulation)",
       reference.sublayer_bf16, REFERENCE),

@@ -56,9 +56,11 @@ def tolerance_of(row: Mapping[str, Any]) -> Tolerance:
     calibrated = limits.get("calibrated") or []
     keys = ("atol", "rtol", "cosine_min", "max_rel", "budget_ratio", "rounding_excess", *(r[0] for r in ATTENTION_RULES))
     kept = {k: limits[k] for k in keys if isinstance(limits.get(k), (int, float))}
-    extra: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     if "budget_ratio" in calibrated and "budget_ratio" in kept:
         extra["calibrated_budget"] = kept["budget_ratio"]
+    if limits.get("allow_wider_dtype") is True:
+        extra["allow_wider_dtype"] = True
     ref_max = row.get("ref_max_abs")
     if "abs_limit" in calibrated and isinstance(limits.get("abs_limit"), (int, float)) and ref_max:
         extra["calibrated_rel"] = limits["abs_limit"] / ref_max

@@ -49,6 +49,18 @@ def _computed_in(evidence: Evidence, once: bool) -> Iterator[Candidate]:
                         round_to(evidence.ref, dtype), np.asarray(truth, np.float64), precision=dtype)
 
 
+def cast_back_missing(evidence: Evidence) -> Iterator[Candidate]:
+    """Ours held in a wider float dtype than the reference's (the dtype rule failed it): ours rounded to the
+    reference's dtype, as the missing cast back would, judged by the rules of that dtype."""
+    if evidence.dtype_ref not in WIDER or evidence.dtype_mlx not in WIDER[evidence.dtype_ref] \
+            or evidence.ours.shape != evidence.ref.shape:
+        return
+    truth = evidence.truth if evidence.truth is not None else evidence.ref
+    yield Candidate(f"the cast back to {evidence.dtype_ref} left out (ours kept in {evidence.dtype_mlx})", evidence.ref,
+                    np.asarray(truth, np.float64), ours=round_to(evidence.ours, evidence.dtype_ref),
+                    precision=evidence.dtype_ref)
+
+
 def rounded_once(evidence: Evidence) -> Iterator[Candidate]:
     yield from _computed_in(evidence, once=True)
 
