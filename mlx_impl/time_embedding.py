@@ -64,10 +64,10 @@ class TimeTextEmbedding(nn.Module):
         self.text_embedder = TextProjection(text_embed_dim, dim)
 
     def embed_time(self, timesteps: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """``(temb, timestep_proj)`` for ``timesteps``; temb is cast to the model's ``dtype`` before the projection."""
+        """``(temb, timestep_proj)`` for ``timesteps``; temb is cast to the model's ``dtype`` (tap ``temb``), then projected."""
         sinusoid = tap("timesteps_proj", self.sinusoid(timesteps))
         temb = tap("time_embedder", self.time_embedder(sinusoid.astype(self.time_embedder.linear_1.weight.dtype)))
-        temb = temb.astype(dtype)
+        temb = tap("temb", temb.astype(dtype))
         return temb, tap("time_proj", linear(self.time_proj, nn.silu(temb)))
 
     def sinusoid(self, timesteps: mx.array) -> mx.array:

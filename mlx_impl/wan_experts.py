@@ -24,12 +24,13 @@ rounding; the taps then hold both halves (see below).
 
 Taps: ``expert_high/text_embedding`` and ``expert_high/negative_text_embedding`` (with CFG),
 the same for ``expert_low``; ``sigmas``, ``timesteps``; per step ``step{k}/expert``
-(:data:`HIGH` or :data:`LOW`, diffusers' ``transformer`` / ``transformer_2``), ``step{k}/cond``,
-``step{k}/uncond`` (with CFG), ``step{k}/guided`` (the scheduler's input), then the scheduler's
+(:data:`HIGH` or :data:`LOW`, diffusers' ``transformer`` / ``transformer_2``), ``step{k}/cond/temb``
+(the expert's time embedding after its cast to the model dtype) and ``step{k}/cond``, the same for
+``uncond`` (with CFG), ``step{k}/guided`` (the scheduler's input), then the scheduler's
 ``step{k}/corrector``, ``step{k}/predictor``, ``step{k}/sample``. With ``batch_cfg`` the text
 embeddings are ``{expert}/text_embedding`` of batch 2B and the two predictions one
-``step{k}/noise_pred`` (``[cond; uncond]`` along the batch axis). The experts' own layers are not
-tapped (the ``wan_transformer`` component compares them).
+``step{k}/noise_pred`` (``[cond; uncond]`` along the batch axis; its ``temb`` ``step{k}/noise_pred/temb``).
+The experts' other layers are not tapped (the ``wan_transformer`` component compares them).
 """
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_impl import unipc as U
-from mlx_impl.taps import muted, tap, tap_scope
+from mlx_impl.taps import muted, renamed, tap, tap_scope
 from mlx_impl.transformer import WanTransformer
 
 #: Tap prefixes of the two experts, in diffusers' order (``transformer``, ``transformer_2``).
 EXPERTS = ("expert_high", "expert_low")
+#: The expert's tap of its condition embedding's ``temb`` (after the cast to the model dtype), kept per call.
+TEMB = "condition_embedder/main/temb"
 #: ``step{k}/expert`` values: diffusers' ``transformer`` (high-noise) and ``transformer_2`` (low-noise).
 HIGH, LOW = 1, 2
 
@@ -102,18 +105,24 @@ def text_contexts(experts: Sequence[WanTransformer], text: mx.array, negative: m
     return contexts
 
 
+def expert_call(label: str):
+    """Inside an expert's call only its ``temb`` tap is recorded, as ``{label}/temb`` (in the active scopes)."""
+    return renamed(lambda name: name.replace(TEMB, f"{label}/temb") if name.endswith(f"/{TEMB}") else None)
+
+
 def predict(model: WanTransformer, latents: mx.array, t: int, contexts: list[mx.array]) -> list[mx.array]:
-    """The expert's predictions ``[cond]`` or ``[cond, uncond]``, tapped as ``cond`` / ``uncond``; from one call
-    of batch 2B when ``contexts`` is one ``[prompt; negative]`` batch (tapped ``noise_pred``)."""
+    """The expert's predictions ``[cond]`` or ``[cond, uncond]``, tapped as ``cond`` / ``uncond`` (after each call's
+    ``cond/temb`` / ``uncond/temb``); from one call of batch 2B when ``contexts`` is one ``[prompt; negative]`` batch
+    (tapped ``noise_pred/temb``, ``noise_pred``)."""
     b = latents.shape[0]
     if contexts[0].shape[0] == b:
         predictions = []
         for name, context in zip(("cond", "uncond"), contexts):
-            with muted():
+            with expert_call(name):
                 predictions.append(model(latents, mx.array(np.full((b,), t)), context=context))
             tap(name, predictions[-1])
         return predictions
-    with muted():
+    with expert_call("noise_pred"):
         both = model(mx.concatenate([latents, latents]), mx.array(np.full((2 * b,), t)), context=contexts[0])
     tap("noise_pred", both)
     return [both[:b], both[b:]]

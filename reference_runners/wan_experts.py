@@ -23,9 +23,10 @@ and ``expert_high/negative_text_embedding`` (with CFG; the same for ``expert_low
 own ``condition_embedder.text_embedder`` on the prompts the pipeline hands it (cast to the
 transformer's dtype as ``__call__`` casts them), computed before the loop (the forward computes
 the same at every call); ``sigmas`` and ``timesteps`` as ``set_timesteps`` leaves them; per step
-``step{k}/expert`` (1: ``transformer``, 2: ``transformer_2``) and ``step{k}/cond`` /
-``step{k}/uncond`` (each expert's output, named by the ``cache_context`` label the pipeline opens
-around the call), ``step{k}/guided`` (the ``model_output`` the pipeline passes to
+``step{k}/expert`` (1: ``transformer``, 2: ``transformer_2``), ``step{k}/cond/temb`` and
+``step{k}/cond`` (the same for ``uncond``: the expert's ``condition_embedder``'s ``temb``, which it
+casts to the text's dtype, then the expert's output, named by the ``cache_context`` label the
+pipeline opens around the call; forward hooks removed after the call), ``step{k}/guided`` (the ``model_output`` the pipeline passes to
 ``scheduler.step``), the solver's ``step{k}/corrector`` / ``step{k}/predictor``
 (:func:`reference_runners.unipc.recorded_updates`) and ``step{k}/sample`` (``step``'s result).
 
@@ -94,7 +95,7 @@ def pipeline(reference: Reference) -> Any:
 
 @contextmanager
 def recorded_loop(pipe: Any, capture: Capture) -> Iterator[None]:
-    """Record each step's expert, predictions, guided prediction and sample (see the module docstring)."""
+    """Record each step's expert, time embeddings, predictions, guided prediction and sample (see the module docstring)."""
     state = {"step": 0, "call": None}
     scheduler, step, set_timesteps = pipe.scheduler, pipe.scheduler.step, pipe.scheduler.set_timesteps
     handles = []
@@ -123,12 +124,16 @@ def recorded_loop(pipe: Any, capture: Capture) -> Iterator[None]:
     def output(_module, _args, out):
         capture.add(f"step{state['step']}/{state['call']}", channels_last(out[0]))
 
+    def embedding(_module, _args, out):  # (temb, timestep_proj, text, image): temb cast to the text's dtype
+        capture.add(f"step{state['step']}/{state['call']}/temb", out[0])
+
     models = (pipe.transformer, pipe.transformer_2)
     scheduler.set_timesteps, scheduler.step = recorded_schedule, recorded_step
     try:
         for number, model in enumerate(models, start=1):
             model.cache_context = labelled(number, model.cache_context)
             handles.append(model.register_forward_hook(output))
+            handles.append(model.condition_embedder.register_forward_hook(embedding))
         yield
     finally:
         del scheduler.set_timesteps, scheduler.step

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_impl import time_embedding as TE
 from mlx_impl import wan_experts as W
 from parity.components.wan_two_experts import BATCHED_CFG, WanTwoExpertsComponent
 from parity.config import ConfigError
@@ -42,7 +43,8 @@ def layer_names(steps=6, cfg=True):
         names += [f"{expert}/text_embedding"] + [f"{expert}/negative_text_embedding"] * cfg
     names += ["sigmas", "timesteps"]
     for k in range(steps):
-        names += [f"step{k}/expert", f"step{k}/cond"] + [f"step{k}/uncond"] * cfg + [f"step{k}/guided"]
+        names += [f"step{k}/expert", f"step{k}/cond/temb", f"step{k}/cond"]
+        names += [f"step{k}/uncond/temb", f"step{k}/uncond"] * cfg + [f"step{k}/guided"]
         names += [f"step{k}/corrector"] * (k > 0) + [f"step{k}/predictor", f"step{k}/sample"]
     return names
 
@@ -92,6 +94,7 @@ def test_bfloat16_within_precision_budget():
     assert result.verdict == "PASS", result.first_divergence
     dtypes = {layer.name.split("/")[-1]: layer.dtype_ref for layer in result.layers}
     assert dtypes["cond"] == dtypes["uncond"] == dtypes["guided"] == dtypes["text_embedding"] == "bfloat16"
+    assert dtypes["temb"] == "bfloat16"  # the time embedder computes in float32, its output is cast back
     assert dtypes["sample"] == dtypes["predictor"] == "float32"
     assert all(layer.dtype_ref == layer.dtype_mlx for layer in result.layers)
     ratios = [l.metrics["budget_ratio"] for l in result.layers if l.metrics.get("budget_ratio") is not None]
@@ -137,6 +140,21 @@ def test_fault_low_noise_text_embedding_reused_for_the_high_noise_expert(monkeyp
     assert_first_divergence(result, "expert_high/text_embedding", ["expert_low/text_embedding"])
     assert result.layer("step0/cond").verdict == "FAIL"
     assert result.layer(f"step{SWITCH}/cond").verdict == "FAIL"  # inherited: the latents differ by then
+
+
+def test_fault_time_embedding_kept_in_float32_caught_by_the_dtype_rule(monkeypatch):
+    """The experts' time embedding not cast back to the model dtype (diffusers' ``type_as``): more precise than the
+    reference, so the predictions stay within the budget; the dtype rule fails it at the first ``temb``."""
+    def embed_time(self, timesteps, dtype):
+        temb = TE.tap("temb", self.time_embedder(self.sinusoid(timesteps)))  # float32 (time_embedder kept float32)
+        return temb, TE.linear(self.time_proj, TE.nn.silu(temb))
+
+    monkeypatch.setattr(TE.TimeTextEmbedding, "embed_time", embed_time)
+    result = run("bfloat16")
+    assert_first_divergence(result, "step0/cond/temb", ["step0/expert"])
+    temb = result.layer("step0/cond/temb")
+    assert (temb.dtype_ref, temb.dtype_mlx) == ("bfloat16", "float32")
+    assert [f.metric for f in temb.failures] == ["dtype"]
 
 
 def test_fault_expert_switch_one_step_late(monkeypatch):
@@ -211,6 +229,7 @@ def test_batched_cfg_port_is_compared_per_half(dtype):
     cond, uncond = result.layer("step0/cond"), result.layer("step0/uncond")
     assert (cond.mlx_name, cond.adapter) == ("step0/noise_pred", "split(2, 0, 0)")
     assert (uncond.mlx_name, uncond.adapter) == ("step0/noise_pred", "split(2, 1, 0)")
+    assert result.layer("step0/uncond/temb").mlx_name == "step0/noise_pred/temb"
     assert result.context.mlx.shapes["step0/noise_pred"] == (2, 2, 8, 8, 4)
     assert result.layer("expert_low/negative_text_embedding").mlx_name == "expert_low/text_embedding"
     series = sections(result)["guidance"].data["series"]

@@ -11,13 +11,14 @@ different random weights (seeds ``2 * seed`` and ``2 * seed + 1``; ``transformer
 Layers, in execution order: ``expert_high/text_embedding`` (and ``negative_text_embedding`` with
 CFG), the same for ``expert_low`` (each expert's own text projection: catalog bug 9), ``sigmas``,
 ``timesteps``, then per step ``step{k}/expert`` (1 high, 2 low: a switch one step off fails there),
-``step{k}/cond``, ``step{k}/uncond`` (with CFG: ``guidance_scale > 1``), ``step{k}/guided`` (the
-scheduler's input) and the scheduler's ``step{k}/corrector``, ``step{k}/predictor``,
+``step{k}/cond/temb`` (the expert's time embedding after its cast to the model dtype: one kept in
+float32 fails the dtype rule there), ``step{k}/cond``, the same for ``uncond`` (with CFG:
+``guidance_scale > 1``), ``step{k}/guided`` (the scheduler's input) and the scheduler's ``step{k}/corrector``, ``step{k}/predictor``,
 ``step{k}/sample``. The experts' inner layers are the ``wan_transformer`` component's.
 
 A port that runs cond and uncond as one call of batch 2B is compared per half: taps
-``{expert}/text_embedding`` and ``step{k}/noise_pred`` holding ``[cond; uncond]`` along the batch
-axis, and ``alignment = BATCHED_CFG`` (each reference layer is one half: ``split(2, i, 0)``).
+``{expert}/text_embedding``, ``step{k}/noise_pred/temb`` and ``step{k}/noise_pred`` holding
+``[cond; uncond]`` along the batch axis, and ``alignment = BATCHED_CFG`` (each reference layer is one half: ``split(2, i, 0)``).
 
 The second call (float32 runs) gets the next seed's noise and prompts (the default
 ``second_inputs``): text embeddings kept from the first call, or a scheduler's history not reset,
@@ -57,6 +58,8 @@ BATCHED_CFG = {
     "*/negative_text_embedding": ("{0}/text_embedding", "split(2, 1, 0)"),
     "step*/cond": ("step{0}/noise_pred", "split(2, 0, 0)"),
     "step*/uncond": ("step{0}/noise_pred", "split(2, 1, 0)"),
+    "step*/cond/temb": ("step{0}/noise_pred/temb", "split(2, 0, 0)"),
+    "step*/uncond/temb": ("step{0}/noise_pred/temb", "split(2, 1, 0)"),
 }
 #: Checkpoint prefixes of the experts (diffusers' pipeline attributes), in the order of ``W.EXPERTS``.
 PREFIXES = ("transformer.", "transformer_2.")
