@@ -34,6 +34,13 @@ def wants(extra: str) -> bool:
     return _recorder is not None and extra in _requested
 
 
+def tap_requested(name: str, x: Any) -> Any:
+    """:func:`tap` for an optional layer only some components compare: recorded while ``name`` is requested."""
+    if wants(name):
+        tap(name, x)
+    return x
+
+
 @contextmanager
 def requesting(*extras: str) -> Iterator[None]:
     """Ask for the optional taps ``extras`` inside the block (see :func:`wants`)."""

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_impl.block import linear
-from mlx_impl.taps import tap
+from mlx_impl.taps import tap, tap_requested
 
 
 def sinusoidal_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
@@ -64,10 +64,10 @@ class TimeTextEmbedding(nn.Module):
         self.text_embedder = TextProjection(text_embed_dim, dim)
 
     def embed_time(self, timesteps: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """``(temb, timestep_proj)`` for ``timesteps``; temb is cast to the model's ``dtype`` (tap ``temb``), then projected."""
+        """``(temb, timestep_proj)`` for ``timesteps``; temb is cast to the model's ``dtype`` (tap ``temb`` when requested: ``wan_two_experts``), then projected."""
         sinusoid = tap("timesteps_proj", self.sinusoid(timesteps))
         temb = tap("time_embedder", self.time_embedder(sinusoid.astype(self.time_embedder.linear_1.weight.dtype)))
-        temb = tap("temb", temb.astype(dtype))
+        temb = tap_requested("temb", temb.astype(dtype))
         return temb, tap("time_proj", linear(self.time_proj, nn.silu(temb)))
 
     def sinusoid(self, timesteps: mx.array) -> mx.array:

@@ -34,14 +34,15 @@ The experts' other layers are not tapped (the ``wan_transformer`` component comp
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_impl import unipc as U
-from mlx_impl.taps import muted, renamed, tap, tap_scope
+from mlx_impl.taps import muted, renamed, requesting, tap, tap_scope
 from mlx_impl.transformer import WanTransformer
 
 #: Tap prefixes of the two experts, in diffusers' order (``transformer``, ``transformer_2``).
@@ -105,9 +106,13 @@ def text_contexts(experts: Sequence[WanTransformer], text: mx.array, negative: m
     return contexts
 
 
-def expert_call(label: str):
-    """Inside an expert's call only its ``temb`` tap is recorded, as ``{label}/temb`` (in the active scopes)."""
-    return renamed(lambda name: name.replace(TEMB, f"{label}/temb") if name.endswith(f"/{TEMB}") else None)
+@contextmanager
+def expert_call(label: str) -> Iterator[None]:
+    """Inside an expert's call only its ``temb`` tap (requested here) is recorded, as ``{label}/temb``."""
+    def rename(name: str) -> str | None:
+        return name.replace(TEMB, f"{label}/temb") if name.endswith(f"/{TEMB}") else None
+    with requesting("temb"), renamed(rename):
+        yield
 
 
 def predict(model: WanTransformer, latents: mx.array, t: int, contexts: list[mx.array]) -> list[mx.array]:
