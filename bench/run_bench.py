@@ -165,7 +165,7 @@ class _Discard:
         from parity.capture import Capture
 
         class Discard(Capture):
-            def add(self, name: str, tensor: Any) -> None:
+            def add(self, name: str, tensor: Any, dtype: str | None = None) -> None:
                 if type(tensor).__module__.startswith("mlx"):
                     import mlx.core as mx
 
