@@ -30,7 +30,7 @@ def _budget(result: LayerResult | None) -> float | None:
 def _failure(label: str, result: LayerResult) -> str:
     """A local failure's reasons, led by its own layer's name when the unit's label does not say it."""
     reasons = "; ".join(result.reasons)
-    return reasons if result.name in (label, f"teacher_forcing/{label}") else f"{result.name}: {reasons}"
+    return reasons if result.name == label else f"{result.name}: {reasons}"
 
 
 def sections(labels: Sequence[str], local: Sequence[LayerResult], inherited: Sequence[LayerResult | None],
