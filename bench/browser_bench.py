@@ -34,8 +34,8 @@ import chromium  # noqa: E402
 from parity import html_report, thresholds  # noqa: E402
 from parity.capture import Capture  # noqa: E402
 from parity.compare import compare  # noqa: E402
-from parity.dumps import mark_complete, new_run_dir, write_dumps  # noqa: E402
-from parity.report import build_report, write_reports  # noqa: E402
+from parity.dumps import mark_complete, new_run_dir  # noqa: E402
+from parity.report import build_report, write_report_dir  # noqa: E402
 
 _TIMES_JS = """() => {
   const n = performance.getEntriesByType('navigation')[0];
@@ -63,11 +63,10 @@ def deep_report(out: Path, layers: int) -> Path:
     report = build_report(compare("deep", "float32", ref, ours, thresholds.load()),
                           {"config": {"layers": layers}, "seed": 0, "versions": {}, "git_commit": None})
     run_dir = new_run_dir(out)
-    report_dir = run_dir / "deep-float32"
-    write_dumps(report_dir, {**report, "run_id": run_dir.name, "weights": None}, {"ref": ref, "mlx": ours})
-    write_reports(report_dir, report)
+    report["run_id"] = run_dir.name
+    write_report_dir(run_dir / "deep-float32", report, {"ref": ref, "mlx": ours})
     mark_complete(run_dir)
-    return report_dir
+    return run_dir / "deep-float32"
 
 
 def main() -> None:

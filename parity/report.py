@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
 from parity.compare import EXCLUDED, FAIL, Comparison
-from parity.dumps import atomic_write, write_json
+from parity.dumps import atomic_write, write_dumps, write_json
 from parity.vocab import InputError, fmt, load_json, restore_nonfinite
 
 SCHEMA = 2
@@ -88,6 +88,18 @@ def write_reports(directory: Path, report: dict[str, Any]) -> None:
     frame = frame[[c for c in CSV_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in CSV_COLUMNS]]
     atomic_write(directory / "report.csv", lambda f: frame.to_csv(f, index=False))
     write_json(directory / "report.json", report)
+
+
+#: The report's fields its dump manifest repeats (what a folder of dumps is of).
+DUMP_META = ("component", "variant", "dtype", "config", "seed", "weights", "versions", "git_commit", "run_id")
+
+
+def write_report_dir(directory: Path, report: dict[str, Any], captures: Mapping[str, Any],
+                     keep: Callable[[str, str], bool] | None = None) -> None:
+    """A finished component run's folder: the captured tensors (``keep``: see ``write_dumps``) and their
+    manifest, then the reports (``report.json`` last)."""
+    write_dumps(directory, {k: report.get(k) for k in DUMP_META}, captures, keep)
+    write_reports(directory, report)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -33,10 +33,9 @@ from parity.capture import Capture
 from parity.compare import FAIL, Comparison, Crash, Judge, LayerResult, compare
 from parity.component import Component, RunContext, Section
 from parity.config import merge
-from parity.dumps import (discard_if_empty, mark_complete, mark_incomplete, new_run_dir, write_dumps,
-                          writable_folder)
+from parity.dumps import discard_if_empty, mark_complete, mark_incomplete, new_run_dir, writable_folder
 from parity.progress import SILENT, Progress
-from parity.report import build_report, terminal_summary, write_reports
+from parity.report import build_report, terminal_summary, write_report_dir
 from parity.streaming import StreamCapture, StreamJudge, spool_dir, stats_predicate
 from parity.vocab import DTYPES, SECOND_CALL, TRUTH_DTYPE, InputError
 from parity.weights import WeightLoadError, read_checkpoint, select_prefix
@@ -513,10 +512,7 @@ def finish_run(comparison: Comparison, context: RunContext, meta: dict[str, Any]
         failing = {l.name for l in comparison.layers if l.verdict == FAIL} | \
                   {l.mlx_name for l in comparison.layers if l.verdict == FAIL}
         keep = {"all": None, "failing": lambda side, layer: layer in failing, "none": lambda side, layer: False}[keep_tensors]
-        dump_meta = {k: report[k] for k in ("component", "variant", "dtype", "config", "seed", "weights", "versions",
-                                            "git_commit", "run_id")}
-        write_dumps(report_dir, dump_meta, {"ref": context.ref, "mlx": context.mlx, "truth": context.truth}, keep)
-        write_reports(report_dir, report)
+        write_report_dir(report_dir, report, {"ref": context.ref, "mlx": context.mlx, "truth": context.truth}, keep)
     progress.step(terminal_summary(report))
     return RunResult(comparison, report, report_dir, context)
 

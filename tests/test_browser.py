@@ -27,8 +27,8 @@ from parity import commands as cli
 from parity import html_report, thresholds
 from parity.capture import Capture
 from parity.compare import compare
-from parity.dumps import mark_complete, new_run_dir, write_dumps
-from parity.report import build_report, write_reports
+from parity.dumps import mark_complete, new_run_dir
+from parity.report import build_report, write_report_dir
 from parity.runner import run_component
 from parity.vocab import load_json
 from test_bisect import make_demo_repo
@@ -100,11 +100,10 @@ def long_name_report(root: Path) -> Path:
     report = build_report(compare("long_names", "float32", ref, ours, thresholds.load()),
                           {"config": {}, "seed": 0, "versions": {}, "git_commit": None})
     run_dir = new_run_dir(root)
-    report_dir = run_dir / "long_names-float32"
-    write_dumps(report_dir, {**report, "run_id": run_dir.name, "weights": None}, {"ref": ref, "mlx": ours})
-    write_reports(report_dir, report)
+    report["run_id"] = run_dir.name
+    write_report_dir(run_dir / "long_names-float32", report, {"ref": ref, "mlx": ours})
     mark_complete(run_dir)
-    return report_dir
+    return run_dir / "long_names-float32"
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from parity import commands as cli
 from parity.capture import Capture
 from parity.compare import compare
 from parity.component import Section
-from parity.dumps import mark_complete, new_run_dir, write_dumps, write_json
-from parity.report import build_report, write_reports
+from parity.dumps import mark_complete, new_run_dir, write_json
+from parity.report import build_report, write_report_dir
 from parity.vocab import load_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,8 +84,7 @@ def make_report(out: Path, dtype: str = "bfloat16", run_id: str | None = None, b
     run_dir = new_run_dir(out, run_id)
     report_dir = run_dir / f"demo-{dtype}"
     report["run_id"], report["report_dir"] = run_dir.name, str(report_dir)
-    write_dumps(report_dir, report, {"ref": ref, "mlx": ours, "truth": truth if dtype == "bfloat16" else None})
-    write_reports(report_dir, report)
+    write_report_dir(report_dir, report, {"ref": ref, "mlx": ours, "truth": truth if dtype == "bfloat16" else None})
     mark_complete(run_dir)
     return report_dir
 
@@ -151,9 +150,8 @@ def test_nan_metrics_render(tmp_path):
     comparison = compare("nan", "float32", ref, ours, thresholds.load())
     report = build_report(comparison, {"config": {}, "seed": 0, "versions": {}, "git_commit": None})
     report["summary"]["max_abs"] = float("inf")
-    report_dir = tmp_path / "run" / "nan-float32"
-    write_dumps(report_dir, {**report, "run_id": "run", "weights": None}, {"ref": ref, "mlx": ours})
-    write_reports(report_dir, report)
+    report_dir, report["run_id"] = tmp_path / "run" / "nan-float32", "run"
+    write_report_dir(report_dir, report, {"ref": ref, "mlx": ours})
     saved = load_json(report_dir / "report.json")  # strict JSON: parses anywhere
     row = saved["layers"][0]
     assert row["nan_mlx"] == 16 and row["mean_abs"] is None and row["cosine"] is None  # not available, not 1.0
