@@ -1,44 +1,43 @@
 """Error metrics between a reference tensor and a tensor under test, computed in float64.
 
-One implementation serves every component. Tensors are processed in one pass, in chunks of
-``CHUNK`` elements (small enough to stay in cache) converted into reused float64 buffers, so no
-float64 copy of a whole tensor is made and memory use does not grow with tensor size. The sums
-are BLAS dots on one thread (:func:`parity.threads.single_threaded_blas`: the pass is
-memory-bound, and a second BLAS thread loses badly to a busy neighbour core). Non-finite values
-are counted per side and left out of the error sums (any NaN/Inf makes the layer fail, see
+One implementation serves every component. :func:`tensor_metrics` makes one pass over the two
+tensors, in chunks of ``CHUNK`` elements (views where the memory is contiguous, else copies of one
+chunk), through one compiled loop (numba, :func:`_accumulate`): each element pair is read once,
+widened to float64, and adds to every sum and maximum at once. The loop runs on one thread and
+without fast-math, so its sums are added in element order: the same numbers on every CPU. Non-finite
+values are counted per side and left out of the error sums (any NaN/Inf makes the layer fail, see
 ``parity.compare``).
 
-``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end (a
-tensor of one chunk is divided then, from the buffers). Otherwise a cheap float32 estimate of the floor comes first (one BLAS dot over the reference). The main pass
-divides only where it can matter: an element with ``|d| <= R * max(|ref|, lo)`` (``lo`` just
-under the estimate) contributes at most ``R``, the largest ratio found so far (seeded from a
-strided sample), whatever the floor turns out to be; the few others are divided exactly, and those whose ``|ref|`` lies near
-the floor are kept so the exact value is settled at the end without a second pass (a second
-pass runs only if the estimate was off, or the tensor holds non-finite values).
+``max_rel`` divides by ``max(|ref|, REL_FLOOR * rms(ref))``, a floor only known at the end. A cheap
+float32 estimate of the floor comes first (one BLAS dot over the reference, on one thread:
+:func:`parity.threads.single_threaded_blas`), and a band ``[lo, hi)`` around it: an element with
+``|ref| >= hi`` divides by ``|ref|``, one with ``|ref| < lo`` by the floor (its largest ``|d|`` is
+kept), and the few in the band that could raise the result are kept to be divided at the end. A
+second pass runs only if the estimate was off, too many fell in the band, or the floor could not be
+estimated (non-float or non-finite references).
 """
 from __future__ import annotations
 
 import math
 from typing import Iterator
 
+import numba
 import numpy as np
 
 from parity.threads import single_threaded_blas
 
-#: Elements per chunk: 32K float64 buffers (256 KB each) stay in L2; bigger chunks spill, smaller ones pay per-call costs.
-CHUNK = 1 << 15
+#: Elements per chunk: a widened or copied chunk (512 KB in float64) stays in L2; smaller ones pay per-call costs.
+CHUNK = 1 << 16
 #: max_rel divides by max(|ref|, REL_FLOOR * rms(ref)) so near-zero reference values do not explode.
 REL_FLOOR = 1e-3
 #: float32 unit roundoff: the smallest error a float32 reference can be expected to have.
 FLOAT32_ROUNDOFF = 2.0**-24
 #: Relative half-width of the band around the estimated floor whose elements are kept for the end.
 _BAND = 0.02
-#: At most this many band elements are kept; beyond that, max_rel takes a second pass.
+#: At most this many band elements are kept (8 MB per side); beyond that, max_rel takes a second pass.
 _BAND_CAP = 1 << 20
 #: Elements per dot of the floor estimate (a streaming read: no buffers to keep in cache; fewer calls).
 _ESTIMATE_CHUNK = 1 << 20
-#: Every this many elements of the first chunk seed the running max_rel the chunks are filtered against.
-_SAMPLE_STEP = 64
 _TINY = np.finfo(np.float64).tiny
 
 
@@ -67,13 +66,11 @@ def blocks(x: np.ndarray, n: int | None = None) -> Iterator[np.ndarray]:
 
 
 class _Buffers:
-    """Reused float64 work buffers of one chunk's size, a ones vector (sums as BLAS dots) and a mask."""
+    """Reused float64 work buffers of one chunk's size."""
 
     def __init__(self, count: int, size: int):
         size = max(1, min(size, CHUNK))
         self.arrays = [np.empty(size, np.float64) for _ in range(count)]
-        self.ones = np.ones(size, np.float64)
-        self.mask = np.empty(size, bool)
 
     def load(self, *chunks: np.ndarray) -> list[np.ndarray]:
         """Views of the first buffers holding ``chunks`` in float64, then the spare buffers (unset)."""
@@ -95,6 +92,114 @@ def _floor_estimate(ref: np.ndarray) -> float:
     return estimate if math.isfinite(estimate) and estimate > 0 else math.nan
 
 
+#: Fast-math flags of the sums' loop: reassociation lets it run in SIMD lanes; no flag assumes finite values.
+_SIMD = {"reassoc", "nsz", "contract"}
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_SIMD)
+def _sums(a, b, lo, maxes):  # pragma: no cover - compiled
+    """ref^2, test^2, d^2 and |d| summed over one chunk pair (d = test - ref, exact in float64), and
+    how many elements could change ``maxes`` (see :func:`_exact`). A non-finite sum means a
+    non-finite element (float32 squares cannot overflow a float64)."""
+    max_abs, ref_max, big, below = maxes[0], maxes[1], maxes[2], maxes[3]
+    rs = ts = dd = ad_sum = 0.0
+    flagged = 0
+    for i in range(a.shape[0]):
+        x = np.float64(a[i])
+        y = np.float64(b[i])
+        d = y - x
+        ad, ax = abs(d), abs(x)
+        rs += x * x
+        ts += y * y
+        dd += d * d
+        ad_sum += ad
+        flagged += (ad > max_abs) | (ax > ref_max) | (ad > (big * ax if ax >= lo else below))
+    return rs, ts, dd, ad_sum, flagged
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _exact(a, b, lo, hi, with_sums, sums, maxes, counts, band_a, band_d):  # pragma: no cover - compiled
+    """One chunk pair element by element: NaN/Inf counts, the maxima and, when ``with_sums``, the sums of finite pairs.
+
+    ``maxes``: max |d|, max |ref|, then for max_rel the largest ``|d| / |ref|`` over ``|ref| >= hi``
+    (``big``) and the largest ``|d|`` over ``|ref| < lo`` (``below``). A band element (``lo <= |ref| < hi``)
+    is kept only if it could beat ``big`` (``|d| > big * |ref|``: it divides by at least ``|ref|``);
+    ``counts[5]`` counts them, those beyond the buffers are lost (the caller then takes a second pass).
+    """
+    max_abs, ref_max, big, below = maxes[0], maxes[1], maxes[2], maxes[3]
+    kept, cap = counts[5], band_a.shape[0]
+    for i in range(a.shape[0]):
+        x = np.float64(a[i])
+        y = np.float64(b[i])
+        if not (math.isfinite(x) and math.isfinite(y)):
+            counts[0] += math.isnan(x)
+            counts[1] += math.isinf(x)
+            counts[2] += math.isnan(y)
+            counts[3] += math.isinf(y)
+            continue
+        d = y - x
+        ad, ax = abs(d), abs(x)
+        if with_sums:
+            counts[4] += 1
+            sums[0] += x * x
+            sums[1] += y * y
+            sums[2] += d * d
+            sums[3] += ad
+        max_abs = max(max_abs, ad)
+        ref_max = max(ref_max, ax)
+        if ax >= hi:
+            if ad > big * ax:
+                big = ad / ax
+        elif ax < lo:
+            below = max(below, ad)
+        elif ad > big * ax:
+            if kept < cap:
+                band_a[kept] = ax
+                band_d[kept] = ad
+            kept += 1
+    maxes[0], maxes[1], maxes[2], maxes[3] = max_abs, ref_max, big, below
+    counts[5] = kept
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _accumulate(a, b, lo, hi, sums, maxes, counts, band_a, band_d):  # pragma: no cover - compiled
+    """Add one chunk pair to the running state: the SIMD sums, then the exact loop only if an element
+    could change a maximum or is not finite.
+
+    ``sums``: ref^2, test^2, d^2, |d|; ``maxes``: see :func:`_exact`; ``counts``: NaN and Inf of
+    ref, of test, finite pairs, band elements seen.
+    """
+    rs, ts, dd, ad_sum, flagged = _sums(a, b, lo, maxes)
+    if math.isfinite(rs + ts + dd + ad_sum):
+        sums[0] += rs
+        sums[1] += ts
+        sums[2] += dd
+        sums[3] += ad_sum
+        counts[4] += a.shape[0]
+        if flagged:
+            _exact(a, b, lo, hi, False, sums, maxes, counts, band_a, band_d)
+    else:
+        _exact(a, b, lo, hi, True, sums, maxes, counts, band_a, band_d)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _max_ratio(a, b, floor, running):  # pragma: no cover - compiled
+    """max(running, max |b - a| / max(|a|, floor)) over the pairs finite on both sides."""
+    for i in range(a.shape[0]):
+        x = np.float64(a[i])
+        y = np.float64(b[i])
+        if math.isfinite(x) and math.isfinite(y):
+            running = max(running, abs(y - x) / max(abs(x), floor))
+    return running
+
+
+def _chunk_pairs(ref: np.ndarray, test: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Matching chunks of both tensors, both float32 or both float64 (anything else widened to float64)."""
+    native = ref.dtype == test.dtype and ref.dtype in (np.float32, np.float64)
+    for a, b in zip(blocks(ref), blocks(test)):
+        yield (a, b) if native else (a.astype(np.float64), b.astype(np.float64))
+
+
 @single_threaded_blas
 def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int | None]:
     """Cosine, max abs/rel, mean abs, RMSE, SNR (dB) and NaN/Inf counts of ``test`` against ``ref``.
@@ -102,52 +207,26 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
     Shapes must match; the caller checks that first (``parity.compare``: a shape mismatch fails the layer).
     """
     n = ref.size
-    dot = ref_sq = test_sq = diff_sq = abs_sum = 0.0
-    max_abs = ref_max = 0.0
-    nan_ref = inf_ref = nan_test = inf_test = finite = 0
-    single = n <= CHUNK  # one chunk: max_rel straight from it at the end, once the floor is known
-    estimate = math.nan if single else _floor_estimate(ref)
-    rel = None if math.isnan(estimate) else _RelMax(estimate)
-    buffers = _Buffers(3, n)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for ca, cb in zip(blocks(ref), blocks(test)):
-            a, b, d = buffers.load(ca, cb)
-            rs, ts = float(a @ a), float(b @ b)
-            if not (math.isfinite(rs) and math.isfinite(ts)):
-                fa, fb = np.isfinite(a), np.isfinite(b)
-                nan_ref += int(np.isnan(a).sum())
-                inf_ref += int(np.isinf(a).sum())
-                nan_test += int(np.isnan(b).sum())
-                inf_test += int(np.isinf(b).sum())
-                both = fa & fb
-                if not both.all():
-                    a, b = a[both], b[both]
-                    d = d[:a.size]
-                    rs, ts = float(a @ a), float(b @ b)
-            finite += a.size
-            if a.size == 0:
-                continue
-            ref_sq += rs
-            test_sq += ts
-            np.subtract(b, a, out=d)
-            dd = float(d @ d)
-            diff_sq += dd
-            dot += (rs + ts - dd) / 2  # a.b without a fourth dot, as accurate: b - a of float32s is exact in float64
-            np.abs(d, out=d)
-            abs_sum += float(d @ buffers.ones[:d.size])
-            max_abs = max(max_abs, float(d.max()))
-            np.abs(a, out=a)
-            ref_max = max(ref_max, float(a.max()))
-            if rel is not None:
-                rel.add(a, d, b, buffers.mask[:a.size])  # b is free: scratch
+    estimate = _floor_estimate(ref)
+    lo, hi = (math.inf, math.inf) if math.isnan(estimate) else (estimate * (1 - _BAND), estimate * (1 + _BAND))
+    sums, maxes, counts = np.zeros(4), np.zeros(4), np.zeros(6, np.int64)
+    band_a, band_d = (np.empty(min(n, _BAND_CAP)) for _ in range(2))
+    for a, b in _chunk_pairs(ref, test):
+        _accumulate(a, b, lo, hi, sums, maxes, counts, band_a, band_d)
+    ref_sq, test_sq, diff_sq, abs_sum = (float(v) for v in sums)
+    max_abs, ref_max, big, below = (float(v) for v in maxes)
+    nan_ref, inf_ref, nan_test, inf_test, finite, kept = (int(v) for v in counts)
     ref_rms = math.sqrt(ref_sq / finite) if finite else 0.0
     floor = max(REL_FLOOR * ref_rms, _TINY)
-    if single:  # a = |ref| and d = |test - ref| of the only chunk
-        max_rel = float(np.divide(d, np.maximum(a, floor, out=a), out=d).max()) if finite else 0.0
+    if lo <= floor <= hi and kept <= band_a.size:
+        # |ref| >= hi >= floor: |d| / |ref| exactly; |ref| < lo <= floor: |d| / floor; the band element by element.
+        band = band_d[:kept] / np.maximum(band_a[:kept], floor)
+        max_rel = max(big, below / floor, float(band.max(initial=0.0)))
     else:
-        max_rel = rel.result(floor) if rel is not None else None
-        if max_rel is None:
-            max_rel = _max_rel(ref, test, floor)
+        max_rel = 0.0
+        for a, b in _chunk_pairs(ref, test):
+            max_rel = _max_ratio(a, b, floor, max_rel)
+    dot = (ref_sq + test_sq - diff_sq) / 2  # a.b without a fourth sum, as accurate: d is exact
     if ref_sq > 0 and test_sq > 0:
         cosine = dot / math.sqrt(ref_sq * test_sq)
     else:
@@ -173,82 +252,6 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
         "nan_mlx": nan_test,
         "inf_mlx": inf_test,
     }
-
-
-class _RelMax:
-    """max |d| / max(|a|, floor) over the chunks of one pass, the floor known only at the end.
-
-    ``estimate`` is the floor's estimate; the band ``[lo, hi)`` around it holds the elements
-    whose ratio depends on the exact floor. ``big``: the max ratio over ``|a| >= hi`` (exact
-    once the floor is <= hi); ``below``: the max ``|d|`` over ``|a| < lo`` (divided by the floor
-    at the end); band elements are kept, up to ``_BAND_CAP``.
-    """
-
-    def __init__(self, estimate: float):
-        self.lo, self.hi = estimate * (1 - _BAND), estimate * (1 + _BAND)
-        self.big = self.below = 0.0
-        self.band_a: list[np.ndarray] = []
-        self.band_d: list[np.ndarray] = []
-        self.band_size = 0
-
-    def add(self, a: np.ndarray, d: np.ndarray, scratch: np.ndarray, mask: np.ndarray) -> None:
-        """One chunk: ``a`` = |ref|, ``d`` = |test - ref| (float64, finite), ``scratch`` and ``mask`` its size.
-
-        An element contributes at most ``|d| / max(|a|, lo)`` whatever the floor (>= lo) turns out
-        to be, so those with ``|d| <= big * max(|a|, lo)`` cannot raise the result: only the rest are divided.
-        """
-        if not self.big:  # a first lower bound, from a strided sample
-            self._divide(a[::_SAMPLE_STEP], d[::_SAMPLE_STEP])
-        np.maximum(a, self.lo, out=scratch)
-        scratch *= self.big
-        if np.greater(d, scratch, out=mask).any():
-            beyond = np.flatnonzero(mask)
-            self._divide(a[beyond], d[beyond], keep_small=True)
-
-    def _divide(self, a: np.ndarray, d: np.ndarray, keep_small: bool = False) -> None:
-        big = a >= self.hi
-        if big.any():
-            self.big = max(self.big, float((d[big] / a[big]).max()))
-        if not keep_small or big.all():
-            return
-        small_a, small_d = a[~big], d[~big]
-        low = small_a < self.lo
-        if low.any():
-            self.below = max(self.below, float(small_d[low].max()))
-            small_a, small_d = small_a[~low], small_d[~low]
-        if small_a.size and self.band_size <= _BAND_CAP:
-            self.band_a.append(small_a)
-            self.band_d.append(small_d)
-            self.band_size += small_a.size
-
-    def result(self, floor: float) -> float | None:
-        """The exact max_rel for ``floor``, or None when it needs a second pass (floor outside the band, band too big)."""
-        if not (self.lo <= floor <= self.hi and self.band_size <= _BAND_CAP):
-            return None
-        # |a| >= hi >= floor: |d|/|a| exactly; |a| < lo <= floor: |d|/floor; the band in between, element-wise.
-        max_rel = max(self.big, self.below / floor)
-        if self.band_a:
-            band = np.concatenate(self.band_d) / np.maximum(np.concatenate(self.band_a), floor)
-            max_rel = max(max_rel, float(band.max()))
-        return max_rel
-
-
-def _max_rel(ref: np.ndarray, test: np.ndarray, floor: float) -> float:
-    """max |test - ref| / max(|ref|, floor) over elements finite on both sides (a second pass)."""
-    max_rel = 0.0
-    buffers = _Buffers(2, ref.size)
-    for ca, cb in zip(blocks(ref), blocks(test)):
-        a, b = buffers.load(ca, cb)
-        both = np.isfinite(a) & np.isfinite(b)
-        if not both.all():
-            a, b = a[both], b[both]
-        if a.size:
-            np.subtract(b, a, out=b)
-            np.abs(b, out=b)
-            np.abs(a, out=a)
-            np.maximum(a, floor, out=a)
-            max_rel = max(max_rel, float((b / a).max()))
-    return max_rel
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
