@@ -128,11 +128,31 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Strict JSON (no NaN / Infinity): non-finite numbers become null, listed under ``"nonfinite"`` of a top-level object."""
-    clean, found = strict_json(json.loads(json.dumps(data, default=json_default, allow_nan=True)))
-    if found and isinstance(clean, dict):
-        clean["nonfinite"] = {**(clean.get("nonfinite") or {}), **found}
-    write_text(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    """Strict JSON (no NaN / Infinity): non-finite numbers become null, listed under ``"nonfinite"`` of a top-level object.
+
+    One member per line down to the second level (a report's layer rows: one line each), deeper
+    values on their line; encoded by the standard library's C encoder.
+    """
+    try:
+        text = _lines(data, 0)
+    except ValueError:  # a NaN or an infinity: find and name each
+        clean, found = strict_json(json.loads(json.dumps(data, default=json_default, allow_nan=True)))
+        if found and isinstance(clean, dict):
+            clean["nonfinite"] = {**(clean.get("nonfinite") or {}), **found}
+        text = _lines(clean, 0)
+    write_text(path, text + "\n")
+
+
+def _lines(value: Any, depth: int) -> str:
+    """``value`` as strict JSON; objects and lists of objects or lists open one line per member above depth 2."""
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if depth < 2 and isinstance(value, dict) and value:
+        members = (f"{inner}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {_lines(v, depth + 1)}"
+                   for k, v in value.items())
+        return "{\n" + ",\n".join(members) + f"\n{pad}}}"
+    if depth < 2 and isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{_lines(v, depth + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value, default=json_default, allow_nan=False)
 
 
 def layer_file(layer: str) -> str:
