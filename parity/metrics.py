@@ -2,9 +2,10 @@
 
 One implementation serves every component. :func:`tensor_metrics` makes one pass over the two
 tensors, in chunks of ``CHUNK`` elements (views where the memory is contiguous, else copies of one
-chunk), through one compiled loop (numba, :func:`_accumulate`): each element pair is read once,
-widened to float64, and adds to every sum and maximum at once. The loop runs on one thread and
-without fast-math, so its sums are added in element order: the same numbers on every CPU. Non-finite
+chunk), through one compiled loop (numba, :func:`_accumulate`) on one thread: each element pair is
+read once and widened to float64. Its sums run in SIMD lanes (reassociated: the last bits depend
+on the CPU's vector width, the float64 accuracy does not); its maxima and non-finite counts come
+from an exact element loop, run only over the spans where an element could change them. Non-finite
 values are counted per side and left out of the error sums (any NaN/Inf makes the layer fail, see
 ``parity.compare``).
 
@@ -15,6 +16,9 @@ float32 estimate of the floor comes first (one BLAS dot over the reference, on o
 kept), and the few in the band that could raise the result are kept to be divided at the end. A
 second pass runs only if the estimate was off, too many fell in the band, or the floor could not be
 estimated (non-float or non-finite references).
+
+``precision_budget`` and ``rmse_and_rms`` (float64 truth runs, a few layers) are chunked numpy
+passes over reused float64 buffers, their sums BLAS dots on one thread.
 """
 from __future__ import annotations
 
@@ -94,6 +98,8 @@ def _floor_estimate(ref: np.ndarray) -> float:
 
 #: Fast-math flags of the sums' loop: reassociation lets it run in SIMD lanes; no flag assumes finite values.
 _SIMD = {"reassoc", "nsz", "contract"}
+#: Elements per span of the compiled pass: the SIMD sums' unit, and of the exact loop where a span has a candidate.
+_SPAN = 2048
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_SIMD)
@@ -163,23 +169,26 @@ def _exact(a, b, lo, hi, with_sums, sums, maxes, counts, band_a, band_d):  # pra
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _accumulate(a, b, lo, hi, sums, maxes, counts, band_a, band_d):  # pragma: no cover - compiled
-    """Add one chunk pair to the running state: the SIMD sums, then the exact loop only if an element
-    could change a maximum or is not finite.
+    """Add one chunk pair to the running state, ``_SPAN`` elements at a time: the SIMD sums, then the
+    exact loop only over a span where an element could change a maximum or is not finite (few spans
+    once the maxima settle: short spans keep the exact work small).
 
     ``sums``: ref^2, test^2, d^2, |d|; ``maxes``: see :func:`_exact`; ``counts``: NaN and Inf of
     ref, of test, finite pairs, band elements seen.
     """
-    rs, ts, dd, ad_sum, flagged = _sums(a, b, lo, maxes)
-    if math.isfinite(rs + ts + dd + ad_sum):
-        sums[0] += rs
-        sums[1] += ts
-        sums[2] += dd
-        sums[3] += ad_sum
-        counts[4] += a.shape[0]
-        if flagged:
-            _exact(a, b, lo, hi, False, sums, maxes, counts, band_a, band_d)
-    else:
-        _exact(a, b, lo, hi, True, sums, maxes, counts, band_a, band_d)
+    for start in range(0, a.shape[0], _SPAN):
+        x, y = a[start:start + _SPAN], b[start:start + _SPAN]
+        rs, ts, dd, ad_sum, flagged = _sums(x, y, lo, maxes)
+        if math.isfinite(rs + ts + dd + ad_sum):
+            sums[0] += rs
+            sums[1] += ts
+            sums[2] += dd
+            sums[3] += ad_sum
+            counts[4] += x.shape[0]
+            if flagged:
+                _exact(x, y, lo, hi, False, sums, maxes, counts, band_a, band_d)
+        else:
+            _exact(x, y, lo, hi, True, sums, maxes, counts, band_a, band_d)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
