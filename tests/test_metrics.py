@@ -129,3 +129,33 @@ def test_one_pass_equals_the_definitions(case, monkeypatch):
         got = tensor_metrics(ref, test)
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15 if key == "cosine" else 0), (case, chunk, key)
+
+
+@pytest.mark.parametrize("where", ["max_abs", "ref_max_abs", "max_rel above the band", "max_rel below the band",
+                                   "max_rel in the band"])
+def test_a_maximum_set_in_the_last_span_is_found(where):
+    """Once the maxima settle, the compiled pass skips the exact loop over a span with no candidate: a new
+    maximum of each kind, alone in the tensor's last span, must still reach the result."""
+    rng = np.random.default_rng(11)
+    ref = rng.standard_normal(40 * metrics._SPAN + 5).astype(np.float32)
+    test = ref + np.float32(1e-6) * rng.standard_normal(ref.size).astype(np.float32)
+    floor = metrics.REL_FLOOR * math.sqrt(float(np.mean(ref.astype(np.float64) ** 2)))
+    i = ref.size - 3
+    if where == "max_abs":
+        test[i] = ref[i] + np.float32(1e-3)
+    elif where == "ref_max_abs":
+        ref[i] = test[i] = np.float32(40.0)
+    else:
+        scale = {"max_rel above the band": 3.0, "max_rel below the band": 0.2, "max_rel in the band": 1.005}[where]
+        ref[i] = np.float32(floor * scale)
+        test[i] = ref[i] + np.float32(floor / 2)  # a ratio near 1/2: far above the noise
+    got, expected = tensor_metrics(ref, test), _direct(ref, test)
+    assert got[where.split()[0]] == pytest.approx(expected[where.split()[0]], rel=1e-12)
+    baseline = _direct(ref[:-5], test[:-5])[where.split()[0]]
+    assert expected[where.split()[0]] > 2 * baseline  # the last span does set the maximum
+
+
+def test_the_compiled_pass_is_serial():
+    """The metric loops never start threads of their own: numba's parallel target is off for each."""
+    for kernel in (metrics._sums, metrics._exact, metrics._accumulate, metrics._max_ratio):
+        assert not kernel.targetoptions.get("parallel"), kernel
