@@ -211,15 +211,18 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
             "mlx": timed_cpu(mlx_forward, repeat), "threads": count, "calls": len(calls)}
 
 
-def harness_runs(name: Any, dtype: str, repeat: int) -> dict[str, tuple[float, float]]:
-    """``run_component`` as ``parity run`` calls it (report and dumps written): capture-and-compare only, whole, streaming."""
+def harness_runs(name: Any, dtype: str, repeat: int) -> tuple[dict[str, tuple[float, float]], int]:
+    """``run_component`` as ``parity run`` calls it (report and dumps written): capture-and-compare only,
+    the same writing no tensor file (``--keep-tensors none``), whole, streaming; and how many tensor files a run writes."""
     from parity.runner import run_component
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
-        for label, kwargs in (("core", {"analyses": False}), ("run", {}), ("run_streaming", {"streaming": True})):
-            out[label] = timed_cpu(lambda: run_component(name, dtype, out_dir=tmp, **kwargs), repeat)
-    return out
+        for label, kwargs in (("core", {"analyses": False}), ("core_no_files", {"analyses": False, "keep_tensors": "none"}),
+                              ("run", {}), ("run_streaming", {"streaming": True})):
+            out[label] = timed_cpu(lambda: run_component(name, dtype, out_dir=Path(tmp) / label, **kwargs), repeat)
+        files = sum(1 for _ in (Path(tmp) / "core").rglob("*.npy")) // (repeat + 1)  # it ran repeat + 1 times
+    return out, files
 
 
 def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dict[str, Any]]:
@@ -229,7 +232,7 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         print(f"  component {label} ({dtype}) ...", file=sys.stderr, flush=True)
         try:
             plain = plain_forwards(comp, dtype, repeat)
-            runs = harness_runs(comp, dtype, repeat)
+            runs, files = harness_runs(comp, dtype, repeat)
         except Exception as err:  # noqa: BLE001 - one broken component must not stop the bench
             rows.append({"component": label, "dtype": dtype, "error": f"{type(err).__name__}: {err}"})
             continue
@@ -238,10 +241,11 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         cpu = {k: v[1] for k, v in {**plain, **runs}.items()}
         base, base_cpu = (sum(t[k] for k in ("setup", "ref", "mlx")) for t in (wall, cpu))
         rows.append({
-            "component": label, "dtype": dtype, "threads": count, "calls": calls,
+            "component": label, "dtype": dtype, "threads": count, "calls": calls, "tensor_files": files,
             **{f"t_{k}": v for k, v in wall.items()}, **{f"cpu_{k}": v for k, v in cpu.items()},
             "t_plain": base, "overhead": wall["core"] / base, "fixed_ms": 1e3 * (wall["core"] - base),
             "overhead_cpu": cpu["core"] / base_cpu, "fixed_ms_cpu": 1e3 * (cpu["core"] - base_cpu),
+            "fixed_ms_no_files": 1e3 * (wall["core_no_files"] - base),
             "t_analyses": wall["run"] - wall["core"], "overhead_run": wall["run"] / base,
             "overhead_streaming": wall["run_streaming"] / base, "mlx_over_torch": wall["mlx"] / wall["ref"],
         })
@@ -559,15 +563,17 @@ def render(results: dict[str, Any]) -> str:
               "each side's forward for each call the run makes)", "",
               "| component | dtype | threads | calls | ref fwd s | MLX fwd s | MLX / torch (goal <= 1.0) | plain script s | "
               "capture+compare s | overhead (goal <= 1.15) | overhead, CPU time | fixed cost ms (goal <= 50) | "
-              "fixed cost ms, CPU time | extra analyses s | parity run s | streaming run s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fixed cost ms, CPU time | tensor files | fixed cost ms, no tensor files | extra analyses s | parity run s | "
+              "streaming run s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["components"]:
         if "error" in r:
-            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} ||||||||||||||")
+            lines.append(f"| {r['component']} | {r['dtype']} | error: {r['error']} ||||||||||||||||")
             continue
         lines.append(f"| {r['component']} | {r['dtype']} | {r['threads']} | {r['calls']} | {_f(r['t_ref'])} | {_f(r['t_mlx'])} | {_f(r['mlx_over_torch'], '.2f')} | "
                      f"{_f(r['t_plain'])} | {_f(r['t_core'])} | {_f(r['overhead'], '.2f')} | {_f(r['overhead_cpu'], '.2f')} | "
-                     f"{_f(r['fixed_ms'], '.0f')} | {_f(r['fixed_ms_cpu'], '.0f')} | "
+                     f"{_f(r['fixed_ms'], '.0f')} | {_f(r['fixed_ms_cpu'], '.0f')} | {r['tensor_files']} | "
+                     f"{_f(r['fixed_ms_no_files'], '.0f')} | "
                      f"{_f(r['t_analyses'])} | {_f(r['t_run'])} | {_f(r['t_run_streaming'])} |")
     mt = results["metrics"]
     lines += ["", "## Metrics (float32 pairs, one pass, float64 accumulation, BLAS on one thread)", "",

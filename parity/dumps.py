@@ -131,28 +131,42 @@ def write_json(path: str | Path, data: Any) -> None:
     """Strict JSON (no NaN / Infinity): non-finite numbers become null, listed under ``"nonfinite"`` of a top-level object.
 
     One member per line down to the second level (a report's layer rows: one line each), deeper
-    values on their line; encoded by the standard library's C encoder.
+    values on their line, each encoded by the standard library's C encoder; only a line holding a
+    non-finite number is walked to name it.
     """
-    try:
-        text = _lines(data, 0)
-    except ValueError:  # a NaN or an infinity: find and name each
-        clean, found = strict_json(json.loads(json.dumps(data, default=json_default, allow_nan=True)))
-        if found and isinstance(clean, dict):
-            clean["nonfinite"] = {**(clean.get("nonfinite") or {}), **found}
-        text = _lines(clean, 0)
+    found: dict[str, str] = {}
+    if isinstance(data, dict) and data:
+        members = {k: _lines(v, 1, str(k), found) for k, v in data.items() if k != "nonfinite"}
+        if found or "nonfinite" in data:
+            members["nonfinite"] = _lines({**(data.get("nonfinite") or {}), **found}, 1, "nonfinite", {})
+        text = "{\n" + ",\n".join(f"  {_key(k)}: {v}" for k, v in members.items()) + "\n}"
+    else:
+        text = _lines(data, 0, "", found)
     write_text(path, text + "\n")
 
 
-def _lines(value: Any, depth: int) -> str:
-    """``value`` as strict JSON; objects and lists of objects or lists open one line per member above depth 2."""
+def _key(key: Any) -> str:
+    """An object key as JSON writes it (a string; numbers and booleans as their JSON text)."""
+    return json.dumps(key if isinstance(key, str) else json.dumps(key))
+
+
+def _lines(value: Any, depth: int, path: str, found: dict[str, str]) -> str:
+    """``value`` as strict JSON at ``path``; objects, and lists of objects or lists, open one line per member
+    above depth 2. Non-finite numbers become null, their paths added to ``found``."""
     pad, inner = "  " * depth, "  " * (depth + 1)
     if depth < 2 and isinstance(value, dict) and value:
-        members = (f"{inner}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {_lines(v, depth + 1)}"
+        members = (f"{inner}{_key(k)}: {_lines(v, depth + 1, f'{path}.{k}' if path else str(k), found)}"
                    for k, v in value.items())
         return "{\n" + ",\n".join(members) + f"\n{pad}}}"
     if depth < 2 and isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
-        return "[\n" + ",\n".join(f"{inner}{_lines(v, depth + 1)}" for v in value) + f"\n{pad}]"
-    return json.dumps(value, default=json_default, allow_nan=False)
+        items = (f"{inner}{_lines(v, depth + 1, f'{path}[{i}]', found)}" for i, v in enumerate(value))
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    try:
+        return json.dumps(value, default=json_default, allow_nan=False)
+    except ValueError:  # a NaN or an infinity in it: find and name each
+        clean, bad = strict_json(json.loads(json.dumps(value, default=json_default, allow_nan=True)))
+        found.update({path + (k if not k or k.startswith("[") or not path else f".{k}"): v for k, v in bad.items()})
+        return json.dumps(clean, allow_nan=False)
 
 
 def layer_file(layer: str) -> str:
