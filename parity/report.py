@@ -12,12 +12,12 @@ JSON: a non-finite number is written as null and listed under ``nonfinite`` (``{
 """
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import pandas as pd
 
 from parity.compare import EXCLUDED, FAIL, Comparison
 from parity.dumps import atomic_write, write_dumps, write_json
@@ -84,9 +84,17 @@ def summary_numbers(comparison: Comparison) -> dict[str, Any]:
 
 def write_reports(directory: Path, report: dict[str, Any]) -> None:
     """Write ``report.csv`` then ``report.json`` (the JSON last: its presence marks a finished component run)."""
-    frame = pd.DataFrame([{k: v for k, v in row.items() if k not in ("failures", "limits")} for row in report["layers"]])
-    frame = frame[[c for c in CSV_COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in CSV_COLUMNS]]
-    atomic_write(directory / "report.csv", lambda f: frame.to_csv(f, index=False))
+    rows = [{k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items() if k not in ("failures", "limits")}
+            for row in report["layers"]]
+    found = dict.fromkeys(k for row in rows for k in row)
+    columns = [c for c in CSV_COLUMNS if c in found] + [c for c in found if c not in CSV_COLUMNS]
+
+    def write(handle: Any) -> None:
+        table = csv.DictWriter(handle, columns, lineterminator="\n")
+        table.writeheader()
+        table.writerows(rows)
+
+    atomic_write(directory / "report.csv", write)
     write_json(directory / "report.json", report)
 
 
