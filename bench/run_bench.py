@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -140,13 +141,14 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return timed_cpu(fn, repeat)[0]
 
 
-def timed_cpu(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    """Median wall time and median CPU time (this process, all its threads) of ``repeat`` calls, after a warm-up.
+def timed_cpu(fn: Callable[[], Any], repeat: int, warm_up: bool = True) -> tuple[float, float]:
+    """Median wall time and median CPU time (this process, all its threads) of ``repeat`` calls, after a warm-up call unless ``warm_up`` is False.
 
     On a shared machine the wall time is what one waits; the CPU time is the work done, which
     neighbours barely change (a pool spinning against them still shows: spinning burns CPU).
     """
-    fn()
+    if warm_up:
+        fn()
     walls, cpus = [], []
     for _ in range(repeat):
         start, cpu = time.perf_counter(), time.process_time()
@@ -207,22 +209,43 @@ def plain_forwards(comp: Any, dtype: str, repeat: int) -> dict[str, Any]:
             with comp.mlx_capture(mlx_model, discard("mlx"), hooks):
                 comp.run_mlx(mlx_model, call, dtype)
 
+    def script():
+        setup()
+        ref_forward()
+        mlx_forward()
+
     return {"setup": timed_cpu(setup, repeat), "ref": timed_cpu(ref_forward, repeat),
-            "mlx": timed_cpu(mlx_forward, repeat), "threads": count, "calls": len(calls)}
+            "mlx": timed_cpu(mlx_forward, repeat), "threads": count, "calls": len(calls), "script": script}
 
 
-def harness_runs(name: Any, dtype: str, repeat: int) -> tuple[dict[str, tuple[float, float]], int]:
+def harness_runs(name: Any, dtype: str, repeat: int, script: Callable[[], None]
+                 ) -> tuple[dict[str, list[tuple[float, float]]], int]:
     """``run_component`` as ``parity run`` calls it (report and dumps written): capture-and-compare only,
-    the same writing no tensor file (``--keep-tensors none``), whole, streaming; and how many tensor files a run writes."""
+    the same writing no tensor file (``--keep-tensors none``), whole, streaming; each repetition runs the
+    plain ``script`` and then each of them, so a machine that slows down or speeds up between repetitions
+    shifts both sides of each ratio alike. (wall, CPU) per repetition each; and how many tensor files a run writes."""
     from parity.runner import run_component
 
-    out = {}
+    kinds = {"plain": None, "core": {"analyses": False}, "core_no_files": {"analyses": False, "keep_tensors": "none"},
+             "run": {}, "run_streaming": {"streaming": True}}
+    out: dict[str, list[tuple[float, float]]] = {label: [] for label in kinds}
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as tmp:
-        for label, kwargs in (("core", {"analyses": False}), ("core_no_files", {"analyses": False, "keep_tensors": "none"}),
-                              ("run", {}), ("run_streaming", {"streaming": True})):
-            out[label] = timed_cpu(lambda: run_component(name, dtype, out_dir=Path(tmp) / label, **kwargs), repeat)
+        runs = {label: (script if kwargs is None else
+                        partial(run_component, name, dtype, out_dir=Path(tmp) / label, **kwargs))
+                for label, kwargs in kinds.items()}
+        for run in runs.values():  # warm-up
+            run()
+        for _ in range(repeat):
+            for label, run in runs.items():
+                out[label].append(timed_cpu(run, 1, warm_up=False))
         files = sum(1 for _ in (Path(tmp) / "core").rglob("*.npy")) // (repeat + 1)  # it ran repeat + 1 times
     return out, files
+
+
+def _paired(runs: dict[str, list[tuple[float, float]]], label: str, against: str, how: Callable[[float, float], float],
+            cpu: bool = False) -> float:
+    """The median over repetitions of ``how(label's time, against's time)`` (wall, or CPU time)."""
+    return statistics.median(how(a[cpu], b[cpu]) for a, b in zip(runs[label], runs[against]))
 
 
 def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dict[str, Any]]:
@@ -232,22 +255,25 @@ def bench_components(components: list[Any], dtype: str, repeat: int) -> list[dic
         print(f"  component {label} ({dtype}) ...", file=sys.stderr, flush=True)
         try:
             plain = plain_forwards(comp, dtype, repeat)
-            runs, files = harness_runs(comp, dtype, repeat)
+            runs, files = harness_runs(comp, dtype, repeat, plain.pop("script"))
         except Exception as err:  # noqa: BLE001 - one broken component must not stop the bench
             rows.append({"component": label, "dtype": dtype, "error": f"{type(err).__name__}: {err}"})
             continue
         count, calls = plain.pop("threads"), plain.pop("calls")
-        wall = {k: v[0] for k, v in {**plain, **runs}.items()}
-        cpu = {k: v[1] for k, v in {**plain, **runs}.items()}
-        base, base_cpu = (sum(t[k] for k in ("setup", "ref", "mlx")) for t in (wall, cpu))
+        medians = {**plain, **{k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in runs.items()}}
+        wall = {k: v[0] for k, v in medians.items()}
+        cpu = {k: v[1] for k, v in medians.items()}
+        ratio, ms = (lambda a, b: a / b), (lambda a, b: 1e3 * (a - b))
         rows.append({
             "component": label, "dtype": dtype, "threads": count, "calls": calls, "tensor_files": files,
             **{f"t_{k}": v for k, v in wall.items()}, **{f"cpu_{k}": v for k, v in cpu.items()},
-            "t_plain": base, "overhead": wall["core"] / base, "fixed_ms": 1e3 * (wall["core"] - base),
-            "overhead_cpu": cpu["core"] / base_cpu, "fixed_ms_cpu": 1e3 * (cpu["core"] - base_cpu),
-            "fixed_ms_no_files": 1e3 * (wall["core_no_files"] - base),
-            "t_analyses": wall["run"] - wall["core"], "overhead_run": wall["run"] / base,
-            "overhead_streaming": wall["run_streaming"] / base, "mlx_over_torch": wall["mlx"] / wall["ref"],
+            "overhead": _paired(runs, "core", "plain", ratio), "fixed_ms": _paired(runs, "core", "plain", ms),
+            "overhead_cpu": _paired(runs, "core", "plain", ratio, cpu=True),
+            "fixed_ms_cpu": _paired(runs, "core", "plain", ms, cpu=True),
+            "fixed_ms_no_files": _paired(runs, "core_no_files", "plain", ms),
+            "t_analyses": _paired(runs, "run", "core", lambda a, b: a - b),
+            "overhead_run": _paired(runs, "run", "plain", ratio),
+            "overhead_streaming": _paired(runs, "run_streaming", "plain", ratio), "mlx_over_torch": wall["mlx"] / wall["ref"],
         })
     return rows
 
