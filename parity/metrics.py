@@ -104,9 +104,9 @@ _SPAN = 2048
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=_SIMD)
 def _sums(a, b, lo, maxes):  # pragma: no cover - compiled
-    """ref^2, test^2, d^2 and |d| summed over one chunk pair (d = test - ref, exact in float64), and
-    how many elements could change ``maxes`` (see :func:`_exact`). A non-finite sum means a
-    non-finite element (float32 squares cannot overflow a float64)."""
+    """ref^2, test^2, d^2 and |d| summed over one span (d = test - ref, exact in float64 for float32
+    inputs), and how many elements could change ``maxes`` (see :func:`_exact`). A non-finite sum means
+    a non-finite element (or float64 values beyond 1e154, whose squares the exact loop sums alike)."""
     max_abs, ref_max, big, below = maxes[0], maxes[1], maxes[2], maxes[3]
     rs = ts = dd = ad_sum = 0.0
     flagged = 0
@@ -235,7 +235,7 @@ def tensor_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float | int |
         max_rel = 0.0
         for a, b in _chunk_pairs(ref, test):
             max_rel = _max_ratio(a, b, floor, max_rel)
-    dot = (ref_sq + test_sq - diff_sq) / 2  # a.b without a fourth sum, as accurate: d is exact
+    dot = (ref_sq + test_sq - diff_sq) / 2  # a.b without a fourth sum, as accurate: d of float32s is exact
     if ref_sq > 0 and test_sq > 0:
         cosine = dot / math.sqrt(ref_sq * test_sq)
     else:
