@@ -41,15 +41,36 @@ _sources: dict[str, str] = {}
 _files: list[Path] = []
 
 
-def _found_in(obj: Any) -> list[Component]:
-    """The components a module, an instance or a list of instances provides."""
-    if isinstance(obj, Component):
+def provided(obj: Any, kind: type, names: tuple[str, str]) -> list[Any]:
+    """The ``kind`` instances ``obj`` provides: itself, those of a list, or a module's ``names``
+    (one instance, a list of them: ``("COMPONENT", "COMPONENTS")``)."""
+    if isinstance(obj, kind):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [c for item in obj for c in _found_in(item)]
+        return [found for item in obj for found in provided(item, kind, names)]
     if isinstance(obj, ModuleType):
-        return _found_in(getattr(obj, "COMPONENT", None)) + _found_in(getattr(obj, "COMPONENTS", None) or [])
+        one, many = names
+        return provided(getattr(obj, one, None), kind, names) + provided(getattr(obj, many, None) or [], kind, names)
     return []
+
+
+def load_provided(path: str | Path, option: str, kind: type, names: tuple[str, str]) -> list[Any]:
+    """Import a user's file given with ``option`` and return the ``kind`` instances it provides (none: an input error)."""
+    path = Path(path).resolve()
+    found = provided(import_file(path, option), kind, names)
+    if not found:
+        raise InputError(f"{option} {path}: defines no {names[0]} (a {kind.__module__}.{kind.__qualname__} instance) "
+                         f"or {names[1]} list")
+    return found
+
+
+#: What a component module defines.
+_NAMES = ("COMPONENT", "COMPONENTS")
+
+
+def _found_in(obj: Any) -> list[Component]:
+    """The components a module, an instance or a list of instances provides."""
+    return provided(obj, Component, _NAMES)
 
 
 def _add(registry: dict[str, Component], component: Component, source: str) -> None:
@@ -86,12 +107,7 @@ def import_file(path: str | Path, option: str = "--component-module") -> ModuleT
 
 def load_file(path: str | Path) -> list[Component]:
     """Import a component file (``--component-module``) and return what it defines."""
-    path = Path(path).resolve()
-    found = _found_in(import_file(path))
-    if not found:
-        raise InputError(f"--component-module {path}: defines no COMPONENT (a parity.component.Component instance) "
-                         "or COMPONENTS list")
-    return found
+    return load_provided(path, "--component-module", Component, _NAMES)
 
 
 def use_files(paths: Iterable[str | Path]) -> None:

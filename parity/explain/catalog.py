@@ -116,26 +116,20 @@ CATALOG: tuple[Hypothesis, ...] = (
 _files: list[Path] = []
 
 
-def _found_in(obj: Any) -> list[Hypothesis]:
-    from types import ModuleType
+#: What a hypotheses module defines.
+_NAMES = ("HYPOTHESIS", "HYPOTHESES")
 
-    if isinstance(obj, Hypothesis):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [h for item in obj for h in _found_in(item)]
-    if isinstance(obj, ModuleType):
-        return _found_in(getattr(obj, "HYPOTHESIS", None)) + _found_in(getattr(obj, "HYPOTHESES", None) or [])
-    return []
+
+def _found_in(obj: Any) -> list[Hypothesis]:
+    from parity.registry import provided
+
+    return provided(obj, Hypothesis, _NAMES)
 
 
 def _load(path: Path) -> list[Hypothesis]:
-    from parity.registry import import_file
+    from parity.registry import load_provided
 
-    found = _found_in(import_file(path, "--hypotheses-module"))
-    if not found:
-        raise InputError(f"--hypotheses-module {path}: defines no HYPOTHESIS (a parity.explain.catalog.Hypothesis) "
-                         "or HYPOTHESES list")
-    return found
+    return load_provided(path, "--hypotheses-module", Hypothesis, _NAMES)
 
 
 def use_files(paths: Iterable[str | Path]) -> None:
