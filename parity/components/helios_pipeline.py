@@ -57,6 +57,7 @@ from parity.component import Component, RunContext, Section
 from parity.components import _vae_views as views
 from parity.components._diffusers import HeliosDMDSchedulerConfig, HeliosTransformerConfig, WanVaeConfig
 from parity.components.block import bf16_exact
+from parity.components.scheduler import check_pyramid
 from parity.components.transformer import stream_dtype
 from parity.config import Bool, ComponentConfig, PositiveInt, Triple
 from parity.teacher_forcing import relative_error
@@ -89,14 +90,8 @@ class HeliosPipelineConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "HeliosPipelineConfig":
-        t, stages = self.transformer, self.scheduler.stages
-        if len(self.steps) != stages:
-            raise ValueError(f"steps {self.steps}: expected one step count per stage ({stages} stages)")
-        factor = 2 ** (stages - 1)
-        _, ph, pw = t.patch_size
-        if self.height % (factor * ph) or self.width % (factor * pw):
-            raise ValueError(f"latent size {self.height}x{self.width}: expected multiples of {factor * ph}x"
-                             f"{factor * pw} for {stages} stages with patch {tuple(t.patch_size)}")
+        t = self.transformer
+        check_pyramid(self.steps, self.scheduler.stages, self.height, self.width, t.patch_size)
         if t.patch_size[0] != 1:
             raise ValueError(f"transformer.patch_size {tuple(t.patch_size)}: the pipeline patches one latent frame at a time")
         if not t.has_multi_term_memory_patch:

@@ -71,15 +71,19 @@ class SchedulerConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _pyramid(self) -> "SchedulerConfig":
-        stages = self.scheduler.stages
-        if len(self.steps) != stages:
-            raise ValueError(f"steps {self.steps}: expected one step count per stage ({stages} stages)")
-        factor = 2 ** (stages - 1)
-        _, ph, pw = self.patch_size
-        if self.height % (factor * ph) or self.width % (factor * pw):
-            raise ValueError(f"latent size {self.height}x{self.width}: expected multiples of {factor * ph}x"
-                             f"{factor * pw} for {stages} stages with patch {tuple(self.patch_size)}")
+        check_pyramid(self.steps, self.scheduler.stages, self.height, self.width, self.patch_size)
         return self
+
+
+def check_pyramid(steps: list[int], stages: int, height: int, width: int, patch_size: tuple[int, int, int]) -> None:
+    """A pyramid run's shape: one step count per stage, and a latent size every stage halves into whole patches."""
+    if len(steps) != stages:
+        raise ValueError(f"steps {steps}: expected one step count per stage ({stages} stages)")
+    factor = 2 ** (stages - 1)
+    _, ph, pw = patch_size
+    if height % (factor * ph) or width % (factor * pw):
+        raise ValueError(f"latent size {height}x{width}: expected multiples of {factor * ph}x"
+                         f"{factor * pw} for {stages} stages with patch {tuple(patch_size)}")
 
 
 class SchedulerComponent(Component):
