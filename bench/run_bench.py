@@ -44,10 +44,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from functools import partial
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def write_json(path: str | Path, data: Any) -> None:
         members = {k: _lines(v, 1, str(k), found) for k, v in data.items() if k != "nonfinite"}
         if found or "nonfinite" in data:
             members["nonfinite"] = _lines({**(data.get("nonfinite") or {}), **found}, 1, "nonfinite", {})
-        text = "{\n" + ",\n".join(f"  {_key(k)}: {v}" for k, v in members.items()) + "\n}"
+        text = _object(members.items(), 0)
     else:
         text = _lines(data, 0, "", found)
     write_text(path, text + "\n")
@@ -150,17 +150,21 @@ def _key(key: Any) -> str:
     return json.dumps(key if isinstance(key, str) else json.dumps(key))
 
 
+def _object(members: Iterable[tuple[Any, str]], depth: int) -> str:
+    """A JSON object at ``depth`` from its members' keys and encoded values, one member per line."""
+    inner = "  " * (depth + 1)
+    return "{\n" + ",\n".join(f"{inner}{_key(k)}: {text}" for k, text in members) + f"\n{'  ' * depth}}}"
+
+
 def _lines(value: Any, depth: int, path: str, found: dict[str, str]) -> str:
     """``value`` as strict JSON at ``path``; objects, and lists of objects or lists, open one line per member
     above depth 2. Non-finite numbers become null, their paths added to ``found``."""
-    pad, inner = "  " * depth, "  " * (depth + 1)
     if depth < 2 and isinstance(value, dict) and value:
-        members = (f"{inner}{_key(k)}: {_lines(v, depth + 1, f'{path}.{k}' if path else str(k), found)}"
-                   for k, v in value.items())
-        return "{\n" + ",\n".join(members) + f"\n{pad}}}"
+        return _object(((k, _lines(v, depth + 1, f"{path}.{k}" if path else str(k), found)) for k, v in value.items()),
+                       depth)
     if depth < 2 and isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
-        items = (f"{inner}{_lines(v, depth + 1, f'{path}[{i}]', found)}" for i, v in enumerate(value))
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+        items = (f"{'  ' * (depth + 1)}{_lines(v, depth + 1, f'{path}[{i}]', found)}" for i, v in enumerate(value))
+        return "[\n" + ",\n".join(items) + f"\n{'  ' * depth}]"
     try:
         return json.dumps(value, default=json_default, allow_nan=False)
     except ValueError:  # a NaN or an infinity in it: find and name each

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-
 from parity.compare import EXCLUDED, FAIL, Comparison
 from parity.dumps import atomic_write, write_dumps, write_json
 from parity.vocab import InputError, fmt, load_json, restore_nonfinite

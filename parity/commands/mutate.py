@@ -50,7 +50,8 @@ def rate(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
+def seconds(text: str) -> float:
+    """A duration: seconds > 0."""
     try:
         value = float(text)
     except ValueError:
@@ -129,7 +130,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-mutants", type=max_mutants, default=mutate.DEFAULT_MAX_MUTANTS, metavar="N|all",
                    help=f"run at most N mutants, chosen deterministically (operators take turns, picks spread over the "
                         f"source); 0 runs only the baseline (default {mutate.DEFAULT_MAX_MUTANTS})")
-    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help=f"per mutant (default {mutate.TIMEOUT_FACTOR}x the unmutated run, at least "
                         f"{mutate.MIN_TIMEOUT:g} s); a timeout counts as crashed")
     p.add_argument("--jobs", type=positive_int, metavar="N", help="mutants run at once (default: the available cores)")
